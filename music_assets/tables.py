@@ -1,0 +1,43 @@
+"""Where our SQL lives and what our tables look like.
+
+SQL is kept in `sql/*.sql` files (one statement file per purpose). The Polars schema of each table
+we write is derived from `sql/schema.sql` by running the DDL in an in-memory DuckDB, so Python and
+the database can never disagree about column order or types.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+SCHEMA = "music"
+
+
+@cache
+def sql_dir() -> Path:
+    """`sql/` at the repository root (editable install) or `music_assets/_sql` (wheel install)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_sql", here.parent / "sql"):
+        if (candidate / "schema.sql").is_file():
+            return candidate
+    raise FileNotFoundError(f"cannot find the sql/ directory next to {here}")
+
+
+def sql(name: str) -> str:
+    return (sql_dir() / f"{name}.sql").read_text()
+
+
+@cache
+def polars_schema(table: str) -> pl.Schema:
+    con = duckdb.connect(":memory:")
+    con.execute(sql("schema"))
+    return con.execute(f"SELECT * FROM {SCHEMA}.{table} LIMIT 0").pl().schema
+
+
+def frame(table: str, rows: list[dict]) -> pl.DataFrame:
+    """A DataFrame with exactly the columns and types of `table` (empty rows give an empty frame)."""
+    schema = polars_schema(table)
+    return pl.DataFrame(rows, schema=schema) if rows else pl.DataFrame(schema=schema)

@@ -1,0 +1,130 @@
+"""Which seed sources exist and where their data lives.
+
+Seed sources are dynamic partitions of the ingestion assets: the partition key is a short source
+name, and this resource turns the name into a location. Three kinds of location:
+- `embedded`: the hand-written sample shipped inside the package (the demo's default partition);
+- a local JSONL / JSON / Parquet file (optionally .gz), named in config or dropped into `seeds_dir`
+  (the file's stem is its source name);
+- a Hugging Face `datasets` id with a split, when the network allows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Iterator, Optional
+
+from dagster import Config, ConfigurableResource
+
+from music_assets.seed_formats import DEFAULT_MAX_MESSAGE_CHARS
+from music_assets.seed_reader import RawRow, read_hf_dataset, read_rows
+
+EMBEDDED = "embedded"
+EMBEDDED_PATH = Path(str(files("music_assets") / "data" / "embedded_seeds.jsonl"))
+SEED_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz", ".parquet")
+
+# Partition keys end up inside SQL predicates written by the IO manager and in file names:
+# keep them to a safe alphabet.
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
+def validate_source_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ValueError(
+            f"invalid seed source name {name!r}: use 1-64 lowercase letters, digits, '_', '.', '-' "
+            "(starting with a letter or digit)"
+        )
+    return name
+
+
+def source_name_for_file(path: Path) -> str:
+    """The source name a file in `seeds_dir` gets: its lowercased stem, unsafe characters as '_'."""
+    stem = path.name
+    for suffix in sorted(SEED_SUFFIXES, key=len, reverse=True):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return validate_source_name(re.sub(r"[^a-z0-9_.-]+", "_", stem.lower()).strip("_.-")[:64] or "seed")
+
+
+class SeedSourceConfig(Config):
+    """One configured source: exactly one of `path` or `hf_dataset`."""
+
+    path: Optional[str] = None
+    hf_dataset: Optional[str] = None
+    hf_config: Optional[str] = None
+    split: str = "train"
+    format: str = "auto"
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    name: str
+    location: str  # a file path or 'hf:<id>:<split>'
+    format: str
+    path: Optional[Path] = None
+    hf_dataset: Optional[str] = None
+    hf_config: Optional[str] = None
+    split: str = "train"
+
+    def rows(self) -> Iterator[RawRow]:
+        if self.path is not None:
+            return read_rows(self.path)
+        return read_hf_dataset(self.hf_dataset, self.split, self.hf_config)
+
+    def fingerprint(self) -> str:
+        """sha256 of the file's bytes (the source's data version); for a dataset id, of the id."""
+        if self.path is None:
+            return hashlib.sha256(self.location.encode()).hexdigest()
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+
+class SeedCatalog(ConfigurableResource):
+    """Maps seed source names (partition keys) to their data."""
+
+    sources: dict[str, SeedSourceConfig] = {}
+    seeds_dir: Optional[str] = None
+    # A message longer than this is "absurdly long" and its row is quarantined.
+    max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS
+    # The blocking check on seed_conversations fails above this quarantined share of a source.
+    max_quarantine_share: float = 0.05
+
+    def names(self) -> list[str]:
+        """Every source this catalog knows: embedded, configured ones and files in `seeds_dir`."""
+        names = {EMBEDDED, *self.sources}
+        names.update(source_name_for_file(p) for p in self.seed_files())
+        return sorted(names)
+
+    def seed_files(self) -> list[Path]:
+        if not self.seeds_dir or not Path(self.seeds_dir).is_dir():
+            return []
+        return sorted(
+            p for p in Path(self.seeds_dir).iterdir() if p.is_file() and p.name.lower().endswith(SEED_SUFFIXES)
+        )
+
+    def resolve(self, name: str) -> ResolvedSource:
+        if name in self.sources:
+            cfg = self.sources[name]
+            if bool(cfg.path) == bool(cfg.hf_dataset):
+                raise ValueError(f"seed source {name!r}: set exactly one of `path` or `hf_dataset`")
+            if cfg.path:
+                path = Path(cfg.path).expanduser()
+                return ResolvedSource(name, str(path), cfg.format, path=path)
+            location = f"hf:{cfg.hf_dataset}:{cfg.split}"
+            return ResolvedSource(name, location, cfg.format, None, cfg.hf_dataset, cfg.hf_config, cfg.split)
+        if name == EMBEDDED:
+            return ResolvedSource(name, str(EMBEDDED_PATH), "conversational", path=EMBEDDED_PATH)
+        for path in self.seed_files():
+            if source_name_for_file(path) == name:
+                return ResolvedSource(name, str(path), "auto", path=path)
+        raise KeyError(
+            f"unknown seed source {name!r}: not configured under `seed_sources`, not 'embedded', "
+            f"and no matching file in seeds_dir={self.seeds_dir!r}"
+        )

@@ -1,0 +1,37 @@
+"""Shared fixtures: paths to the real public data in ../shared/data and a scratch Settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"real test data missing: {SHARED_DATA} (the project expects ../shared/data)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return load_settings_in(tmp_path)
+
+
+def load_settings_in(tmp_path: Path, **config):
+    """Settings whose home (DuckDB file, seeds dir) is a temp directory."""
+    import yaml
+
+    from music_assets.settings import load_settings
+
+    cfg = tmp_path / "music.yaml"
+    cfg.write_text(yaml.safe_dump({"home": str(tmp_path / "home"), **config}))
+    return load_settings(cfg)
