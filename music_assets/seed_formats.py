@@ -60,9 +60,9 @@ def detect_format(record: Any) -> str:
         return "llmbar"
     if "turns" in keys and "chosen" not in keys:
         return "prompts"
+    if "prompt" in keys and record.get("prompt") not in (None, [], ""):
+        return "prompt_chosen_rejected"
     if "chosen" in keys or "rejected" in keys:
-        if "prompt" in keys and record.get("prompt") not in (None, [], ""):
-            return "prompt_chosen_rejected"
         sample = record.get("chosen") if "chosen" in keys else record.get("rejected")
         if isinstance(sample, str) and ("\n\nHuman:" in sample or sample.startswith("Human:")):
             return "hh_rlhf"

@@ -4,7 +4,6 @@ A multi-asset writes both tables in one pass over the source, so a row is either
 quarantined, never both and never neither (the check `rows_accounted_for` would say otherwise).
 """
 
-from __future__ import annotations
 
 from collections import Counter
 

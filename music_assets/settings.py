@@ -54,7 +54,7 @@ def load_settings(config_path: str | os.PathLike | None = None) -> Settings:
         sources[name] = spec
     return Settings(
         home=home,
-        duckdb_path=_path(raw["duckdb_path"], base) if raw.get("duckdb_path") else home / "music.duckdb",
+        duckdb_path=_path(raw["duckdb_path"], base) if raw.get("duckdb_path") else home / "warehouse.duckdb",
         seeds_dir=_path(raw["seeds_dir"], base) if raw.get("seeds_dir") else home / "seeds",
         seed_sources=sources,
         ingest=dict(raw.get("ingest") or {}),

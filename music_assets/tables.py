@@ -13,6 +13,7 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
+# The database file must not be called music.duckdb: its catalog name would clash with this schema.
 SCHEMA = "music"
 
 
