@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from music_assets.settings import load_settings
 
@@ -19,6 +20,7 @@ def _instance(settings):
     if not os.environ.get("DAGSTER_HOME"):
         home = settings.home / "dagster_home"
         home.mkdir(parents=True, exist_ok=True)
+        (home / "dagster.yaml").touch()  # defaults: everything under DAGSTER_HOME
         os.environ["DAGSTER_HOME"] = str(home)
     return DagsterInstance.get()
 
@@ -73,6 +75,11 @@ def cmd_sources(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dagster import BetaWarning, PreviewWarning
+
+    # We use the beta data-version API on purpose; the warnings would drown the demo's output.
+    warnings.filterwarnings("ignore", category=BetaWarning)
+    warnings.filterwarnings("ignore", category=PreviewWarning)
     parser = argparse.ArgumentParser(prog="music-assets", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config (default: $MUSIC_CONFIG, else built-in defaults)")
     sub = parser.add_subparsers(dest="command", required=True)
