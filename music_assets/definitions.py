@@ -7,20 +7,39 @@ from dagster_duckdb import DuckDBResource
 from dagster_duckdb_polars import DuckDBPolarsIOManager
 
 from music_assets.seeds import seed_ingestion
-from music_assets.settings import Settings, load_settings
+from music_assets.settings import ENGINE_ROLES, Settings, load_settings
+from music_assets.simulation_assets import music_pairs, seed_contexts, simulated_branches
 from music_assets.tables import SCHEMA
+from resources.compute import ComputeResource
+from resources.llm import LLMEngine, OpenAIEngine, VLLMEngine
 from resources.seed_catalog import SeedCatalog, SeedSourceConfig, validate_source_name
+from resources.simulation_config import SimulationConfig
 
-ASSETS = [seed_ingestion]
+ASSETS = [seed_ingestion, seed_contexts, simulated_branches, music_pairs]
 
 ingest_job = define_asset_job("ingest_seeds", selection=["seed_conversations", "seed_quarantine"])
+
+
+def build_engine(spec: dict, compute: ComputeResource) -> LLMEngine:
+    """An engine resource from a config spec: {backend: vllm|openai, model: ..., options...}."""
+    spec = dict(spec)
+    backend = spec.pop("backend", "vllm")
+    if backend == "vllm":
+        return VLLMEngine(compute=compute, **spec)
+    if backend == "openai":
+        return OpenAIEngine(**spec)
+    raise ValueError(f"unknown engine backend {backend!r}; expected 'vllm' or 'openai'")
 
 
 def build_resources(settings: Settings) -> dict:
     settings.home.mkdir(parents=True, exist_ok=True)
     settings.duckdb_path.parent.mkdir(parents=True, exist_ok=True)
     database = str(settings.duckdb_path)
+    compute = ComputeResource(**settings.compute)
     return {
+        **{role: build_engine(settings.models[role], compute) for role in ENGINE_ROLES},
+        "compute": compute,
+        "simulation": SimulationConfig(**settings.simulation),
         "io_manager": DuckDBPolarsIOManager(database=database, schema=SCHEMA),
         "duckdb": DuckDBResource(database=database),
         "seed_catalog": SeedCatalog(

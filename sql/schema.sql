@@ -31,3 +31,33 @@ CREATE TABLE IF NOT EXISTS music.seed_quarantine (
     reason      VARCHAR NOT NULL,
     raw_excerpt VARCHAR NOT NULL    -- first 500 characters of the original record
 );
+
+-- The prefixes the simulation continues: the first k exchanges of a seed pair's chosen side.
+CREATE TABLE IF NOT EXISTS music.seed_contexts (
+    source     VARCHAR NOT NULL,
+    context_id VARCHAR NOT NULL,   -- hash(pair_id, k, prefix)
+    pair_id    VARCHAR NOT NULL,   -- the seed pair it was cut from
+    k          INTEGER NOT NULL,   -- exchanges in the prefix
+    messages   STRUCT(role VARCHAR, content VARCHAR)[] NOT NULL
+);
+
+-- One row per MUSIC pair: the chosen and rejected conversations with their contrast metadata.
+CREATE TABLE IF NOT EXISTS music.music_pairs (
+    source               VARCHAR NOT NULL,
+    pair_id              VARCHAR NOT NULL,   -- 'music/<context_id>'
+    context_id           VARCHAR NOT NULL,
+    seed_pair_id         VARCHAR NOT NULL,
+    k                    INTEGER NOT NULL,   -- exchanges of seed context
+    turns                INTEGER NOT NULL,   -- T
+    contrast_turn        INTEGER NOT NULL,   -- c
+    chosen               STRUCT(role VARCHAR, content VARCHAR)[] NOT NULL,
+    rejected             STRUCT(role VARCHAR, content VARCHAR)[] NOT NULL,
+    prefix_messages      INTEGER NOT NULL,   -- messages both conversations share
+    original_instruction VARCHAR NOT NULL,   -- the user request at turn c
+    modified_instruction VARCHAR NOT NULL,   -- its private rewrite, seen only by the rejected assistant
+    generation_key       VARCHAR NOT NULL,
+    prompt_version       VARCHAR NOT NULL,
+    models               VARCHAR NOT NULL,   -- JSON: user simulator, assistant, rewriter identities
+    sampling             VARCHAR NOT NULL,   -- JSON: simulation settings incl. sampling parameters
+    content_hash         VARCHAR NOT NULL
+);

@@ -1,0 +1,442 @@
+"""The MUSIC simulation loop: seed contexts in, chosen and rejected continuations out.
+
+For each context, T simulated turns follow the seed prefix. A user-simulator LLM writes each user
+message from its branch's own visible history; an assistant LLM answers. Turns before the
+contrast turn c are the same for both branches and generated once (branch 'shared'). At turn c the
+user message is still shared, then the branches split: the chosen assistant answers it faithfully,
+while the rejected assistant privately sees a *modified* version of it (an LLM rewrite that changes
+one detail) and answers that. The modified request stays in the rejected assistant's view for the
+rest of the conversation, so the flaw persists; the visible transcript always shows the original.
+
+Speed: the loop is turn-synchronous. At every step (user messages of turn t, rewrites, assistant
+answers of turn t) all live contexts and both branches go to the engine in one batched call, and
+the two branches' shared prefix is reused by vLLM's prefix cache.
+
+Resumability: after each turn, all finished rows are committed (see `TurnStore`), keyed by
+hash(context, branch, turn, generation key). On restart the committed rows rebuild each context's
+state and the loop continues where it stopped; a finished partition generates nothing.
+
+Bad output (empty, cut at max tokens, a user simulator that writes as the assistant, a rewrite
+that returns the request unchanged) is retried with a new seed; after `max_attempts` the context
+is dropped with a recorded reason.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from music_assets.ingest import stable_hash
+from music_assets.prompts import PROMPT_VERSION, render, transcript
+from resources.llm import LLMEngine, Sampling
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    turns: int = 3  # T: simulated turns after the seed context (paper: 5)
+    contrast_turn: Optional[int] = None  # fixed c (1-based), or None: sampled per context
+    min_contrast_turns: int = 2  # the rejected branch is flawed in at least this many turns
+    seed: int = 0
+    max_attempts: int = 3  # per generation, including the first
+    user_sampling: Sampling = Sampling(temperature=0.8, top_p=0.95, max_tokens=96)
+    assistant_sampling: Sampling = Sampling(temperature=0.7, top_p=0.95, max_tokens=256)
+    rewrite_sampling: Sampling = Sampling(temperature=0.8, top_p=0.95, max_tokens=128)
+
+    def __post_init__(self):
+        if self.turns < 1:
+            raise ValueError("simulation.turns must be >= 1")
+        if not 1 <= self.min_contrast_turns <= self.turns:
+            raise ValueError("simulation.min_contrast_turns must be between 1 and turns")
+        if self.contrast_turn is not None and not 1 <= self.contrast_turn <= self.turns - self.min_contrast_turns + 1:
+            raise ValueError(
+                f"simulation.contrast_turn={self.contrast_turn} leaves fewer than "
+                f"{self.min_contrast_turns} flawed turns out of {self.turns}"
+            )
+
+    def contrast_turn_for(self, context_id: str) -> int:
+        """c for one context: fixed, or drawn from [1, T - min_contrast_turns + 1], seeded."""
+        if self.contrast_turn is not None:
+            return self.contrast_turn
+        rng = random.Random(f"{self.seed}:contrast:{context_id}")
+        return rng.randint(1, self.turns - self.min_contrast_turns + 1)
+
+    def as_dict(self) -> dict:
+        return {
+            "turns": self.turns,
+            "contrast_turn": self.contrast_turn,
+            "min_contrast_turns": self.min_contrast_turns,
+            "seed": self.seed,
+            "max_attempts": self.max_attempts,
+            "user_sampling": self.user_sampling.as_dict(),
+            "assistant_sampling": self.assistant_sampling.as_dict(),
+            "rewrite_sampling": self.rewrite_sampling.as_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class Engines:
+    user: LLMEngine
+    assistant: LLMEngine
+    rewriter: LLMEngine
+
+    def identity(self) -> dict:
+        return {"user": self.user.identity(), "assistant": self.assistant.identity(), "rewriter": self.rewriter.identity()}
+
+
+def generation_key(settings: SimulationSettings, engines: Engines) -> str:
+    """Everything that determines the generated text: prompts, models, sampling, settings."""
+    return stable_hash({"prompts": PROMPT_VERSION, "engines": engines.identity(), "settings": settings.as_dict()})
+
+
+@dataclass(frozen=True)
+class Context:
+    context_id: str
+    source: str
+    messages: list[Message]  # the seed prefix: k exchanges, ending with an assistant turn
+
+
+@dataclass
+class _State:
+    ctx: Context
+    c: int
+    shared: list[Message] = field(default_factory=list)  # simulated turns before c
+    chosen: list[Message] = field(default_factory=list)  # turns from c on, visible
+    rejected: list[Message] = field(default_factory=list)
+    original: Optional[str] = None  # the user request at turn c
+    modified: Optional[str] = None  # its private rewrite, in force for the rejected assistant
+    next_turn: int = 1
+    dropped: bool = False
+
+    def visible(self, branch: str) -> list[Message]:
+        tail = {"shared": [], "chosen": self.chosen, "rejected": self.rejected}[branch]
+        return self.ctx.messages + self.shared + tail
+
+    def rejected_private_view(self, user_message: str, turn: int) -> list[Message]:
+        """What the rejected assistant sees: the modified request in place of the original one,
+        and a system note asking it to answer that version (never shown in the transcript)."""
+        history = self.visible("rejected") + [{"role": "user", "content": user_message}]
+        c_index = len(self.ctx.messages) + len(self.shared)  # the user message of turn c
+        history = [dict(m) for m in history]
+        history[c_index] = {"role": "user", "content": self.modified}
+        note = render("contrastive_assistant", modified=self.modified)
+        if history[0]["role"] == "system":
+            history[0] = {"role": "system", "content": history[0]["content"] + "\n\n" + note}
+        else:
+            history.insert(0, {"role": "system", "content": note})
+        return history
+
+
+class TurnStore:
+    """Where finished turns and drops go. `load` returns what was committed before."""
+
+    def load(self) -> tuple[list[dict], list[dict]]:
+        raise NotImplementedError
+
+    def commit(self, rows: list[dict], drops: list[dict]) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class SimulationStats:
+    contexts: int = 0
+    resumed_turns: int = 0
+    committed_rows: int = 0
+    completed: int = 0
+    dropped: Counter = field(default_factory=Counter)  # reason -> contexts
+    retries: Counter = field(default_factory=Counter)  # "stage:reason" -> retried generations
+    calls: int = 0
+    requests: int = 0
+    completion_tokens: int = 0
+    generation_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.generation_seconds if self.generation_seconds else 0.0
+
+
+def simulate(
+    contexts: list[Context],
+    engines: Engines,
+    settings: SimulationSettings,
+    store: TurnStore,
+    log: Callable[[str], None] = print,
+) -> SimulationStats:
+    gkey = generation_key(settings, engines)
+    stats = SimulationStats(contexts=len(contexts))
+    states = {ctx.context_id: _State(ctx, settings.contrast_turn_for(ctx.context_id)) for ctx in contexts}
+    _restore(states, *store.load(), stats)
+    gen = _Generator(settings, stats)
+
+    for turn in range(1, settings.turns + 1):
+        live = [s for s in states.values() if not s.dropped and s.next_turn == turn]
+        if not live:
+            continue
+        drops: list[dict] = []
+
+        def drop(state: _State, stage: str, failure: "_Failure"):
+            state.dropped = True
+            stats.dropped[failure.reason] += 1
+            drops.append(
+                {"generation_key": gkey, "source": state.ctx.source, "context_id": state.ctx.context_id,
+                 "turn": turn, "stage": stage, "reason": failure.reason, "last_output": failure.output[:500]}
+            )
+
+        # 1. user messages: one per context up to c (the branches are still identical), then one per branch
+        user_jobs = [(s, b) for s in live for b in (("shared",) if turn <= s.c else ("chosen", "rejected"))]
+        user_out = gen.run(
+            engines.user,
+            [[{"role": "user", "content": render("user_simulator", transcript=transcript(s.visible(b)))}]
+             for s, b in user_jobs],
+            settings.user_sampling,
+            [_seed(gkey, s.ctx.context_id, b, turn, "user") for s, b in user_jobs],
+            [_user_validator(s.visible(b)) for s, b in user_jobs],
+        )
+        user_msgs: dict[tuple[str, str], _Ok] = {}
+        for (s, b), result in zip(user_jobs, user_out):
+            if isinstance(result, _Failure):
+                if not s.dropped:
+                    drop(s, "user", result)
+            else:
+                user_msgs[(s.ctx.context_id, b)] = result
+        live = [s for s in live if not s.dropped]
+
+        # 2. the contrastive rewrite of the request at turn c
+        rewrite_jobs = [s for s in live if turn == s.c]
+        rewrite_out = gen.run(
+            engines.rewriter,
+            [[{"role": "user", "content": render("contrastive_rewrite",
+                                                 instruction=user_msgs[(s.ctx.context_id, "shared")].text)}]
+             for s in rewrite_jobs],
+            settings.rewrite_sampling,
+            [_seed(gkey, s.ctx.context_id, "rejected", turn, "rewrite") for s in rewrite_jobs],
+            [_rewrite_validator(user_msgs[(s.ctx.context_id, "shared")].text) for s in rewrite_jobs],
+        )
+        for s, result in zip(rewrite_jobs, rewrite_out):
+            if isinstance(result, _Failure):
+                drop(s, "rewrite", result)
+            else:
+                s.original, s.modified = user_msgs[(s.ctx.context_id, "shared")].text, result.text
+        live = [s for s in live if not s.dropped]
+
+        # 3. assistant answers: shared before c; from c on, chosen (faithful) and rejected (private view)
+        answer_jobs, views = [], []
+        for s in live:
+            if turn < s.c:
+                user = user_msgs[(s.ctx.context_id, "shared")]
+                answer_jobs.append((s, "shared", user))
+                views.append(s.visible("shared") + [{"role": "user", "content": user.text}])
+                continue
+            for b in ("chosen", "rejected"):
+                user = user_msgs[(s.ctx.context_id, "shared" if turn == s.c else b)]
+                answer_jobs.append((s, b, user))
+                views.append(
+                    s.rejected_private_view(user.text, turn) if b == "rejected"
+                    else s.visible(b) + [{"role": "user", "content": user.text}]
+                )
+        answer_out = gen.run(
+            engines.assistant,
+            views,
+            settings.assistant_sampling,
+            [_seed(gkey, s.ctx.context_id, b, turn, "assistant") for s, b, _ in answer_jobs],
+            [_assistant_validator() for _ in answer_jobs],
+        )
+        finished: dict[str, list[tuple[str, _Ok, _Ok]]] = {}
+        for (s, b, user), result in zip(answer_jobs, answer_out):
+            if s.dropped:
+                continue
+            if isinstance(result, _Failure):
+                drop(s, "assistant", result)
+                finished.pop(s.ctx.context_id, None)
+            else:
+                finished.setdefault(s.ctx.context_id, []).append((b, user, result))
+
+        # 4. commit every context's turn at once (both branches of a context, or neither)
+        rows = []
+        for cid, parts in finished.items():
+            s = states[cid]
+            for b, user, answer in parts:
+                rows.append(
+                    {"turn_key": stable_hash([cid, b, turn, gkey]), "generation_key": gkey,
+                     "source": s.ctx.source, "context_id": cid, "branch": b, "turn": turn,
+                     "contrast_turn": s.c, "user_message": user.text, "assistant_message": answer.text,
+                     "modified_instruction": s.modified if b == "rejected" else None,
+                     "user_attempts": user.attempts, "assistant_attempts": answer.attempts,
+                     "user_tokens": user.tokens, "assistant_tokens": answer.tokens}
+                )
+        store.commit(rows, drops)
+        stats.committed_rows += len(rows)
+        for row in rows:
+            _apply(states[row["context_id"]], row)
+        log(
+            f"turn {turn}/{settings.turns}: {len(finished)} contexts advanced, {len(drops)} dropped, "
+            f"{stats.completion_tokens} tokens so far ({stats.tokens_per_second:.0f} tok/s)"
+        )
+
+    stats.completed = sum(1 for s in states.values() if not s.dropped and s.next_turn > settings.turns)
+    return stats
+
+
+# --- resume -------------------------------------------------------------------------------------
+
+
+def _restore(states: dict[str, _State], rows: list[dict], drops: list[dict], stats: SimulationStats) -> None:
+    for d in drops:
+        if d["context_id"] in states:
+            states[d["context_id"]].dropped = True
+    for row in sorted(rows, key=lambda r: (r["context_id"], r["turn"], r["branch"])):
+        state = states.get(row["context_id"])
+        if state is not None:
+            _apply(state, row)
+            stats.resumed_turns += 1
+    # A context whose last turn has only one branch committed cannot happen (both are committed in
+    # one transaction), but guard anyway: recompute next_turn from what both branches have.
+    for s in states.values():
+        s.next_turn = 1 + len(s.shared) // 2 + min(len(s.chosen), len(s.rejected)) // 2
+
+
+def _apply(state: _State, row: dict) -> None:
+    turn_messages = [{"role": "user", "content": row["user_message"]},
+                     {"role": "assistant", "content": row["assistant_message"]}]
+    if row["branch"] == "shared":
+        state.shared += turn_messages
+    else:
+        getattr(state, row["branch"]).extend(turn_messages)
+        if row["branch"] == "rejected" and row["turn"] == state.c:
+            state.original, state.modified = row["user_message"], row["modified_instruction"]
+    state.next_turn = 1 + len(state.shared) // 2 + min(len(state.chosen), len(state.rejected)) // 2
+
+
+def _seed(gkey: str, context_id: str, branch: str, turn: int, stage: str) -> int:
+    return int(stable_hash([gkey, context_id, branch, turn, stage])[:8], 16)
+
+
+# --- batched generation with validation and retries ---------------------------------------------
+
+
+@dataclass
+class _Ok:
+    text: str
+    attempts: int
+    tokens: int
+
+
+@dataclass
+class _Failure:
+    reason: str
+    output: str
+
+
+Validator = Callable[[str, str], tuple[Optional[str], str]]  # (text, finish) -> (failure reason, cleaned)
+
+
+class _Generator:
+    def __init__(self, settings: SimulationSettings, stats: SimulationStats):
+        self.settings, self.stats = settings, stats
+
+    def run(self, engine, conversations, sampling, seeds, validators) -> list[_Ok | _Failure]:
+        """Generates for all conversations in one batched call, then retries the failures (again
+        batched) with new seeds, up to `max_attempts` in all."""
+        results: list[_Ok | _Failure | None] = [None] * len(conversations)
+        pending = list(range(len(conversations)))
+        tokens = [0] * len(conversations)
+        for attempt in range(1, self.settings.max_attempts + 1):
+            if not pending:
+                break
+            started = time.perf_counter()
+            outs = engine.chat([conversations[i] for i in pending], sampling,
+                               [(seeds[i] + 7919 * (attempt - 1)) % 2**31 for i in pending])
+            self.stats.generation_seconds += time.perf_counter() - started
+            self.stats.calls += 1
+            self.stats.requests += len(pending)
+            still = []
+            for i, out in zip(pending, outs):
+                self.stats.completion_tokens += out.completion_tokens
+                tokens[i] += out.completion_tokens
+                reason, cleaned = validators[i](out.text, out.finish_reasons[0])
+                if reason is None:
+                    results[i] = _Ok(cleaned, attempt, tokens[i])
+                else:
+                    results[i] = _Failure(reason, out.text)
+                    if attempt < self.settings.max_attempts:
+                        self.stats.retries[reason] += 1
+                        still.append(i)
+            pending = still
+        return results
+
+
+_ROLE_LABEL = re.compile(r"^\s*(?:\*\*)?(user|the user|human|me)\s*(?:\*\*)?\s*:\s*", re.IGNORECASE)
+_ASSISTANT_LABEL = re.compile(r"^\s*(?:\*\*)?(assistant|ai|bot|chatbot)\s*(?:\*\*)?\s*:", re.IGNORECASE)
+_REWRITE_LABEL = re.compile(r"^\s*(?:rewritten|modified|new)?\s*(?:request|instruction)?\s*:\s*", re.IGNORECASE)
+_TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+
+
+def _common(text: str, finish: str) -> tuple[Optional[str], str]:
+    if finish == "length":
+        return "truncated", text
+    cleaned = text.strip()
+    if any(marker in cleaned for marker in _TEMPLATE_MARKERS):
+        return "template_markers_in_output", cleaned
+    if not cleaned:
+        return "empty", cleaned
+    return None, cleaned
+
+
+def _assistant_validator() -> Validator:
+    return _common
+
+
+def _user_validator(history: list[Message]) -> Validator:
+    last_answer = next((m["content"] for m in reversed(history) if m["role"] == "assistant"), "")
+
+    def check(text: str, finish: str):
+        reason, cleaned = _common(text, finish)
+        if reason:
+            return reason, cleaned
+        if _ASSISTANT_LABEL.match(cleaned):
+            return "user_answered_as_assistant", cleaned
+        cleaned = _unquote(_ROLE_LABEL.sub("", cleaned, count=1))
+        if not cleaned:
+            return "empty", cleaned
+        # Repeating the assistant's last answer back is the assistant's voice, not a user's.
+        if last_answer and word_jaccard(cleaned, last_answer) >= 0.8:
+            return "user_answered_as_assistant", cleaned
+        return None, cleaned
+
+    return check
+
+
+def _rewrite_validator(original: str) -> Validator:
+    def check(text: str, finish: str):
+        reason, cleaned = _common(text, finish)
+        if reason:
+            return reason, cleaned
+        cleaned = _unquote(_REWRITE_LABEL.sub("", cleaned, count=1))
+        if not cleaned:
+            return "empty", cleaned
+        if _normalize(cleaned) == _normalize(original) or word_jaccard(cleaned, original) >= 0.95:
+            return "rewrite_unchanged", cleaned
+        return None, cleaned
+
+    return check
+
+
+def _unquote(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'“”":
+        text = text[1:-1].strip()
+    return text
+
+
+def _normalize(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def word_jaccard(a: str, b: str) -> float:
+    wa, wb = set(re.findall(r"\w+", a.lower())), set(re.findall(r"\w+", b.lower()))
+    return len(wa & wb) / len(wa | wb) if wa | wb else 1.0

@@ -1,0 +1,247 @@
+"""Assets of the MUSIC simulation: seed_contexts -> simulated_branches -> music_pairs.
+
+`simulated_branches` commits each finished turn to DuckDB as it is produced (through
+`DuckDBTurnStore`, not the IO manager), so it can resume after a crash; `music_pairs` then
+assembles whole conversations from those rows. Both are partitioned like the seeds.
+"""
+
+import json
+from collections import Counter
+
+import polars as pl
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetIn,
+    DataVersion,
+    MaterializeResult,
+    MetadataValue,
+    Output,
+    asset,
+)
+from dagster_duckdb import DuckDBResource
+
+from music_assets.contexts import sample_context
+from music_assets.ingest import stable_hash
+from music_assets.metadata import render_conversation, table_metadata
+from music_assets.pairs import assemble_pairs, assistant_turns_differing
+from music_assets.partitions import seed_partitions
+from music_assets.prompts import PROMPT_VERSION
+from music_assets.simulation import Context, Engines, TurnStore, generation_key, simulate
+from music_assets.tables import frame, sql
+from resources.llm import LLMEngine
+from resources.simulation_config import SimulationConfig
+
+CONTEXTS_VERSION = "contexts-v1"
+PAIRS_VERSION = "pairs-v1"
+EXAMPLE_PAIRS = 2
+# A phrase of prompts/contrastive_assistant.txt: seeing it in a transcript means the note leaked.
+CONTRASTIVE_NOTE_MARKER = "respond to the following version"
+
+
+@asset(
+    ins={"seed_conversations": AssetIn()},
+    partitions_def=seed_partitions,
+    metadata={"partition_expr": "source"},
+    code_version=CONTEXTS_VERSION,
+    group_name="simulation",
+    pool="duckdb_writers",
+)
+def seed_contexts(
+    context: AssetExecutionContext, seed_conversations: pl.DataFrame, simulation: SimulationConfig
+) -> Output[pl.DataFrame]:
+    """Conversation prefixes (first k exchanges of each seed pair's chosen side) to simulate from."""
+    pairs = seed_conversations.filter(pl.col("kind") == "pair").sort("row_number")
+    rows = []
+    for pair in pairs.iter_rows(named=True):
+        ctx = sample_context(pair, simulation.min_context_exchanges, simulation.max_context_exchanges, simulation.seed)
+        if ctx is not None:
+            rows.append(ctx)
+        if simulation.max_contexts is not None and len(rows) >= simulation.max_contexts:
+            break
+    df = frame("seed_contexts", rows)
+    return Output(
+        df,
+        data_version=DataVersion(stable_hash(df["context_id"].to_list())),
+        metadata={
+            **table_metadata(df, df.select("context_id", "pair_id", "k")),
+            "k_histogram": MetadataValue.json({str(k): n for k, n in sorted(Counter(df["k"].to_list()).items())}),
+            "skipped_too_short": pairs.height - df.height if simulation.max_contexts is None else 0,
+        },
+    )
+
+
+class DuckDBTurnStore(TurnStore):
+    """Commits turns through short-lived connections, so no DuckDB lock is held while generating."""
+
+    def __init__(self, duckdb: DuckDBResource, source: str, gkey: str):
+        self.duckdb, self.source, self.gkey = duckdb, source, gkey
+        with duckdb.get_connection() as con:
+            con.execute(sql("simulation"))
+
+    def load(self):
+        params = {"source": self.source, "generation_key": self.gkey}
+        with self.duckdb.get_connection() as con:
+            rows = con.execute(sql("simulation_committed"), params).pl().to_dicts()
+            drops = con.execute(sql("simulation_dropped"), params).pl().to_dicts()
+        return rows, drops
+
+    def commit(self, rows, drops):
+        with self.duckdb.get_connection() as con:
+            con.execute("BEGIN TRANSACTION")
+            if rows:
+                con.register("new_turns", pl.DataFrame(rows))
+                con.execute(sql("simulation_insert_turns"))
+            if drops:
+                con.register("new_drops", pl.DataFrame(drops))
+                con.execute(sql("simulation_insert_drops"))
+            con.execute("COMMIT")
+
+
+@asset(
+    deps=["seed_contexts"],
+    partitions_def=seed_partitions,
+    code_version=f"simulation-{PROMPT_VERSION}",
+    group_name="simulation",
+    check_specs=[AssetCheckSpec("some_contexts_completed", asset="simulated_branches", blocking=True)],
+)
+def simulated_branches(
+    context: AssetExecutionContext,
+    simulation: SimulationConfig,
+    user_simulator: LLMEngine,
+    assistant: LLMEngine,
+    rewriter: LLMEngine,
+    duckdb: DuckDBResource,
+):
+    """Chosen and rejected continuations of every seed context, one row per finished turn."""
+    source = context.partition_key
+    settings = simulation.settings()
+    engines = Engines(user=user_simulator, assistant=assistant, rewriter=rewriter)
+    gkey = generation_key(settings, engines)
+    with duckdb.get_connection() as con:
+        contexts = con.execute(sql("seed_contexts_for_source"), {"source": source}).pl()
+    ctx_objs = [Context(r["context_id"], r["source"], r["messages"]) for r in contexts.iter_rows(named=True)]
+    store = DuckDBTurnStore(duckdb, source, gkey)
+    stats = simulate(ctx_objs, engines, settings, store, log=context.log.info)
+
+    models, settings_json = json.dumps(engines.identity(), sort_keys=True), json.dumps(settings.as_dict(), sort_keys=True)
+    with duckdb.get_connection() as con:
+        con.execute(
+            sql("simulation_record_run"),
+            {"source": source, "generation_key": gkey, "prompt_version": PROMPT_VERSION,
+             "models": models, "settings": settings_json},
+        )
+        turns = con.execute(sql("simulation_turn_count"), {"source": source, "generation_key": gkey}).fetchone()[0]
+    yield MaterializeResult(
+        data_version=DataVersion(f"{gkey}:{stats.completed}:{turns}"),
+        metadata={
+            "dagster/row_count": turns,
+            "generation_key": gkey,
+            "prompt_version": PROMPT_VERSION,
+            "models": MetadataValue.json(engines.identity()),
+            "settings": MetadataValue.json(settings.as_dict()),
+            "contexts": stats.contexts,
+            "contexts_completed": stats.completed,
+            "contexts_dropped": MetadataValue.json(dict(stats.dropped)),
+            "retries": MetadataValue.json(dict(stats.retries)),
+            "turns_resumed": stats.resumed_turns,
+            "turn_rows_committed_this_run": stats.committed_rows,
+            "engine_calls": stats.calls,
+            "engine_requests": stats.requests,
+            "tokens_generated": stats.completion_tokens,
+            "tokens_per_second": round(stats.tokens_per_second, 1),
+        },
+    )
+    yield AssetCheckResult(
+        check_name="some_contexts_completed",
+        passed=stats.completed > 0 or stats.contexts == 0,
+        description=f"{stats.completed} of {stats.contexts} contexts completed all turns",
+        metadata={"dropped": MetadataValue.json(dict(stats.dropped))},
+    )
+
+
+@asset(
+    ins={"seed_contexts": AssetIn()},
+    deps=["simulated_branches"],
+    partitions_def=seed_partitions,
+    metadata={"partition_expr": "source"},
+    code_version=PAIRS_VERSION,
+    group_name="simulation",
+    pool="duckdb_writers",
+    check_specs=[
+        AssetCheckSpec("rejected_differs_in_two_turns", asset="music_pairs", blocking=True),
+        AssetCheckSpec("private_instruction_not_visible", asset="music_pairs", blocking=True),
+        AssetCheckSpec("no_empty_messages", asset="music_pairs", blocking=True),
+    ],
+)
+def music_pairs(context: AssetExecutionContext, seed_contexts: pl.DataFrame, simulation: SimulationConfig, duckdb: DuckDBResource):
+    """One row per MUSIC pair: full chosen and rejected conversations with contrast metadata."""
+    with duckdb.get_connection() as con:
+        con.execute(sql("simulation"))
+        rows = con.execute(sql("simulation_rows_for_pairs"), {"source": context.partition_key}).pl().to_dicts()
+    pairs = assemble_pairs(seed_contexts.to_dicts(), rows, simulation.turns)
+    df = frame("music_pairs", pairs)
+
+    min_differing = min(2, simulation.turns)
+    differing = [assistant_turns_differing(p) for p in pairs]
+    leaks = [p["pair_id"] for p in pairs if _leaks_private_instruction(p)]
+    empties = [p["pair_id"] for p in pairs if any(not m["content"].strip() for m in p["chosen"] + p["rejected"])]
+    yield Output(
+        df,
+        data_version=DataVersion(stable_hash(sorted(df["content_hash"].to_list()))),
+        metadata={
+            **table_metadata(df, df.select("pair_id", "k", "contrast_turn", "original_instruction", "modified_instruction")),
+            "contrast_turn_histogram": MetadataValue.json(
+                {str(k): n for k, n in sorted(Counter(df["contrast_turn"].to_list()).items())}
+            ),
+            "examples": MetadataValue.md(_examples(pairs)),
+        },
+    )
+    too_similar = [p["pair_id"] for p, d in zip(pairs, differing) if d < min_differing]
+    yield AssetCheckResult(
+        check_name="rejected_differs_in_two_turns",
+        passed=not too_similar,
+        description=f"{len(too_similar)} pairs differ in fewer than {min_differing} assistant turns from c",
+        metadata={"pair_ids": MetadataValue.json(too_similar[:20])},
+    )
+    yield AssetCheckResult(
+        check_name="private_instruction_not_visible",
+        passed=not leaks,
+        description=f"{len(leaks)} pairs show the private instruction in the visible transcript",
+        metadata={"pair_ids": MetadataValue.json(leaks[:20])},
+    )
+    yield AssetCheckResult(
+        check_name="no_empty_messages",
+        passed=not empties,
+        description=f"{len(empties)} pairs contain an empty message",
+        metadata={"pair_ids": MetadataValue.json(empties[:20])},
+    )
+
+
+def _leaks_private_instruction(pair: dict) -> bool:
+    """The rejected transcript must never show the contrastive note, nor the modified request in
+    a user turn (where the original request belongs)."""
+    modified = _squash(pair["modified_instruction"])
+    for m in pair["rejected"]:
+        text = _squash(m["content"])
+        if CONTRASTIVE_NOTE_MARKER in text or (m["role"] == "user" and modified in text):
+            return True
+    return False
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def _examples(pairs: list[dict]) -> str:
+    blocks = []
+    for p in pairs[:EXAMPLE_PAIRS]:
+        start = p["prefix_messages"]
+        blocks.append(
+            f"### {p['pair_id']} (k={p['k']}, c={p['contrast_turn']})\n\n"
+            f"**original request:** {p['original_instruction']}\n\n**private rewrite:** {p['modified_instruction']}\n\n"
+            f"**chosen from c**\n\n{render_conversation(p['chosen'][start:])}\n\n"
+            f"**rejected from c**\n\n{render_conversation(p['rejected'][start:])}"
+        )
+    return "\n\n---\n\n".join(blocks) or "_no pairs_"

@@ -1,0 +1,39 @@
+"""Where models run: one resource injected into the engines and the trainer.
+
+A CPU laptop and a GPU node run the same asset graph; only this resource's config differs
+(chosen in `music_assets/settings.py` from the YAML config).
+"""
+
+from __future__ import annotations
+
+from dagster import ConfigurableResource
+
+
+class ComputeResource(ConfigurableResource):
+    device: str = "cpu"  # "cpu" or "cuda"
+    dtype: str = "bfloat16"  # vLLM's CPU backend and recent GPUs both run bf16
+    tensor_parallel_size: int = 1  # GPUs per vLLM engine
+    gpu_memory_utilization: float = 0.85  # share of GPU memory vLLM may take (weights + KV cache)
+    max_model_len: int = 2048  # context length the engine reserves KV cache for
+    cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE: the CPU backend's KV cache, in GiB
+    # Skip vLLM's torch.compile warm-up: on 2 CPU cores it takes minutes per model (measured: 264 s
+    # to first token for SmolLM2-135M with compilation). Turn off for long GPU runs.
+    enforce_eager: bool = True
+    seed: int = 0
+
+    def vllm_engine_kwargs(self) -> dict:
+        """Arguments for `vllm.LLM(...)` that depend on the hardware, not on the model."""
+        kwargs = {
+            "dtype": self.dtype,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "max_model_len": self.max_model_len,
+            "enforce_eager": self.enforce_eager,
+            "seed": self.seed,
+        }
+        if self.device == "cuda":
+            kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
+        return kwargs
+
+    def vllm_environment(self) -> dict[str, str]:
+        """Environment vLLM reads at engine start (the CPU KV cache size has no constructor argument)."""
+        return {"VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kv_cache_gib)} if self.device == "cpu" else {}

