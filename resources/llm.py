@@ -149,7 +149,7 @@ class VLLMEngine(LLMEngine):
         ]
 
     def identity(self):
-        return {**super().identity(), "dtype": self.compute.dtype}
+        return {**super().identity(), "dtype": self.compute.resolved_dtype()}
 
 
 def release_vllm_engines() -> None:

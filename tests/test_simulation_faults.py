@@ -1,0 +1,155 @@
+"""The simulation loop's handling of bad model output and of crashes, with injected faults.
+
+A scripted engine stands in for the LLM *only* to inject faults deterministically (empty output,
+cut output, a user simulator writing as the assistant, a rewrite that changes nothing, a crash
+between commits). Real vLLM runs the same loop in test_simulation_vllm.py.
+"""
+
+import pytest
+
+from music_assets.pairs import assemble_pairs, assistant_turns_differing
+from music_assets.simulation import Context, Engines, SimulationSettings, TurnStore, simulate, word_jaccard
+from resources.llm import Generation, LLMEngine
+
+USER_PROMPT, REWRITE_PROMPT = "You are role-playing the USER", "Rewrite the user's request"
+
+
+class ScriptedEngine(LLMEngine):
+    """Answers by stage; `faults` maps (stage, context marker) to a list of outputs per attempt."""
+
+    model: str = "scripted"
+    faults: dict = {}
+
+    def chat(self, conversations, sampling, seeds=None):
+        out = []
+        for conv, seed in zip(conversations, seeds):
+            text = "\n".join(m["content"] for m in conv)
+            stage = "user" if text.startswith(USER_PROMPT) else "rewrite" if text.startswith(REWRITE_PROMPT) else "assistant"
+            marker = next((m for m in ("ctx-a", "ctx-b", "ctx-c", "ctx-d", "ctx-e") if m in text), "")
+            CALLS.append((stage, marker))
+            script = self.faults.get(f"{stage}:{marker}")
+            attempt = sum(1 for c in CALLS if c == (stage, marker)) - 1
+            if script:
+                value, finish = script[min(attempt, len(script) - 1)]
+            else:
+                value, finish = self._normal(stage, conv, seed), "stop"
+            out.append(Generation([value], [finish], completion_tokens=len(value.split())))
+        return out
+
+    @staticmethod
+    def _normal(stage, conv, seed):
+        if stage == "user":
+            return f"Follow-up question number {seed % 1000} about that?"
+        if stage == "rewrite":
+            return "A subtly different request about goats instead"
+        return f"Here is a careful answer ({seed % 997}) to: {conv[-1]['content'][:40]}"
+
+
+CALLS: list = []
+
+
+class MemoryStore(TurnStore):
+    def __init__(self, crash_after_commits=None):
+        self.rows, self.drops, self.commits, self.crash_after = [], [], 0, crash_after_commits
+
+    def load(self):
+        return list(self.rows), list(self.drops)
+
+    def commit(self, rows, drops):
+        keys = {r["turn_key"] for r in self.rows}
+        self.rows += [r for r in rows if r["turn_key"] not in keys]
+        self.drops += drops
+        self.commits += 1
+        if self.crash_after is not None and self.commits >= self.crash_after:
+            raise KeyboardInterrupt("injected crash after commit")
+
+
+def contexts():
+    return [
+        Context(f"ctx-{x}", "test", [{"role": "user", "content": f"Seed question for ctx-{x}"},
+                                     {"role": "assistant", "content": "Seed answer."}])
+        for x in "abcde"
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _reset_calls():
+    CALLS.clear()
+
+
+def run(engine, store, settings=SimulationSettings(turns=3, contrast_turn=1)):
+    return simulate(contexts(), Engines(engine, engine, engine), settings, store, log=lambda _: None)
+
+
+def test_bad_outputs_are_retried_or_dropped_with_reasons():
+    engine = ScriptedEngine(faults={
+        "user:ctx-a": [("", "stop"), ("Could you say more?", "stop")],  # empty once, then fine
+        "user:ctx-b": [("Assistant: Sure, here is the answer.", "stop")],  # always answers as assistant
+        "rewrite:ctx-c": [("Seed question for ctx-c", "stop")],  # unchanged (after its user turn)
+        "assistant:ctx-d": [("This answer is cut off mid", "length")],  # always truncated
+    })
+    # the rewrite's input is the simulated user message, which never contains the marker; script
+    # ctx-c's user message to carry it
+    engine.faults["user:ctx-c"] = [("Seed question for ctx-c", "stop")]
+    store = MemoryStore()
+    stats = run(engine, store)
+
+    assert stats.retries["empty"] == 1
+    assert dict(stats.dropped) == {"user_answered_as_assistant": 1, "rewrite_unchanged": 1, "truncated": 1}
+    assert {d["context_id"]: d["reason"] for d in store.drops} == {
+        "ctx-b": "user_answered_as_assistant", "ctx-c": "rewrite_unchanged", "ctx-d": "truncated"}
+    assert all(d["last_output"] for d in store.drops)
+    assert stats.completed == 2
+    pairs = assemble_pairs([{"context_id": c.context_id, "source": "test", "pair_id": c.context_id, "k": 1,
+                             "messages": c.messages} for c in contexts()],
+                           [{**r, "generation_key": "g", "prompt_version": "p", "models": "{}", "settings": "{}"}
+                            for r in store.rows], turns=3)
+    assert sorted(p["context_id"] for p in pairs) == ["ctx-a", "ctx-e"]
+    for p in pairs:
+        assert assistant_turns_differing(p) == 3
+        assert p["modified_instruction"] == "A subtly different request about goats instead"
+        # the visible rejected transcript keeps the original request
+        assert p["rejected"][p["prefix_messages"] - 1]["content"] == p["original_instruction"]
+
+
+def test_each_step_is_one_batched_call_per_stage():
+    store = MemoryStore()
+    stats = run(ScriptedEngine(), store, SimulationSettings(turns=3, contrast_turn=2))
+    # turn 1: user + assistant; turn 2: user + rewrite + assistant; turn 3: user + assistant
+    assert stats.calls == 7
+    # 5 contexts: turn 1 shared (5+5), turn 2 shared user + 5 rewrites + 10 answers, turn 3 10 + 10
+    assert stats.requests == 5 + 5 + 5 + 5 + 10 + 10 + 10
+    assert stats.completed == 5 and len(store.rows) == 5 * (1 + 2 + 2)
+
+
+def test_crash_then_resume_keeps_committed_turns_and_never_duplicates():
+    store = MemoryStore(crash_after_commits=1)
+    with pytest.raises(KeyboardInterrupt):
+        run(ScriptedEngine(), store)
+    first = {r["turn_key"]: r for r in store.rows}
+    assert len(first) == 10  # turn 1 of 5 contexts, both branches (c = 1)
+
+    store.crash_after = None
+    CALLS.clear()
+    stats = run(ScriptedEngine(), store)
+    assert stats.resumed_turns == 10
+    assert not any(stage == "rewrite" for stage, _ in CALLS)  # turn 1 (with the rewrites) is not redone
+    keys = [r["turn_key"] for r in store.rows]
+    assert len(keys) == len(set(keys)) == 30
+    assert all(store.rows[i] == first[k] for i, k in enumerate(keys) if k in first)
+
+    CALLS.clear()
+    again = run(ScriptedEngine(), store)
+    assert again.requests == 0 and not CALLS and again.completed == 5
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError, match="fewer than 2 flawed turns"):
+        SimulationSettings(turns=3, contrast_turn=3)
+    sampled = {SimulationSettings(turns=5, min_contrast_turns=2).contrast_turn_for(f"c{i}") for i in range(200)}
+    assert sampled == {1, 2, 3, 4}
+
+
+def test_word_jaccard():
+    assert word_jaccard("Braised pork belly recipe", "braised pork belly recipe!") == 1.0
+    assert word_jaccard("braised pork belly", "twice-cooked pork") < 0.5
