@@ -36,7 +36,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
+    "trained by Hugging Face<|im_end|>\n' }}"
     "{% endif %}"
     "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}"
@@ -121,7 +122,9 @@ def _convert_smollm2(out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf()
-    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    src = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     config = src.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -254,18 +257,27 @@ def _train_tiny_tokenizer():
 def _tiny_corpus(n: int = 600) -> list[str]:
     """A few hundred generated chat-like English sentences, the same on every call."""
     rng = random.Random(0)
-    subjects = "I|you|we|they|the user|the assistant|my friend|the teacher|a student|the model|this answer|the team".split("|")
-    verbs = "think|know|want|need|like|explain|write|read|help|ask|answer|prefer|remember|suggest|check|compare|improve|describe|understand|recommend".split("|")
+    subjects = (
+        "I|you|we|they|the user|the assistant|my friend|the teacher|a student|the model|"
+        "this answer|the team"
+    ).split("|")
+    verbs = (
+        "think|know|want|need|like|explain|write|read|help|ask|answer|prefer|remember|suggest|"
+        "check|compare|improve|describe|understand|recommend"
+    ).split("|")
     objects = (
-        "the question|a short story|the code|your plan|this recipe|the weather|a good book|the results|"
-        "the first step|my homework|an example|the difference|the data|a simple function|the history of Rome|"
-        "a healthy breakfast|the travel budget|the error message|a polite email|the main idea"
+        "the question|a short story|the code|your plan|this recipe|the weather|a good book|"
+        "the results|the first step|my homework|an example|the difference|the data|"
+        "a simple function|the history of Rome|a healthy breakfast|the travel budget|"
+        "the error message|a polite email|the main idea"
     ).split("|")
     tails = (
-        "today|right now|in detail|step by step|again|for a moment|before lunch|after the meeting|"
-        "with care|in Python|in two sentences|if possible|please|for my class|this week"
+        "today|right now|in detail|step by step|again|for a moment|before lunch|"
+        "after the meeting|with care|in Python|in two sentences|if possible|please|"
+        "for my class|this week"
     ).split("|")
-    openers = "Sure,|Thanks!|Hello,|Well,|Of course,|Sorry,|Great question:|Yes,|No,|Hmm,".split("|")
+    openers = "Sure,|Thanks!|Hello,|Well,|Of course,|Sorry,|Great question:|Yes,|No,|Hmm,"
+    openers = openers.split("|")
     lines = []
     for i in range(n):
         s = f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} {rng.choice(tails)}"

@@ -221,7 +221,8 @@ def test_missing_package_names_the_install_command():
 def test_smollm2_folder_is_a_plain_bf16_model(smollm2):
     config = json.loads((smollm2 / "config.json").read_text())
     assert "quantization_config" not in config
-    assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("llama", 30, 576)
+    shape = (config["model_type"], config["num_hidden_layers"], config["hidden_size"])
+    assert shape == ("llama", 30, 576)
     with safe_open(smollm2 / "model.safetensors", framework="pt") as f:
         assert str(f.get_tensor("model.embed_tokens.weight").dtype) == "torch.bfloat16"
     assert (smollm2 / ".complete").exists()
@@ -241,7 +242,9 @@ def test_smollm2_chats_in_english(smollm2):
     assert tok.eos_token_id == im_end == model.generation_config.eos_token_id
 
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    inputs = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = tok.apply_chat_template(
+        msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     prompt = tok.decode(inputs["input_ids"][0])
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
 
