@@ -42,6 +42,8 @@ def cmd_demo(args) -> int:
     from music_assets.definitions import ASSETS, build_resources
 
     settings = load_settings(args.config)
+    # The demo keeps a CPU run to minutes: a few contexts unless the config says otherwise.
+    settings.simulation.setdefault("max_contexts", args.max_contexts)
     resources = build_resources(settings)
     instance = _instance(settings)
     register_sources(instance, resources["seed_catalog"])
@@ -85,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="materialize the asset graph on the embedded defaults")
     demo.add_argument("--source", action="append", help="seed source(s) to run (default: embedded)")
+    demo.add_argument("--max-contexts", type=int, default=12,
+                      help="seed contexts simulated per source, unless the config sets simulation.max_contexts")
     demo.set_defaults(func=cmd_demo)
     sources = sub.add_parser("sources", help="register every known seed source as a partition and list them")
     sources.set_defaults(func=cmd_sources)

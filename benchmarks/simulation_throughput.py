@@ -1,0 +1,112 @@
+"""Simulation throughput: turn-synchronous batching vs a naive loop vs raw vLLM, in one run.
+
+Prints generated tokens/s for
+  (a) our simulation (all live contexts x both branches in one batched call per step, DuckDB
+      commits after every turn),
+  (b) a naive loop: the same simulation run one context at a time,
+  (c) raw `vllm.LLM.chat` replaying exactly the requests (a) sent, batched the same way,
+and the ratios a/b (target >= 5) and a/c (target >= 0.8), all on the same engine in one process.
+
+    .venv/bin/python benchmarks/simulation_throughput.py [--model builtin:smollm2] [--contexts 16]
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from dagster_duckdb import DuckDBResource
+
+from music_assets.contexts import sample_context
+from music_assets.simulation import Context, Engines, SimulationSettings, simulate
+from music_assets.simulation_assets import DuckDBTurnStore
+from resources.compute import ComputeResource
+from resources.llm import LLMEngine, Sampling, VLLMEngine
+from resources.seed_catalog import EMBEDDED_PATH
+
+
+class RecordingEngine(LLMEngine):
+    """Delegates to a real engine and records every batched call, for the raw-vLLM replay."""
+
+    model: str = "recording"
+    inner: VLLMEngine
+    calls: list = []
+
+    def chat(self, conversations, sampling, seeds=None):
+        self.calls.append((conversations, sampling, seeds))
+        return self.inner.chat(conversations, sampling, seeds)
+
+    def identity(self):
+        return self.inner.identity()
+
+
+def load_contexts(n: int) -> list[Context]:
+    rows = [json.loads(line) for line in EMBEDDED_PATH.read_text().splitlines()][:n]
+    out = []
+    for r in rows:
+        ctx = sample_context({"pair_id": r["id"], "source": "bench", "chosen": r["chosen"]}, 1, 2, seed=0)
+        out.append(Context(ctx["context_id"], "bench", ctx["messages"]))
+    return out
+
+
+def run_simulation(engine, contexts, settings, db: Path, label: str):
+    store = DuckDBTurnStore(DuckDBResource(database=str(db)), label, label)
+    started = time.perf_counter()
+    stats = simulate(contexts, Engines(engine, engine, engine), settings, store, log=lambda _: None)
+    return stats.completion_tokens, time.perf_counter() - started, stats
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="builtin:smollm2")
+    parser.add_argument("--contexts", type=int, default=16)
+    parser.add_argument("--naive-contexts", type=int, default=4, help="naive loop is slow: a subset")
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--threads-bind", default="auto")
+    args = parser.parse_args()
+
+    settings = SimulationSettings(
+        turns=args.turns, contrast_turn=1, min_contrast_turns=min(2, args.turns),
+        user_sampling=Sampling(temperature=0.8, max_tokens=64),
+        assistant_sampling=Sampling(temperature=0.7, max_tokens=128),
+        rewrite_sampling=Sampling(temperature=0.8, max_tokens=64),
+    )
+    engine = VLLMEngine(model=args.model, compute=ComputeResource(cpu_threads_bind=args.threads_bind))
+    started = time.perf_counter()
+    engine.chat([[{"role": "user", "content": "warm up"}]], Sampling(max_tokens=8))
+    print(f"engine load + warm-up: {time.perf_counter() - started:.1f}s ({engine.identity()})")
+    contexts = load_contexts(args.contexts)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        recorder = RecordingEngine(inner=engine, calls=[])
+        tok_a, sec_a, stats = run_simulation(recorder, contexts, settings, Path(tmp) / "a.duckdb", "batched")
+        print(f"(a) batched simulation: {len(contexts)} contexts, {stats.calls} engine calls, "
+              f"{stats.completed} completed, {tok_a} tokens in {sec_a:.1f}s = {tok_a / sec_a:.1f} tok/s")
+
+        tok_b = sec_b = 0.0
+        for i, ctx in enumerate(contexts[: args.naive_contexts]):
+            t, s, _ = run_simulation(engine, [ctx], settings, Path(tmp) / "b.duckdb", f"naive{i}")
+            tok_b, sec_b = tok_b + t, sec_b + s
+        print(f"(b) naive loop, one context at a time: {args.naive_contexts} contexts, "
+              f"{tok_b:.0f} tokens in {sec_b:.1f}s = {tok_b / sec_b:.1f} tok/s")
+
+    from vllm import SamplingParams
+
+    llm = engine._llm()
+    tok_c, sec_c = 0, 0.0
+    for conversations, sampling, seeds in recorder.calls:
+        params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                 max_tokens=sampling.max_tokens, seed=s) for s in seeds]
+        started = time.perf_counter()
+        outs = llm.chat(conversations, params, use_tqdm=False)
+        sec_c += time.perf_counter() - started
+        tok_c += sum(len(c.token_ids) for o in outs for c in o.outputs)
+    print(f"(c) raw vllm.LLM.chat, same requests and batches: {tok_c} tokens in {sec_c:.1f}s = {tok_c / sec_c:.1f} tok/s")
+
+    a, b, c = tok_a / sec_a, tok_b / sec_b, tok_c / sec_c
+    print(f"ratio a/b = {a / b:.2f} (target >= 5), a/c = {a / c:.2f} (target >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The `openai` backend against a real vLLM OpenAI-compatible server on loopback
+(`python -m vllm.entrypoints.openai.api_server`), including a server killed mid-run."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from dagster import DagsterInstance, materialize
+
+from music_assets.definitions import ASSETS, build_resources
+from music_assets.model_provisioning import tiny_llama_dir
+from music_assets.partitions import seed_partitions
+from tests.conftest import load_settings_in
+from tests.test_simulation_vllm import TINY_SIM, query
+
+pytestmark = pytest.mark.slow
+
+
+class VLLMServer:
+    def __init__(self, model_dir, port):
+        self.model_dir, self.port, self.proc = model_dir, port, None
+
+    def start(self, timeout=600):
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
+             "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(self.port),
+             "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.proc.poll() is None, "vLLM server exited during start-up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/v1/models", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        raise TimeoutError("vLLM server did not become ready")
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(settings, key):
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(seed_partitions.name, [key])
+    return materialize(ASSETS, partition_key=key, instance=instance, resources=build_resources(settings),
+                       raise_on_error=False)
+
+
+def settings_for(tmp_path, port, **engine):
+    spec = {"backend": "openai", "model": "tiny", "base_url": f"http://127.0.0.1:{port}/v1", "timeout_s": 60, **engine}
+    return load_settings_in(tmp_path, models={"default": spec}, simulation={**TINY_SIM, "max_contexts": 24, "turns": 3})
+
+
+def wait_for_first_turn(settings, thread=None, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if query(settings, "SELECT count(*) FROM music.simulated_branches")[0][0] > 0:
+                return
+        except Exception:  # locked for a moment by the writer, or not created yet
+            pass
+        if thread is not None and not thread.is_alive():
+            pytest.fail("the run ended before the server could be killed")
+        time.sleep(0.1)
+    pytest.fail("no turn committed in time")
+
+
+def test_openai_backend_against_vllm_server_with_kills(tmp_path):
+    server = VLLMServer(tiny_llama_dir(), free_port())
+    server.start()
+    try:
+        # 1. small retry budget: killing the server mid-run fails the run with a clear error ...
+        tight = settings_for(tmp_path, server.port, max_retries=1, backoff_s=0.2)
+        box = {}
+        worker = threading.Thread(target=lambda: box.update(result=run(tight, "embedded")))
+        worker.start()
+        wait_for_first_turn(tight, worker)
+        server.kill()
+        worker.join()
+        failed = box["result"]
+        assert not failed.success
+        failure = next(e for e in failed.all_events if e.is_step_failure)
+        assert "failed after 2 attempts" in str(failure.step_failure_data.error)
+        committed = query(tight, "SELECT count(*) FROM music.simulated_branches")[0][0]
+        assert committed > 0
+
+        # ... and a rerun, once the server is back, resumes from the committed turns
+        server.start()
+        resumed = run(tight, "embedded")
+        assert resumed.success
+        meta = {m.asset_key.path[-1]: m.metadata for m in resumed.asset_materializations_for_node("simulated_branches")}
+        assert meta["simulated_branches"]["turns_resumed"].value == committed
+        assert meta["simulated_branches"]["contexts_completed"].value > 0
+
+        # 2. generous retry budget: the server dies and comes back, the run rides it out
+        patient = settings_for(tmp_path / "patient", server.port, max_retries=30, backoff_s=1, backoff_max_s=4)
+        box.clear()
+        worker = threading.Thread(target=lambda: box.update(result=run(patient, "embedded")))
+        worker.start()
+        wait_for_first_turn(patient, worker)
+        server.kill()
+        time.sleep(3)
+        server.start()
+        worker.join(timeout=900)
+        assert box["result"].success
+        keys = [k for k, in query(patient, "SELECT turn_key FROM music.simulated_branches")]
+        assert len(keys) == len(set(keys))
+        assert query(patient, "SELECT count(*) FROM music.music_pairs")[0][0] > 0
+    finally:
+        server.kill()
