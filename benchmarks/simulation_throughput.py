@@ -53,7 +53,7 @@ def load_contexts(n: int) -> list[Context]:
 def run_simulation(engine, contexts, settings, db: Path, label: str):
     store = DuckDBTurnStore(DuckDBResource(database=str(db)), label, label)
     started = time.perf_counter()
-    stats = simulate(contexts, Engines(engine, engine, engine), settings, store, log=lambda _: None)
+    stats = simulate(contexts, Engines(engine, engine, engine), settings, store, log=lambda m: print(f"  [{label}] {m}", flush=True))
     return stats.completion_tokens, time.perf_counter() - started, stats
 
 

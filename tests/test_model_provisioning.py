@@ -20,6 +20,28 @@ CHAT = [
     {"role": "system", "content": "You are brief."},
     {"role": "user", "content": "What is the capital of France?"},
 ]
+QUESTIONS = [
+    "What is the capital of France?", "Write a haiku about autumn.", "Hi!",
+    "How do I sort a list in Python?", "Explain photosynthesis to a child.",
+    "Give me three tips for better sleep.", "Translate 'good morning' into Spanish.",
+    "What's 17 times 23?", "Can you recommend a good sci-fi book?", "Why is the sky blue?",
+    "Summarize the plot of Hamlet.", "I feel tired today, any advice?",
+    "Is coffee bad for you?", "Tell me a joke about cats.",
+]
+EXCHANGES = [
+    ("I want to plan a trip to Japan in spring. What should I see first?",
+     "Spring is a lovely time to visit. Kyoto has temples, gardens and cherry blossoms, and Tokyo "
+     "has museums, food markets and parks. Many people start in Tokyo, then take the train west."),
+    ("How long should I stay in each city, and is the rail pass worth it?",
+     "Three or four days in Tokyo and three in Kyoto work well. The rail pass pays off if you "
+     "also take long trips, such as to Hiroshima; for Tokyo to Kyoto and back it is close."),
+    ("What about food? I don't eat meat.",
+     "Vegetarian food is easy to find in Kyoto, with temple cuisine and tofu dishes. In Tokyo, "
+     "look for shojin ryori restaurants, and ask for dishes without dashi, a fish stock."),
+    ("Can you help me fix a bug in my Python script? It says KeyError: 'name'.",
+     "A KeyError means the dictionary has no key 'name'. Print the keys first, or use "
+     "person.get('name') to get None instead of an exception when the key is missing."),
+]
 
 
 @pytest.fixture(scope="session")
@@ -88,6 +110,101 @@ def test_tiny_llama_loads_chats_and_generates(tiny_dir):
     assert out.shape[1] == ids.shape[1] + 8
 
 
+def user_simulator_prompt(k: int) -> str:
+    """The simulation's real user-simulator prompt, on a transcript of 1-3 exchanges (400-700
+    tokens of the tiny tokenizer in all)."""
+    from music_assets.prompts import render, transcript
+
+    pairs = (EXCHANGES[k % 4 :] + EXCHANGES[: k % 4])[: 1 + k % 3]
+    msgs = [{"role": r, "content": t} for u, a in pairs for r, t in (("user", u), ("assistant", a))]
+    return render("user_simulator", transcript=transcript(msgs))
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tiny_dir):
+    """The tiny model in float32 (bf16 matmuls are slow on CPU), its tokenizer, 20 prompts:
+    14 questions and 6 user-simulator prompts of 400-700 tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    prompts = QUESTIONS + [user_simulator_prompt(k) for k in range(6)]
+    inputs = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt",
+            return_dict=True,
+        )
+        for p in prompts
+    ]
+    return model, tok, inputs
+
+
+def reply(model, tok, inputs, **generate) -> tuple[bool, str]:
+    """(stopped at `<|im_end|>` within 48 tokens, the reply's text with special tokens)."""
+    out = model.generate(**inputs, max_new_tokens=48, **generate)
+    new = out[0, inputs["input_ids"].shape[1] :].tolist()
+    return new[-1] == tok.eos_token_id, tok.decode(new)
+
+
+def test_tiny_llama_sampled_replies_end_their_turn(tiny_chat):
+    """Trained to stop: a reply cut at max_tokens counts as bad in the simulation."""
+    import torch
+
+    model, tok, inputs = tiny_chat
+    assert min(x["input_ids"].shape[1] for x in inputs[-6:]) >= 300  # the long prompts are long
+    results = []
+    for i, x in enumerate(inputs):
+        torch.manual_seed(i)
+        results.append(reply(model, tok, x, do_sample=True, temperature=0.8, top_p=0.95))
+    stopped = sum(ok for ok, _ in results)
+    print(f"tiny llama stopped in {stopped}/20 sampled replies: {[t for _, t in results]}")
+    assert stopped >= 18
+    assert sum(ok for ok, _ in results[-6:]) >= 5  # the user-simulator prompts too
+    for _, text in results:
+        assert text.replace("<|im_end|>", "").strip() and "<|im_start|>" not in text
+
+
+def test_tiny_llama_greedy_replies_end_their_turn(tiny_chat):
+    model, tok, inputs = tiny_chat
+    results = [reply(model, tok, x, do_sample=False) for x in inputs]
+    print(f"tiny llama stopped in {sum(ok for ok, _ in results)}/20 greedy replies")
+    assert all(ok for ok, _ in results), results
+
+
+def test_tiny_chats_render_as_chatml_with_short_replies(tiny_dir):
+    """The training chats: ChatML token for token, replies of 3-20 words, long user turns."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    chats = mp._tiny_chats()
+    assert chats == mp._tiny_chats()  # the same on every call
+    for chat in chats[:50]:
+        ids, learn = mp._chat_tokens(tok, chat)
+        text = tok.apply_chat_template(chat, tokenize=False)
+        assert ids == tok(text, add_special_tokens=False).input_ids
+        assert tok.decode([i for i, x in zip(ids, learn) if x]).count("<|im_end|>") == (
+            sum(m["role"] == "assistant" for m in chat)
+        )
+    messages = [m for chat in chats for m in chat]
+    replies = [len(m["content"].split()) for m in messages if m["role"] == "assistant"]
+    assert min(replies) == 3 and max(replies) == 20
+    long_turns = [m["content"] for m in messages if m["content"].startswith("User: ")]
+    assert len(long_turns) > 100
+    assert 250 <= sum(len(tok(t).input_ids) for t in long_turns) / len(long_turns) <= 350
+
+
+def test_deterministic_torch_restores_the_callers_state():
+    import torch
+
+    threads, state = torch.get_num_threads(), torch.get_rng_state()
+    with mp._deterministic_torch(seed=0):
+        assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
+        torch.rand(3)
+    assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_tiny_tokenizer_is_byte_level(tiny_dir):
     """Any text round-trips: the simulator may feed it anything the seed data holds."""
     from transformers import AutoTokenizer
@@ -144,8 +261,9 @@ def test_interrupted_build_leaves_nothing_and_next_build_works(tmp_path):
     assert (final / "weights").read_text() == "ok" and (final / ".complete").exists()
 
 
-def test_leftovers_of_a_killed_build_are_cleaned(tmp_path):
+def test_leftovers_of_a_killed_build_are_cleaned(tmp_path, monkeypatch):
     """A `kill -9` skips all cleanup: a temp folder stays behind, maybe an unmarked final one."""
+    monkeypatch.setattr(mp, "_teach_turn_taking", lambda model, tok: None)  # folders, not training
     leftover = tmp_path / f".{mp.TINY_LLAMA_NAME}.tmp-killed"
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"truncated")

@@ -8,15 +8,16 @@ import sys
 import duckdb
 from dagster import DagsterInstance, materialize
 
-from music_assets.definitions import ASSETS, build_definitions, build_resources
+from music_assets.definitions import build_definitions, build_resources
 from music_assets.partitions import seed_partitions
+from music_assets.seeds import seed_ingestion
 from tests.conftest import REPO, load_settings_in
 
 
 def _materialize(settings, key, **kw):
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(seed_partitions.name, [key])
-    return materialize(ASSETS, partition_key=key, instance=instance, resources=build_resources(settings), **kw)
+    return materialize([seed_ingestion], partition_key=key, instance=instance, resources=build_resources(settings), **kw)
 
 
 def test_definitions_validate_with_dagster_cli(tmp_path):
@@ -42,7 +43,7 @@ def test_materialize_partitions_into_duckdb(tmp_path, shared_data):
     instance.add_dynamic_partitions(seed_partitions.name, ["uf", "llmbar"])
     resources = build_resources(settings)
     for key in ("uf", "llmbar", "uf"):  # re-materializing a partition replaces it, no duplicates
-        result = materialize(ASSETS, partition_key=key, instance=instance, resources=resources)
+        result = materialize([seed_ingestion], partition_key=key, instance=instance, resources=resources)
         assert result.success
 
     con = duckdb.connect(str(settings.duckdb_path), read_only=True)
