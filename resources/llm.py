@@ -18,6 +18,7 @@ Per-request seeds make sampling reproducible independently of how requests are b
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
 import threading
@@ -114,6 +115,8 @@ class VLLMEngine(LLMEngine):
 
                 path = resolve_model(self.model)
                 get_dagster_logger().info(f"loading vLLM engine for {self.model} ({path})")
+                if not _ENGINES:
+                    atexit.register(release_vllm_engines)
                 _ENGINES[key] = vllm.LLM(
                     model=path,
                     enable_prefix_caching=self.enable_prefix_caching,
@@ -153,12 +156,18 @@ class VLLMEngine(LLMEngine):
 
 
 def release_vllm_engines() -> None:
-    """Drops cached in-process engines (tests use it to free memory between models)."""
-    with _ENGINES_LOCK:
-        _ENGINES.clear()
-    import gc
+    """Shuts down the cached in-process engines and their worker processes.
 
-    gc.collect()
+    Registered with atexit: left to garbage collection at interpreter exit, vLLM's engine core
+    client can hang the process after the work is done (seen with pytest)."""
+    with _ENGINES_LOCK:
+        engines = list(_ENGINES.values())
+        _ENGINES.clear()
+    for llm in engines:
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception as exc:  # shutting down is best effort; never mask the real outcome
+            get_dagster_logger().warning(f"vLLM engine shutdown failed: {exc}")
 
 
 # --- OpenAI-compatible HTTP ----------------------------------------------------------------------

@@ -35,3 +35,12 @@ def load_settings_in(tmp_path: Path, **config):
     cfg = tmp_path / "music.yaml"
     cfg.write_text(yaml.safe_dump({"home": str(tmp_path / "home"), **config}))
     return load_settings(cfg)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shut_down_engines():
+    """In-process vLLM engines are shared across tests; shut them down before pytest exits."""
+    yield
+    from resources.llm import release_vllm_engines
+
+    release_vllm_engines()
