@@ -362,7 +362,7 @@ class _Generator:
                 if reason is None:
                     results[i] = _Ok(cleaned, attempt, tokens[i])
                 else:
-                    results[i] = _Failure(reason, out.text)
+                    results[i] = _Failure(reason, out.error or out.text)
                     if attempt < self.settings.max_attempts:
                         self.stats.retries[reason] += 1
                         still.append(i)
@@ -377,6 +377,8 @@ _TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
 def _common(text: str, finish: str) -> tuple[Optional[str], str]:
+    if finish == "error":  # the engine refused the request (e.g. the prompt outgrew the context)
+        return "engine_rejected", text
     if finish == "length":
         return "truncated", text
     cleaned = text.strip()

@@ -50,9 +50,10 @@ class Generation:
     """The candidates for one conversation. `finish_reasons[i]` is 'stop' or 'length' (cut)."""
 
     texts: list[str]
-    finish_reasons: list[str]
+    finish_reasons: list[str]  # "error" when the engine refused this one request
     completion_tokens: int = 0
     prompt_tokens: int = 0
+    error: Optional[str] = None  # why it was refused (e.g. the prompt exceeds the context length)
 
     @property
     def text(self) -> str:
@@ -140,16 +141,28 @@ class VLLMEngine(LLMEngine):
             )
             for seed in seeds
         ]
-        outputs = self._llm().chat(conversations, params, use_tqdm=False)
-        return [
-            Generation(
-                texts=[c.text for c in out.outputs],
-                finish_reasons=[c.finish_reason or "stop" for c in out.outputs],
-                completion_tokens=sum(len(c.token_ids) for c in out.outputs),
-                prompt_tokens=len(out.prompt_token_ids or []),
+        llm = self._llm()
+        # vLLM rejects a whole batch when one prompt does not fit the context: refuse that one
+        # request instead (the caller records it), and send the rest.
+        tokenizer, limit = llm.get_tokenizer(), self.compute.max_model_len
+        lengths = [len(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True)) for c in conversations]
+        fits = [i for i, n in enumerate(lengths) if n < limit]
+        outputs = iter(llm.chat([conversations[i] for i in fits], [params[i] for i in fits], use_tqdm=False))
+        results = []
+        for i, n in enumerate(lengths):
+            if i not in fits:
+                results.append(Generation([""], ["error"], 0, n, error=f"prompt of {n} tokens exceeds max_model_len {limit}"))
+                continue
+            out = next(outputs)
+            results.append(
+                Generation(
+                    texts=[c.text for c in out.outputs],
+                    finish_reasons=[c.finish_reason or "stop" for c in out.outputs],
+                    completion_tokens=sum(len(c.token_ids) for c in out.outputs),
+                    prompt_tokens=len(out.prompt_token_ids or []),
+                )
             )
-            for out in outputs
-        ]
+        return results
 
     def identity(self):
         return {**super().identity(), "dtype": self.compute.resolved_dtype()}
@@ -235,7 +248,8 @@ class OpenAIEngine(LLMEngine):
                     return _parse_completion(response.json())
                 last = f"HTTP {response.status_code}: {response.text[:300]}"
                 if response.status_code not in RETRY_STATUS:
-                    raise EngineError(f"{url} rejected the request ({last})")
+                    # This request is refused (e.g. prompt too long): report it, keep the batch going.
+                    return Generation([""], ["error"], error=f"{url} rejected the request ({last})")
             if attempt < self.max_retries:
                 wait = policy.delay(attempt)
                 get_dagster_logger().warning(

@@ -32,6 +32,7 @@ def load_settings_in(tmp_path: Path, **config):
 
     from music_assets.settings import load_settings
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = tmp_path / "music.yaml"
     cfg.write_text(yaml.safe_dump({"home": str(tmp_path / "home"), **config}))
     return load_settings(cfg)

@@ -84,9 +84,9 @@ def test_gives_up_after_the_retry_budget_with_a_clear_error(server):
 
 
 @pytest.mark.parametrize("server", [[400]], indirect=True)
-def test_client_errors_are_not_retried(server):
-    with pytest.raises(EngineError, match="rejected the request"):
-        engine(server.url, max_retries=5).chat([[{"role": "user", "content": "hi"}]], Sampling())
+def test_client_errors_are_not_retried_and_reported_per_request(server):
+    out = engine(server.url, max_retries=5).chat([[{"role": "user", "content": "hi"}]], Sampling())
+    assert out[0].finish_reasons == ["error"] and "rejected the request (HTTP 400" in out[0].error
     assert len(server.requests) == 1
 
 

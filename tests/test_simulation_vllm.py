@@ -26,7 +26,7 @@ TINY_SIM = {
     "rewrite_sampling": {"max_tokens": 48, "temperature": 0.8},
 }
 TINY = {"models": {"default": {"backend": "vllm", "model": "builtin:tiny-llama"}},
-        "compute": {"max_model_len": 1024}, "simulation": TINY_SIM}
+        "compute": {"max_model_len": 2048}, "simulation": TINY_SIM}
 
 
 def run_graph(settings, key="embedded"):
