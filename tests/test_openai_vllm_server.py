@@ -122,8 +122,8 @@ def test_openai_backend_against_vllm_server_with_kills(tmp_path):
         assert meta["simulated_branches"]["contexts_completed"].value > 0
 
         # 2. generous retry budget: the server dies and comes back, the run rides it out
-        patient, patient_config = settings_for(tmp_path / "patient", server.port, max_retries=30, backoff_s=1,
-                                               backoff_max_s=4)
+        patient, patient_config = settings_for(tmp_path / "patient", server.port, max_retries=40, backoff_s=2,
+                                               backoff_max_s=10)
         child = start_run(patient_config, tmp_path / "patient")
         wait_for_first_turn(patient, child)
         server.kill()
