@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="materialize the asset graph on the embedded defaults")
     demo.add_argument("--source", action="append", help="seed source(s) to run (default: embedded)")
-    demo.add_argument("--max-contexts", type=int, default=12,
+    demo.add_argument("--max-contexts", type=int, default=6,
                       help="seed contexts simulated per source, unless the config sets simulation.max_contexts")
     demo.set_defaults(func=cmd_demo)
     sources = sub.add_parser("sources", help="register every known seed source as a partition and list them")
