@@ -294,10 +294,6 @@ def _restore(states: dict[str, _State], rows: list[dict], drops: list[dict], sta
         if state is not None:
             _apply(state, row)
             stats.resumed_turns += 1
-    # A context whose last turn has only one branch committed cannot happen (both are committed in
-    # one transaction), but guard anyway: recompute next_turn from what both branches have.
-    for s in states.values():
-        s.next_turn = 1 + len(s.shared) // 2 + min(len(s.chosen), len(s.rejected)) // 2
 
 
 def _apply(state: _State, row: dict) -> None:

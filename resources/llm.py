@@ -146,8 +146,9 @@ class VLLMEngine(LLMEngine):
         # request instead (the caller records it), and send the rest.
         tokenizer, limit = llm.get_tokenizer(), self.compute.max_model_len
         lengths = [len(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True)) for c in conversations]
-        fits = [i for i, n in enumerate(lengths) if n < limit]
-        outputs = iter(llm.chat([conversations[i] for i in fits], [params[i] for i in fits], use_tqdm=False))
+        fits = {i for i, n in enumerate(lengths) if n < limit}
+        sent = sorted(fits)
+        outputs = iter(llm.chat([conversations[i] for i in sent], [params[i] for i in sent], use_tqdm=False))
         results = []
         for i, n in enumerate(lengths):
             if i not in fits:

@@ -21,11 +21,6 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture
-def settings(tmp_path):
-    return load_settings_in(tmp_path)
-
-
 def load_settings_in(tmp_path: Path, **config):
     """Settings whose home (DuckDB file, seeds dir) is a temp directory."""
     import yaml
