@@ -78,12 +78,17 @@ def main():
     print(f"engine load + warm-up: {time.perf_counter() - started:.1f}s ({engine.identity()})")
     contexts = load_contexts(args.contexts)
 
+    llm = engine._llm()
     with tempfile.TemporaryDirectory() as tmp:
+        # Every phase starts from a cold prefix cache: (c) replays the very prompts (a) sent, and
+        # would otherwise read all of (a)'s prefills from the cache and look unfairly fast.
+        llm.reset_prefix_cache()
         recorder = RecordingEngine(inner=engine, calls=[])
         tok_a, sec_a, stats = run_simulation(recorder, contexts, settings, Path(tmp) / "a.duckdb", "batched")
         print(f"(a) batched simulation: {len(contexts)} contexts, {stats.calls} engine calls, "
               f"{stats.completed} completed, {tok_a} tokens in {sec_a:.1f}s = {tok_a / sec_a:.1f} tok/s")
 
+        llm.reset_prefix_cache()
         tok_b = sec_b = 0.0
         for i, ctx in enumerate(contexts[: args.naive_contexts]):
             t, s, _ = run_simulation(engine, [ctx], settings, Path(tmp) / "b.duckdb", f"naive{i}")
@@ -93,7 +98,7 @@ def main():
 
     from vllm import SamplingParams
 
-    llm = engine._llm()
+    llm.reset_prefix_cache()
     tok_c, sec_c = 0, 0.0
     for conversations, sampling, seeds in recorder.calls:
         params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,

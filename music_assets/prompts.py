@@ -13,7 +13,7 @@ from importlib.resources import files
 
 TEMPLATE_NAMES = ("user_simulator", "contrastive_rewrite", "contrastive_assistant")
 # Bump when the simulation's logic changes in a way that changes its outputs.
-SIMULATION_ALGORITHM_VERSION = "music-sim-v1"
+SIMULATION_ALGORITHM_VERSION = "music-sim-v2"  # v2: role-flipped user simulator, note on turn c
 
 
 def _load() -> dict[str, str]:
@@ -27,6 +27,18 @@ PROMPT_VERSION = hashlib.sha256(
 ).hexdigest()[:16]
 
 
+def _rewrite_example() -> str | None:
+    """The rewritten request the rewrite template shows as its example (`-> "..."`), if any: a
+    model that copies it back has not rewritten anything."""
+    import re
+
+    found = re.search(r'->\s*"([^"]+)"', TEMPLATES["contrastive_rewrite"])
+    return found.group(1) if found else None
+
+
+REWRITE_EXAMPLE = _rewrite_example()
+
+
 def render(name: str, **values: str) -> str:
     """Fills a template; only the named `{placeholders}` are substituted (other braces stay)."""
     text = TEMPLATES[name]
@@ -35,7 +47,21 @@ def render(name: str, **values: str) -> str:
     return text.strip()
 
 
-def transcript(messages: list[dict]) -> str:
-    """A conversation as plain text for the user simulator ("User: ... / Assistant: ...")."""
-    labels = {"user": "User", "assistant": "Assistant", "system": "System"}
-    return "\n\n".join(f"{labels.get(m['role'], m['role'])}: {m['content']}" for m in messages)
+# Some chat templates insist that a conversation opens with a user turn.
+OPENING_CUE = "(The chat starts. Write the user's first message.)"
+
+
+def user_simulator_messages(messages: list[dict]) -> list[dict]:
+    """The user simulator's prompt: the instructions as a system message, then the conversation
+    with roles swapped (the real user's messages become the simulator's own, the assistant's
+    answers become what it is told), so the model writes the next user message as its reply.
+
+    Why not the transcript pasted into one message: the swapped conversation only ever grows at
+    its end, so each turn's prompt extends the previous turn's and vLLM's prefix cache skips
+    recomputing it; on a CPU, where prompt processing dominates, that is most of the work.
+    """
+    swap = {"user": "assistant", "assistant": "user"}
+    flipped = [{"role": swap[m["role"]], "content": m["content"]} for m in messages if m["role"] in swap]
+    if flipped and flipped[0]["role"] == "assistant":
+        flipped.insert(0, {"role": "user", "content": OPENING_CUE})
+    return [{"role": "system", "content": render("user_simulator")}] + flipped

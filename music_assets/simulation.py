@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from music_assets.ingest import stable_hash
-from music_assets.prompts import PROMPT_VERSION, render, transcript
+from music_assets.prompts import PROMPT_VERSION, REWRITE_EXAMPLE, render, user_simulator_messages
 from resources.llm import LLMEngine, Sampling
 
 Message = dict[str, str]
@@ -118,17 +118,16 @@ class _State:
         return self.ctx.messages + self.shared + tail
 
     def rejected_private_view(self, user_message: str, turn: int) -> list[Message]:
-        """What the rejected assistant sees: the modified request in place of the original one,
-        and a system note asking it to answer that version (never shown in the transcript)."""
+        """What the rejected assistant sees: in place of the user's request at turn c, the modified
+        request with a private note asking it to answer that version (never in the transcript).
+
+        The note sits on turn c's message rather than in a system prompt, so everything before
+        turn c stays identical to the chosen branch's prompt, and every later turn's prompt
+        extends the previous one: both are served from vLLM's prefix cache."""
         history = self.visible("rejected") + [{"role": "user", "content": user_message}]
         c_index = len(self.ctx.messages) + len(self.shared)  # the user message of turn c
         history = [dict(m) for m in history]
-        history[c_index] = {"role": "user", "content": self.modified}
-        note = render("contrastive_assistant", modified=self.modified)
-        if history[0]["role"] == "system":
-            history[0] = {"role": "system", "content": history[0]["content"] + "\n\n" + note}
-        else:
-            history.insert(0, {"role": "system", "content": note})
+        history[c_index] = {"role": "user", "content": render("contrastive_assistant", modified=self.modified)}
         return history
 
 
@@ -191,8 +190,7 @@ def simulate(
         user_jobs = [(s, b) for s in live for b in (("shared",) if turn <= s.c else ("chosen", "rejected"))]
         user_out = gen.run(
             engines.user,
-            [[{"role": "user", "content": render("user_simulator", transcript=transcript(s.visible(b)))}]
-             for s, b in user_jobs],
+            [user_simulator_messages(s.visible(b)) for s, b in user_jobs],
             settings.user_sampling,
             [_seed(gkey, s.ctx.context_id, b, turn, "user") for s, b in user_jobs],
             [_user_validator(s.visible(b)) for s, b in user_jobs],
@@ -367,7 +365,7 @@ class _Generator:
 
 
 _ROLE_LABEL = re.compile(r"^\s*(?:\*\*)?(user|the user|human|me)\s*(?:\*\*)?\s*:\s*", re.IGNORECASE)
-_ASSISTANT_LABEL = re.compile(r"^\s*(?:\*\*)?(assistant|ai|bot|chatbot)\s*(?:\*\*)?\s*:", re.IGNORECASE)
+_ASSISTANT_LABEL = re.compile(r"^\s*(?:\*\*)?(assistant|ai|bot|chatbot)\s*(?:\*\*)?\s*:", re.IGNORECASE | re.MULTILINE)
 _REWRITE_LABEL = re.compile(r"^\s*(?:rewritten|modified|new)?\s*(?:request|instruction)?\s*:\s*", re.IGNORECASE)
 _TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
@@ -396,7 +394,7 @@ def _user_validator(history: list[Message]) -> Validator:
         reason, cleaned = _common(text, finish)
         if reason:
             return reason, cleaned
-        if _ASSISTANT_LABEL.match(cleaned):
+        if _ASSISTANT_LABEL.search(cleaned):  # at the start, or on any later line: it wrote both sides
             return "user_answered_as_assistant", cleaned
         cleaned = _unquote(_ROLE_LABEL.sub("", cleaned, count=1))
         if not cleaned:
@@ -419,6 +417,9 @@ def _rewrite_validator(original: str) -> Validator:
             return "empty", cleaned
         if _normalize(cleaned) == _normalize(original) or word_jaccard(cleaned, original) >= 0.95:
             return "rewrite_unchanged", cleaned
+        if REWRITE_EXAMPLE and _normalize(REWRITE_EXAMPLE) in _normalize(cleaned) \
+                and _normalize(REWRITE_EXAMPLE) not in _normalize(original):
+            return "rewrite_copied_example", cleaned
         return None, cleaned
 
     return check

@@ -110,29 +110,29 @@ def test_tiny_llama_loads_chats_and_generates(tiny_dir):
     assert out.shape[1] == ids.shape[1] + 8
 
 
-def user_simulator_prompt(k: int) -> str:
-    """The simulation's real user-simulator prompt, on a transcript of 1-3 exchanges (400-700
-    tokens of the tiny tokenizer in all)."""
-    from music_assets.prompts import render, transcript
+def user_simulator_prompt(k: int) -> list[dict]:
+    """The simulation's real user-simulator prompt (instructions, then the role-swapped
+    conversation) on 1-3 exchanges."""
+    from music_assets.prompts import user_simulator_messages
 
     pairs = (EXCHANGES[k % 4 :] + EXCHANGES[: k % 4])[: 1 + k % 3]
     msgs = [{"role": r, "content": t} for u, a in pairs for r, t in (("user", u), ("assistant", a))]
-    return render("user_simulator", transcript=transcript(msgs))
+    return user_simulator_messages(msgs)
 
 
 @pytest.fixture(scope="module")
 def tiny_chat(tiny_dir):
     """The tiny model in float32 (bf16 matmuls are slow on CPU), its tokenizer, 20 prompts:
-    14 questions and 6 user-simulator prompts of 400-700 tokens."""
+    14 questions and 6 user-simulator prompts."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
-    prompts = QUESTIONS + [user_simulator_prompt(k) for k in range(6)]
+    prompts = [[{"role": "user", "content": q}] for q in QUESTIONS] + [user_simulator_prompt(k) for k in range(6)]
     inputs = [
         tok.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt",
+            p, add_generation_prompt=True, return_tensors="pt",
             return_dict=True,
         )
         for p in prompts
