@@ -127,7 +127,7 @@ def deduplicate(con: duckdb.DuckDBPyConnection, eval_items: pl.DataFrame | None,
 
     started = time.perf_counter()
     docs, bands, flags = [], [], []
-    reader = con.execute(sql("dedup_stream")).fetch_record_batch(cfg.chunk_pairs)
+    reader = con.execute(sql("dedup_stream")).to_arrow_reader(cfg.chunk_pairs)
     offset = 0
     for batch in reader:
         chunk = pl.from_arrow(batch)
@@ -180,7 +180,7 @@ def _process_chunk(chunk: pl.DataFrame, offset: int, eval_index: EvalIndex, cfg:
 
     # evaluation leaks, on the user messages of pairs that are not quarantined
     if len(eval_index):
-        messages = chunk.select(pl.Series("doc", doc), "user_messages").filter(pl.Series(~bad)).explode("user_messages")
+        messages = chunk.select(pl.Series("doc", doc), "user_messages").filter(pl.Series(~bad)).explode("user_messages", empty_as_null=True)
         messages = messages.filter(pl.col("user_messages").is_not_null())
         leaks = eval_index.leaks(messages["doc"].to_numpy(), messages["user_messages"], cfg.eval_threshold)
         flags.append(

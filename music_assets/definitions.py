@@ -6,16 +6,18 @@ from dagster import Definitions, define_asset_job
 from dagster_duckdb import DuckDBResource
 from dagster_duckdb_polars import DuckDBPolarsIOManager
 
+from music_assets.data_assets import deduplicated_pairs, eval_items, training_splits
 from music_assets.seeds import seed_ingestion
 from music_assets.settings import ENGINE_ROLES, Settings, load_settings
 from music_assets.simulation_assets import music_pairs, seed_contexts, simulated_branches
 from music_assets.tables import SCHEMA
 from resources.compute import ComputeResource
+from resources.data_config import DataConfig, EvalSetConfig
 from resources.llm import LLMEngine, OpenAIEngine, VLLMEngine
 from resources.seed_catalog import SeedCatalog, SeedSourceConfig, validate_source_name
 from resources.simulation_config import SimulationConfig
 
-ASSETS = [seed_ingestion, seed_contexts, simulated_branches, music_pairs]
+ASSETS = [seed_ingestion, seed_contexts, simulated_branches, music_pairs, eval_items, deduplicated_pairs, training_splits]
 
 ingest_job = define_asset_job("ingest_seeds", selection=["seed_conversations", "seed_quarantine"])
 
@@ -40,6 +42,10 @@ def build_resources(settings: Settings) -> dict:
         **{role: build_engine(settings.models[role], compute) for role in ENGINE_ROLES},
         "compute": compute,
         "simulation": SimulationConfig(**settings.simulation),
+        "data": DataConfig(
+            eval_sets={validate_source_name(k): EvalSetConfig(**v) for k, v in settings.eval_sets.items()},
+            **settings.data,
+        ),
         "io_manager": DuckDBPolarsIOManager(database=database, schema=SCHEMA),
         "duckdb": DuckDBResource(database=database),
         "seed_catalog": SeedCatalog(

@@ -71,7 +71,7 @@ def shingle_hashes(normalized: pl.Series, cfg: ShingleConfig) -> tuple[np.ndarra
     an empty document has none.
     """
     words = pl.DataFrame({"doc": np.arange(len(normalized), dtype=np.int64), "w": normalized.str.split(" ")})
-    words = words.explode("w").filter(pl.col("w").is_not_null() & (pl.col("w") != ""))
+    words = words.explode("w", empty_as_null=True).filter(pl.col("w").is_not_null() & (pl.col("w") != ""))
     doc = words["doc"].to_numpy()
     hw = words["w"].hash(seed=cfg.seed).to_numpy().astype(U64, copy=False)
     w = cfg.words

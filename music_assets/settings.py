@@ -26,6 +26,8 @@ class Settings:
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     compute: dict[str, Any] = field(default_factory=dict)
     simulation: dict[str, Any] = field(default_factory=dict)
+    eval_sets: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {path, format}
+    data: dict[str, Any] = field(default_factory=dict)  # dedup, splits and export settings
     config_path: Path | None = None
 
 
@@ -45,17 +47,15 @@ def load_settings(config_path: str | os.PathLike | None = None) -> Settings:
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the config must be a YAML mapping")
         base = path.parent
-    unknown = set(raw) - {"home", "duckdb_path", "seeds_dir", "seed_sources", "ingest", "models", "compute", "simulation"}
+    unknown = set(raw) - {"home", "duckdb_path", "seeds_dir", "seed_sources", "ingest", "models", "compute", "simulation",
+                      "eval_sets", "data"}
     if unknown:
         raise ValueError(f"{config_path}: unknown config keys {sorted(unknown)}")
 
     home = _path(raw.get("home") or os.environ.get("MUSIC_HOME") or ".music", base)
-    sources = {}
-    for name, spec in (raw.get("seed_sources") or {}).items():
-        spec = dict(spec)
-        if spec.get("path"):
-            spec["path"] = str(_path(spec["path"], base))
-        sources[name] = spec
+    sources, eval_sets = _with_paths(raw.get("seed_sources"), base), _with_paths(raw.get("eval_sets"), base)
+    data = dict(raw.get("data") or {})
+    data["exports_dir"] = str(_path(data["exports_dir"], base) if data.get("exports_dir") else home / "exports")
     return Settings(
         home=home,
         duckdb_path=_path(raw["duckdb_path"], base) if raw.get("duckdb_path") else home / "warehouse.duckdb",
@@ -65,6 +65,8 @@ def load_settings(config_path: str | os.PathLike | None = None) -> Settings:
         models=_models(raw.get("models") or {}, base),
         compute=dict(raw.get("compute") or {}),
         simulation=dict(raw.get("simulation") or {}),
+        eval_sets=eval_sets,
+        data=data,
         config_path=Path(config_path).resolve() if config_path else None,
     )
 
@@ -88,6 +90,17 @@ def _models(raw: dict[str, Any], base: Path) -> dict[str, dict[str, Any]]:
         if model.startswith((".", "~")) or "/" in model and (base / model).exists():
             spec["model"] = str(_path(model, base))
     return specs
+
+
+def _with_paths(section: dict | None, base: Path) -> dict[str, dict[str, Any]]:
+    """Named file entries ({name: {path: ..., ...}}) with their paths made absolute."""
+    out = {}
+    for name, spec in (section or {}).items():
+        spec = dict(spec)
+        if spec.get("path"):
+            spec["path"] = str(_path(spec["path"], base))
+        out[name] = spec
+    return out
 
 
 def _path(value: str, base: Path) -> Path:
