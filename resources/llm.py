@@ -85,13 +85,14 @@ class LLMEngine(ConfigurableResource):
 
 
 def resolve_model(name: str) -> str:
-    """`builtin:smollm2` and `builtin:tiny-llama` are built locally on first use (see
+    """`builtin:smollm2`, `builtin:tiny-llama` and `builtin:minilm` are built (or found) locally on first use (see
     music_assets/model_provisioning.py); anything else is a local folder or a model hub id."""
     if not name.startswith("builtin:"):
         return name
     from music_assets import model_provisioning
 
-    builders = {"smollm2": model_provisioning.smollm2_dir, "tiny-llama": model_provisioning.tiny_llama_dir}
+    builders = {"smollm2": model_provisioning.smollm2_dir, "tiny-llama": model_provisioning.tiny_llama_dir,
+                "minilm": model_provisioning.minilm_dir}
     if name[len("builtin:"):] not in builders:
         raise ValueError(f"unknown built-in model {name!r}; expected one of {sorted('builtin:' + b for b in builders)}")
     return str(builders[name[len("builtin:"):]]())

@@ -1,0 +1,187 @@
+"""The reward-model training job: `python -m music_assets.train_rm JOB.json` (or under torchrun).
+
+Launched by the `reward_model` asset through Dagster Pipes (`PipesSubprocessClient`), so its
+progress logs and final metrics flow back into the materialization; it also runs by hand. The
+job file names the data (TRL-format Parquet files of the train/validation/test splits), the
+training config, the output folder and the resumable-state folder. Rank 0 writes a Hugging Face
+folder (safetensors) that `AutoModelForSequenceClassification.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+METADATA_FILE = "music_metadata.json"
+CURVE_FILE = "training_curve.png"
+_DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout",
+                   "classifier_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+
+def resolve_backbone(name: str) -> str:
+    """A local folder for `name`, or a clear error: builtin models are built/found locally, a
+    path must exist, and a hub id only works when the hub is reachable."""
+    from resources.llm import resolve_model
+
+    path = resolve_model(name)
+    if Path(path).expanduser().is_dir():
+        return str(Path(path).expanduser())
+    if path.startswith((".", "/", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(
+            f"reward-model backbone {name!r}: no model folder at {path!r}"
+            + (" (and HF_HUB_OFFLINE=1, so it cannot be downloaded)" if os.environ.get("HF_HUB_OFFLINE") == "1" else "")
+        )
+    return path  # a hub id
+
+
+def load_backbone(name: str, seed: int):
+    """(model, tokenizer): a one-scalar sequence-classification head on the backbone (last
+    non-padding token for decoders, pooled output for encoders), dropout off as in TRL's default."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_backbone(name)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    config = AutoConfig.from_pretrained(path, num_labels=1)
+    for f in _DROPOUT_FIELDS:
+        if isinstance(getattr(config, f, None), float):
+            setattr(config, f, 0.0)
+    config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(seed)  # the new head's initial weights
+    model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=torch.float32)
+    return model, tok
+
+
+def read_pairs(path: Path) -> list[dict]:
+    import polars as pl
+
+    return pl.read_parquet(path).to_dicts() if path and Path(path).exists() else []
+
+
+def run(job: dict, report=None) -> dict:
+    """Trains, evaluates and (rank 0) writes the HF folder; returns the metrics."""
+    import torch
+
+    from music_assets.rm_data import PairEncoder
+    from music_assets.trainer import TrainConfig, accuracy, pairwise_scores, train
+
+    cfg = TrainConfig(**job["config"])
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank = torch.distributed.get_rank() if distributed else 0
+    torch.set_num_threads(max(1, int(job.get("threads_per_process") or torch.get_num_threads())))
+    if cfg.precision == "auto":
+        cfg.precision = "bf16" if job.get("bf16_supported") else "fp32"
+
+    def log(record: dict):
+        if rank == 0:
+            line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+            (report.log.info if report else print)(f"train {line}")
+
+    model, tok = load_backbone(cfg.backbone, cfg.seed)
+    encoder = PairEncoder(tok, cfg.max_length, cfg.chat_template)
+    data = {s: [encoder.encode(p["chosen"], p["rejected"], p["pair_id"]) for p in read_pairs(Path(job["data"][s]))]
+            for s in ("train", "validation", "test") if job["data"].get(s)}
+    state_dir = Path(job["state_dir"]) if job.get("state_dir") else None
+    result = train(model, data.get("train", []), data.get("validation", []), cfg, tok.pad_token_id,
+                   state_dir=state_dir, log=log, stop_after_steps=job.get("stop_after_steps"))
+    test_scores = pairwise_scores(model, data.get("test", []), tok.pad_token_id)
+    metrics = {
+        "steps": result.steps, "stopped_early": result.stopped_early, "resumed_from_step": result.resumed_from_step,
+        "samples_per_second": round(result.samples_per_second, 2), "train_seconds": round(result.seconds, 1),
+        "best_validation_accuracy": result.best_validation_accuracy,
+        "test_accuracy": accuracy(test_scores) if test_scores else None,
+        "test_pairs": len(test_scores), "test_ties": sum(c == r for c, r in test_scores),
+        "train_pairs": len(data.get("train", [])), "validation_pairs": len(data.get("validation", [])),
+        "truncation": encoder.stats.as_dict(), "processes": int(os.environ.get("WORLD_SIZE", "1")),
+        "precision": cfg.precision,
+    }
+    interrupted = job.get("stop_after_steps") is not None and result.steps < (cfg.max_steps or 10**9)
+    if rank == 0 and job.get("output_dir") and not interrupted:
+        out = Path(job["output_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        if cfg.chat_template:
+            (out / "music_chat_template.jinja").write_text(encoder.chat_template)
+        _plot(result.history, out / CURVE_FILE)
+        (out / METADATA_FILE).write_text(json.dumps(
+            {"config": asdict(cfg), "metrics": metrics, "history": result.history,
+             "upstream": job.get("upstream", {})}, indent=2, default=str))
+    if distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+def _plot(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    steps = [h["step"] for h in history if "loss" in h]
+    ax.plot(steps, [h["loss"] for h in history if "loss" in h], label="train loss", color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    val = [(h["step"], h["validation_accuracy"]) for h in history if "validation_accuracy" in h]
+    if val:
+        ax2.plot(*zip(*val), "o-", label="validation accuracy", color="tab:orange")
+    ax2.set_ylabel("accuracy")
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def curve_markdown(path: Path) -> str:
+    """The training curve as markdown with an inline PNG (how Dagster's UI shows images)."""
+    return f"![training curve](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})"
+
+
+def data_version(job: dict) -> str:
+    digest = hashlib.sha256(json.dumps(job["config"], sort_keys=True).encode())
+    for split in ("train", "validation", "test"):
+        p = job["data"].get(split)
+        if p and Path(p).exists():
+            digest.update(Path(p).read_bytes())
+    return digest.hexdigest()[:20]
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(Path(argv[0]).read_text())
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0 and os.environ.get("DAGSTER_PIPES_CONTEXT"):
+        from dagster_pipes import open_dagster_pipes
+
+        with open_dagster_pipes() as pipes:
+            try:
+                metrics = run(job, pipes)
+            except Exception as exc:  # the message reaches the Dagster run log before the stack trace
+                pipes.log.error(f"reward-model training failed: {type(exc).__name__}: {exc}")
+                raise
+            pipes.report_asset_materialization(metadata=_flat(metrics), data_version=data_version(job))
+        return 0
+    metrics = run(job)
+    if rank == 0:
+        print(json.dumps(metrics))
+    return 0
+
+
+def _flat(metrics: dict) -> dict:
+    return {k: ({"raw_value": v, "type": "json"} if isinstance(v, (dict, list)) else v)
+            for k, v in metrics.items() if v is not None}
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,289 @@
+"""Bradley-Terry reward-model training in plain torch (single process or DDP under torchrun).
+
+Why plain torch rather than transformers' Trainer / TRL: the loop is ~150 lines, every step is
+visible (the BT loss, accumulation, clipping, length grouping, resumable state), it runs the same
+under `torchrun` with gloo on CPU or NCCL on GPUs, and it avoids a Trainer's per-step overhead
+(`benchmarks/rm_training.py` compares it with TRL's RewardTrainer on the same data).
+
+Loss per pair: -log sigmoid(r_chosen - r_rejected - margin), plus `center_rewards_coefficient`
+* mean((r_chosen + r_rejected)^2), the reward-centering term TRL offers.
+Batches: `batch_size` pairs per optimizer step in all; each of `world` processes takes an equal
+slice and runs it in micro-batches of `micro_batch_size` (gradient accumulation), so a step means
+the same thing for 1 or N processes, and N-process training matches 1-process training.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from music_assets.rm_data import DataError, EncodedPair
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = "builtin:minilm"  # a local HF folder, a hub id, or builtin:minilm / builtin:smollm2
+    chat_template: Optional[str] = None  # None: the tokenizer's own; "plain" for encoders without one
+    max_length: int = 512
+    batch_size: int = 16  # pairs per optimizer step, across all processes (the paper: 64)
+    micro_batch_size: int = 8  # pairs per forward pass per process
+    learning_rate: float = 2e-5  # (the paper: 2e-6 for Gemma-2-9B-it)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    lr_scheduler: str = "linear"  # linear | cosine | constant
+    max_steps: Optional[int] = None  # optimizer steps (the paper: 2500); None: `epochs` over the data
+    epochs: float = 1.0
+    max_grad_norm: float = 1.0
+    margin: float = 0.0
+    center_rewards_coefficient: float = 0.0
+    precision: str = "auto"  # auto (bf16 where the hardware has it natively) | bf16 | fp32
+    group_by_length: bool = True  # batches of similar length: less padding
+    eval_every: int = 50  # steps between validation passes (0: only at the end)
+    early_stopping_patience: Optional[int] = None  # validation passes without improvement before stopping
+    checkpoint_every: int = 0  # steps between resumable training-state saves (0: never)
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.lr_scheduler not in ("linear", "cosine", "constant"):
+            raise ValueError(f"lr_scheduler must be linear, cosine or constant, got {self.lr_scheduler!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    samples_seen: int = 0
+    seconds: float = 0.0
+    best_validation_accuracy: Optional[float] = None
+    stopped_early: bool = False
+    resumed_from_step: int = 0
+    history: list = field(default_factory=list)  # {"step", "loss", "train_accuracy", "lr", "validation_accuracy"?}
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples_seen / self.seconds if self.seconds else 0.0
+
+
+# --- batching ------------------------------------------------------------------------------------
+
+
+def step_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """One epoch of optimizer-step batches (lists of pair indices), deterministic in (seed, epoch).
+    With length grouping, shuffled indices are sorted by length inside windows of 50 batches, cut
+    into batches, and the batches shuffled: similar lengths share a batch, order stays random."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if group_by_length:
+        window = batch_size * 50
+        order = [i for s in range(0, len(order), window) for i in sorted(order[s : s + window], key=lambda i: -lengths[i])]
+    batches = [order[s : s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def rewards(model, pairs: list[EncodedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected) for a micro-batch, in one forward pass over both sides."""
+    ids, mask = _pad([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    device = next(model.parameters()).device
+    scores = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
+    return scores[: len(pairs)], scores[len(pairs) :]
+
+
+def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    loss = -F.logsigmoid(chosen - rejected - cfg.margin).mean()
+    if cfg.center_rewards_coefficient:
+        loss = loss + cfg.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
+    return loss
+
+
+@torch.inference_mode()
+def pairwise_scores(model, pairs: list[EncodedPair], pad_id: int, batch_size: int = 32) -> list[tuple[float, float]]:
+    """(r_chosen, r_rejected) for every pair, batched and length-sorted (order preserved)."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i].length)
+    out: list[tuple[float, float] | None] = [None] * len(pairs)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        c, r = rewards(model, [pairs[i] for i in idx], pad_id)
+        for i, a, b in zip(idx, c.tolist(), r.tolist()):
+            out[i] = (a, b)
+    model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def accuracy(scores: list[tuple[float, float]]) -> float:
+    return sum(c > r for c, r in scores) / len(scores) if scores else float("nan")
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+
+def _lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    warmup = int(round(cfg.warmup_ratio * total))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 1 - progress) if cfg.lr_scheduler == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def train(
+    model,
+    train_pairs: list[EncodedPair],
+    validation_pairs: list[EncodedPair],
+    cfg: TrainConfig,
+    pad_id: int,
+    state_dir: Optional[Path] = None,
+    log: Callable[[dict], None] = lambda m: None,
+    stop_after_steps: Optional[int] = None,
+) -> TrainResult:
+    """Trains `model` in place (DDP when torch.distributed is initialised). With `state_dir` and
+    `checkpoint_every`, saves resumable state and resumes from it. `stop_after_steps` ends the
+    run early on purpose (tests use it to simulate an interruption)."""
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
+    if not train_pairs:
+        raise DataError("the training split is empty: nothing to train on")
+    if cfg.batch_size % (world * cfg.micro_batch_size):
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of processes ({world}) x micro_batch_size ({cfg.micro_batch_size})")
+    if len(train_pairs) < cfg.batch_size:
+        raise DataError(f"the training split has {len(train_pairs)} pairs, fewer than one batch ({cfg.batch_size})")
+    torch.manual_seed(cfg.seed)
+    lengths = [p.length for p in train_pairs]
+    per_epoch = len(train_pairs) // cfg.batch_size
+    total = cfg.max_steps or max(1, int(per_epoch * cfg.epochs))
+
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if dist else model
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total))
+    autocast = torch.autocast(device_type=next(model.parameters()).device.type, dtype=torch.bfloat16,
+                              enabled=cfg.precision == "bf16")
+    result, step, best_state, evals_without_gain = TrainResult(), 0, None, 0
+    state_file = state_dir / "training_state.pt" if state_dir else None
+    if state_file and state_file.exists():
+        state = torch.load(state_file, weights_only=False)
+        if state["config"] != cfg.fingerprint():
+            raise ValueError(f"{state_file} was written by a different training config; delete it to start over")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        step, best_state, evals_without_gain = state["step"], state["best_state"], state["evals_without_gain"]
+        result.history, result.best_validation_accuracy = state["history"], state["best"]
+        result.resumed_from_step = step
+    model.train()
+    started = time.perf_counter()
+    window_loss, window_acc, window_n = 0.0, 0.0, 0
+
+    while step < total:
+        epoch, index = divmod(step, per_epoch)
+        batch = step_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)[index]
+        mine = batch[rank * (cfg.batch_size // world) : (rank + 1) * (cfg.batch_size // world)]
+        micro = [mine[s : s + cfg.micro_batch_size] for s in range(0, len(mine), cfg.micro_batch_size)]
+        for k, idx in enumerate(micro):
+            sync = k == len(micro) - 1
+            ctx = ddp_model.no_sync() if dist and not sync else _null()
+            with ctx, autocast:
+                c, r = rewards(ddp_model, [train_pairs[i] for i in idx], pad_id)
+                loss = bt_loss(c, r, cfg) * len(idx) / len(mine)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}: stopping (lower the learning rate?)")
+            loss.backward()
+            window_loss += loss.item()
+            window_acc += (c > r).float().sum().item()
+            window_n += len(idx)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        result.samples_seen += cfg.batch_size
+
+        record = None
+        if step % cfg.log_every == 0 or step == total:
+            record = {"step": step, "loss": window_loss / max(1, window_n / (cfg.batch_size // world)) if window_n else 0.0,
+                      "train_accuracy": window_acc / window_n if window_n else 0.0, "lr": scheduler.get_last_lr()[0],
+                      "samples_per_second": result.samples_seen / (time.perf_counter() - started)}
+            window_loss, window_acc, window_n = 0.0, 0.0, 0
+        if validation_pairs and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+            acc = accuracy(pairwise_scores(model, validation_pairs, pad_id, cfg.micro_batch_size * 2))
+            record = {**(record or {"step": step}), "validation_accuracy": acc}
+            if result.best_validation_accuracy is None or acc > result.best_validation_accuracy:
+                result.best_validation_accuracy, evals_without_gain = acc, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                evals_without_gain += 1
+        if record:
+            result.history.append(record)
+            log(record)
+        if state_file and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            if rank == 0:
+                _save_state(state_file, cfg, model, optimizer, scheduler, step, best_state, evals_without_gain, result)
+            if dist:
+                torch.distributed.barrier()
+        if cfg.early_stopping_patience is not None and evals_without_gain >= cfg.early_stopping_patience:
+            result.stopped_early = True
+            break
+        if stop_after_steps is not None and step >= stop_after_steps:
+            break
+
+    result.steps, result.seconds = step, time.perf_counter() - started
+    if best_state is not None and (result.stopped_early or step >= total):
+        model.load_state_dict(best_state)  # the best validation weights, not the last
+    return result
+
+
+def _save_state(path: Path, cfg, model, optimizer, scheduler, step, best_state, evals_without_gain, result) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"config": cfg.fingerprint(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step,
+                "best_state": best_state, "evals_without_gain": evals_without_gain,
+                "history": result.history, "best": result.best_validation_accuracy}, tmp)
+    os.replace(tmp, path)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
