@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-from dagster import Definitions, define_asset_job
+from dagster import Definitions, PipesSubprocessClient, define_asset_job
 from dagster_duckdb import DuckDBResource
 from dagster_duckdb_polars import DuckDBPolarsIOManager
 
 from music_assets.data_assets import deduplicated_pairs, eval_items, training_splits
+from music_assets.reward_assets import reward_model
 from music_assets.seeds import seed_ingestion
 from music_assets.settings import ENGINE_ROLES, Settings, load_settings
 from music_assets.simulation_assets import music_pairs, seed_contexts, simulated_branches
 from music_assets.tables import SCHEMA
+from resources.checkpoints import CheckpointStore
 from resources.compute import ComputeResource
 from resources.data_config import DataConfig, EvalSetConfig
 from resources.llm import LLMEngine, OpenAIEngine, VLLMEngine
 from resources.seed_catalog import SeedCatalog, SeedSourceConfig, validate_source_name
 from resources.simulation_config import SimulationConfig
+from resources.training_config import RewardTrainingConfig
 
-ASSETS = [seed_ingestion, seed_contexts, simulated_branches, music_pairs, eval_items, deduplicated_pairs, training_splits]
+ASSETS = [seed_ingestion, seed_contexts, simulated_branches, music_pairs, eval_items, deduplicated_pairs, training_splits,
+          reward_model]
 
 ingest_job = define_asset_job("ingest_seeds", selection=["seed_conversations", "seed_quarantine"])
 
@@ -46,6 +50,9 @@ def build_resources(settings: Settings) -> dict:
             eval_sets={validate_source_name(k): EvalSetConfig(**v) for k, v in settings.eval_sets.items()},
             **settings.data,
         ),
+        "training": RewardTrainingConfig(**settings.training),
+        "checkpoints": CheckpointStore(root=settings.checkpoints),
+        "pipes_subprocess_client": PipesSubprocessClient(),
         "io_manager": DuckDBPolarsIOManager(database=database, schema=SCHEMA),
         "duckdb": DuckDBResource(database=database),
         "seed_catalog": SeedCatalog(

@@ -28,6 +28,8 @@ class Settings:
     simulation: dict[str, Any] = field(default_factory=dict)
     eval_sets: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {path, format}
     data: dict[str, Any] = field(default_factory=dict)  # dedup, splits and export settings
+    training: dict[str, Any] = field(default_factory=dict)  # reward-model training: options, processes
+    checkpoints: str = ""  # CheckpointStore root: a local folder or an fsspec URL
     config_path: Path | None = None
 
 
@@ -48,7 +50,7 @@ def load_settings(config_path: str | os.PathLike | None = None) -> Settings:
             raise ValueError(f"{path}: the config must be a YAML mapping")
         base = path.parent
     unknown = set(raw) - {"home", "duckdb_path", "seeds_dir", "seed_sources", "ingest", "models", "compute", "simulation",
-                      "eval_sets", "data"}
+                      "eval_sets", "data", "training", "checkpoints"}
     if unknown:
         raise ValueError(f"{config_path}: unknown config keys {sorted(unknown)}")
 
@@ -67,6 +69,9 @@ def load_settings(config_path: str | os.PathLike | None = None) -> Settings:
         simulation=dict(raw.get("simulation") or {}),
         eval_sets=eval_sets,
         data=data,
+        training=dict(raw.get("training") or {}),
+        checkpoints=(str(raw["checkpoints"]) if "://" in str(raw.get("checkpoints", ""))
+                     else str(_path(raw["checkpoints"], base)) if raw.get("checkpoints") else str(home / "checkpoints")),
         config_path=Path(config_path).resolve() if config_path else None,
     )
 

@@ -1,0 +1,109 @@
+"""The `reward_model` asset: one Bradley-Terry reward model per variant (baseline | music).
+
+Training runs in a child process (`python -m music_assets.train_rm`, or torchrun for DDP)
+launched through Dagster Pipes, so its log lines and metrics arrive in this materialization. On
+Kubernetes the same call becomes a GPU pod by swapping `PipesSubprocessClient` for
+`PipesK8sClient` (see the README). The finished Hugging Face folder is committed to the
+`CheckpointStore` only after the job succeeds: a failed run leaves the last checkpoint as it was.
+"""
+
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import polars as pl
+from dagster import (
+    AssetExecutionContext,
+    AssetKey,
+    DataVersion,
+    MaterializeResult,
+    MetadataValue,
+    PipesSubprocessClient,
+    StaticPartitionsDefinition,
+    asset,
+)
+
+from music_assets.rm_data import DataError
+from music_assets.splits import SPLITS, VARIANTS
+from music_assets.train_rm import CURVE_FILE, METADATA_FILE, curve_markdown, data_version, resolve_backbone
+from resources.checkpoints import CheckpointStore
+from resources.compute import ComputeResource
+from resources.data_config import DataConfig
+from resources.training_config import RewardTrainingConfig
+
+TRAINER_VERSION = "bt-trainer-v1"
+reward_variants = StaticPartitionsDefinition(list(VARIANTS))
+
+
+@asset(partitions_def=reward_variants, deps=["training_splits"], code_version=TRAINER_VERSION, group_name="training")
+def reward_model(
+    context: AssetExecutionContext,
+    training: RewardTrainingConfig,
+    compute: ComputeResource,
+    checkpoints: CheckpointStore,
+    data: DataConfig,
+    pipes_subprocess_client: PipesSubprocessClient,
+) -> MaterializeResult:
+    """A Bradley-Terry reward model trained on this variant's train split (baseline: seed pairs D;
+    music: D + D_MUSIC), early-stopped on validation accuracy, scored on the test split."""
+    variant = context.partition_key
+    cfg = training.train_config()
+    resolve_backbone(cfg.backbone)  # a missing model fails here, before any work
+    split_files = {s: Path(data.exports_dir) / variant / f"{s}.parquet" for s in SPLITS}
+    missing = [str(p) for p in split_files.values() if not p.exists()]
+    if missing:
+        raise DataError(f"training data for {variant!r} not found: {missing}; materialize training_splits first")
+    train_rows = pl.scan_parquet(split_files["train"]).select(pl.len()).collect().item()
+    if train_rows == 0:
+        raise DataError(f"the {variant!r} train split ({split_files['train']}) is empty: nothing to train on")
+
+    upstream = _upstream_versions(context)
+    work = Path(tempfile.mkdtemp(prefix=f"rm-{variant}-"))
+    try:
+        job = {
+            "config": asdict(cfg),
+            "data": {s: str(p) for s, p in split_files.items()},
+            "output_dir": str(work / "model"),
+            "threads_per_process": training.threads_per_process,
+            "bf16_supported": compute.resolved_dtype() == "bfloat16",
+            "upstream": upstream,
+        }
+        version = data_version(job)
+        job["state_dir"] = str(Path(checkpoints._local_root() if checkpoints._is_local() else work).parent
+                               / "training_state" / variant / version)
+        (work / "job.json").write_text(json.dumps(job))
+        command = [sys.executable, "-m", "music_assets.train_rm", str(work / "job.json")]
+        if training.processes > 1:
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       f"--nproc_per_node={training.processes}", "-m", "music_assets.train_rm", str(work / "job.json")]
+        context.log.info(f"training {variant} reward model: {' '.join(command)}")
+        result = pipes_subprocess_client.run(command=command, context=context).get_materialize_result()
+        location = checkpoints.save(variant, work / "model", version)
+        shutil.rmtree(job["state_dir"], ignore_errors=True)  # finished: no resume state needed
+        saved = json.loads((work / "model" / METADATA_FILE).read_text())
+        return MaterializeResult(
+            data_version=DataVersion(version),
+            metadata={
+                **(result.metadata or {}),
+                "checkpoint": MetadataValue.path(location),
+                "backbone": cfg.backbone,
+                "config": MetadataValue.json(saved["config"]),
+                "upstream_data_versions": MetadataValue.json(upstream),
+                "training_curve": MetadataValue.md(curve_markdown(work / "model" / CURVE_FILE)),
+            },
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _upstream_versions(context: AssetExecutionContext) -> dict:
+    """Data versions of everything upstream of the splits, as Dagster recorded them."""
+    out = {}
+    for key in ("training_splits", "deduplicated_pairs", "eval_items"):
+        event = context.instance.get_latest_materialization_event(AssetKey(key))
+        mat = event.asset_materialization if event else None
+        out[key] = (mat.tags or {}).get("dagster/data_version") if mat else None
+    return out
