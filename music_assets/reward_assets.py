@@ -19,6 +19,7 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     DataVersion,
+    Failure,
     MaterializeResult,
     MetadataValue,
     PipesSubprocessClient,
@@ -70,6 +71,7 @@ def reward_model(
             "threads_per_process": training.threads_per_process,
             "bf16_supported": compute.resolved_dtype() == "bfloat16",
             "upstream": upstream,
+            "error_file": str(work / "error.txt"),
         }
         version = data_version(job)
         job["state_dir"] = str(Path(checkpoints._local_root() if checkpoints._is_local() else work).parent
@@ -80,7 +82,14 @@ def reward_model(
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                        f"--nproc_per_node={training.processes}", "-m", "music_assets.train_rm", str(work / "job.json")]
         context.log.info(f"training {variant} reward model: {' '.join(command)}")
-        result = pipes_subprocess_client.run(command=command, context=context).get_materialize_result()
+        try:
+            result = pipes_subprocess_client.run(command=command, context=context).get_materialize_result()
+        except Exception as exc:
+            error = work / "error.txt"
+            if error.exists():  # the training job's own message, e.g. a diverging loss
+                raise Failure(f"reward-model training for {variant!r} failed: {error.read_text()}; "
+                              f"the previous checkpoint ({checkpoints.latest(variant)}) is unchanged") from exc
+            raise
         location = checkpoints.save(variant, work / "model", version)
         shutil.rmtree(job["state_dir"], ignore_errors=True)  # finished: no resume state needed
         saved = json.loads((work / "model" / METADATA_FILE).read_text())

@@ -172,6 +172,15 @@ def data_version(job: dict) -> str:
 def main(argv: list[str]) -> int:
     job = json.loads(Path(argv[0]).read_text())
     rank = int(os.environ.get("RANK", "0"))
+    try:
+        return _main(job, rank)
+    except Exception as exc:
+        if rank == 0 and job.get("error_file"):  # the launcher shows this instead of "exit code 1"
+            Path(job["error_file"]).write_text(f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _main(job: dict, rank: int) -> int:
     if rank == 0 and os.environ.get("DAGSTER_PIPES_CONTEXT"):
         from dagster_pipes import open_dagster_pipes
 
