@@ -3,7 +3,8 @@
 Prints generated tokens/s for
   (a) our simulation (all live contexts x both branches in one batched call per step, DuckDB
       commits after every turn),
-  (b) a naive loop: the same simulation run one context at a time,
+  (b) a naive loop: the same simulation, one context at a time, and every request sent to the
+      engine alone (one conversation at a time: no batching at all),
   (c) raw `vllm.LLM.chat` replaying exactly the requests (a) sent, batched the same way,
 and the ratios a/b (target >= 5) and a/c (target >= 0.8), all on the same engine in one process.
 
@@ -36,6 +37,20 @@ class RecordingEngine(LLMEngine):
     def chat(self, conversations, sampling, seeds=None):
         self.calls.append((conversations, sampling, seeds))
         return self.inner.chat(conversations, sampling, seeds)
+
+    def identity(self):
+        return self.inner.identity()
+
+
+class OneAtATimeEngine(LLMEngine):
+    """The naive client: sends each conversation of a batch to the engine on its own, in turn."""
+
+    model: str = "one-at-a-time"
+    inner: VLLMEngine
+
+    def chat(self, conversations, sampling, seeds=None):
+        seeds = seeds or [None] * len(conversations)
+        return [self.inner.chat([c], sampling, [s])[0] for c, s in zip(conversations, seeds)]
 
     def identity(self):
         return self.inner.identity()
@@ -91,9 +106,9 @@ def main():
         llm.reset_prefix_cache()
         tok_b = sec_b = 0.0
         for i, ctx in enumerate(contexts[: args.naive_contexts]):
-            t, s, _ = run_simulation(engine, [ctx], settings, Path(tmp) / "b.duckdb", f"naive{i}")
+            t, s, _ = run_simulation(OneAtATimeEngine(inner=engine), [ctx], settings, Path(tmp) / "b.duckdb", f"naive{i}")
             tok_b, sec_b = tok_b + t, sec_b + s
-        print(f"(b) naive loop, one context at a time: {args.naive_contexts} contexts, "
+        print(f"(b) naive loop, one conversation at a time: {args.naive_contexts} contexts, "
               f"{tok_b:.0f} tokens in {sec_b:.1f}s = {tok_b / sec_b:.1f} tok/s")
 
     from vllm import SamplingParams

@@ -36,28 +36,63 @@ def register_sources(instance, catalog) -> list[str]:
     return new
 
 
-def cmd_demo(args) -> int:
-    from dagster import materialize
+# The demo's reward models, unless the config has a `training:` section: the MiniLM encoder (fast
+# on a CPU) with the plain "User: / Assistant:" rendering, a couple of epochs over the tiny set.
+DEMO_TRAINING = {"backbone": "builtin:minilm", "chat_template": "plain", "max_length": 256, "batch_size": 8,
+                 "micro_batch_size": 8, "learning_rate": 5e-5, "epochs": 2, "eval_every": 4, "log_every": 2}
 
-    from music_assets.definitions import ASSETS, build_resources
+
+def cmd_demo(args) -> int:
+    from music_assets.definitions import (DATA_ASSETS, EVALUATION_ASSETS, REPORT_ASSETS, SEED_ASSETS, TRAINING_ASSETS,
+                                          build_resources)
+    from music_assets.reward_assets import reward_variants
 
     settings = load_settings(args.config)
     # The demo keeps a CPU run to minutes: a few contexts unless the config says otherwise.
     settings.simulation.setdefault("max_contexts", args.max_contexts)
+    settings.training.setdefault("options", DEMO_TRAINING)
     resources = build_resources(settings)
     instance = _instance(settings)
     register_sources(instance, resources["seed_catalog"])
-    sources = args.source or ["embedded"]
-    for key in sources:
-        print(f"demo: materializing the asset graph for seed source {key!r}")
-        result = materialize(ASSETS, partition_key=key, instance=instance, resources=resources)
-        if not result.success:
-            print(f"demo: run {result.run_id} failed", file=sys.stderr)
+    for key in args.source or ["embedded"]:
+        print(f"demo: seed source {key!r}: ingestion, contexts, simulation, MUSIC pairs")
+        if not _run(SEED_ASSETS, key, instance, resources):
             return 1
-        for event in result.get_asset_materialization_events():
-            mat = event.step_materialization_data.materialization
-            rows = mat.metadata.get("dagster/row_count")
-            print(f"  {mat.asset_key.to_user_string():<24} rows={rows.value if rows else '?'}")
+    if args.skip_training:
+        return _done(settings)
+    print("demo: evaluation sets, deduplication, training splits and exports")
+    if not _run(DATA_ASSETS, None, instance, resources):
+        return 1
+    for variant in reward_variants.get_partition_keys():
+        print(f"demo: reward model {variant!r}: training and evaluation")
+        if not _run(TRAINING_ASSETS + EVALUATION_ASSETS, variant, instance, resources):
+            return 1
+    print("demo: evaluation report")
+    if not _run(REPORT_ASSETS, None, instance, resources):
+        return 1
+    from pathlib import Path
+
+    print(f"demo: report: {Path(settings.data['exports_dir']).parent / 'reports' / 'evaluation_report.md'}")
+    return _done(settings)
+
+
+def _run(assets, partition_key, instance, resources) -> bool:
+    from dagster import materialize
+
+    result = materialize(assets, partition_key=partition_key, instance=instance, resources=resources,
+                         raise_on_error=False)
+    if not result.success:
+        print(f"demo: run {result.run_id} failed", file=sys.stderr)
+        return False
+    for event in result.get_asset_materialization_events():
+        mat = event.step_materialization_data.materialization
+        md = mat.metadata
+        shown = {k: md[k].value for k in ("dagster/row_count", "test_accuracy", "checkpoint", "path") if k in md}
+        print(f"  {mat.asset_key.to_user_string():<24} {shown}")
+    return True
+
+
+def _done(settings) -> int:
     print(f"demo: done. DuckDB file: {settings.duckdb_path}")
     print(f"demo: open the UI with: DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev -w workspace.yaml")
     return 0
@@ -89,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--source", action="append", help="seed source(s) to run (default: embedded)")
     demo.add_argument("--max-contexts", type=int, default=6,
                       help="seed contexts simulated per source, unless the config sets simulation.max_contexts")
+    demo.add_argument("--skip-training", action="store_true",
+                      help="stop after the MUSIC pairs (no dedup, splits or reward models)")
     demo.set_defaults(func=cmd_demo)
     sources = sub.add_parser("sources", help="register every known seed source as a partition and list them")
     sources.set_defaults(func=cmd_sources)

@@ -28,7 +28,7 @@ from music_assets.dedup import DedupResult, deduplicate
 from music_assets.ingest import ingest, stable_hash
 from music_assets.metadata import markdown_preview, table_metadata
 from music_assets.splits import SPLITS, VARIANTS, assign_splits, composition, variants
-from music_assets.tables import frame, sql
+from music_assets.tables import frame, replace_rows, sql
 from resources.data_config import DataConfig
 from resources.seed_catalog import ResolvedSource, validate_source_name
 
@@ -59,13 +59,7 @@ def eval_items(context: AssetExecutionContext, data: DataConfig, duckdb: DuckDBR
     df, bad = frame("eval_items", items), frame("eval_quarantine", quarantine)
     with duckdb.get_connection() as con:
         con.execute(sql("schema"))
-        con.execute("BEGIN TRANSACTION")
-        for table, rows in (("eval_items", df), ("eval_quarantine", bad)):
-            con.execute(f"DELETE FROM music.{table}")
-            if rows.height:
-                con.register("incoming", rows)
-                con.execute(f"INSERT INTO music.{table} BY NAME SELECT * FROM incoming")
-        con.execute("COMMIT")
+        replace_rows(con, {"eval_items": df, "eval_quarantine": bad})
     return MaterializeResult(
         data_version=DataVersion(stable_hash(fingerprints)),
         metadata={
@@ -139,12 +133,7 @@ def training_splits(context: AssetExecutionContext, data: DataConfig, duckdb: Du
         rows = variants(assign_splits(pairs, data.split_seed, data.validation_fraction, data.test_fraction),
                         data.split_seed, data.music_ratio)
         table = frame("training_splits", rows.to_dicts())
-        con.execute("BEGIN TRANSACTION")
-        con.execute("DELETE FROM music.training_splits")
-        if table.height:
-            con.register("incoming", table)
-            con.execute("INSERT INTO music.training_splits BY NAME SELECT * FROM incoming")
-        con.execute("COMMIT")
+        replace_rows(con, {"training_splits": table})
         exported = _export(con, Path(data.exports_dir))
         overlaps = con.execute(sql("split_overlaps")).pl()
         con.execute(sql("split_leak_source"))

@@ -7,6 +7,7 @@ from dagster_duckdb import DuckDBResource
 from dagster_duckdb_polars import DuckDBPolarsIOManager
 
 from music_assets.data_assets import deduplicated_pairs, eval_items, training_splits
+from music_assets.evaluation_assets import evaluation_report, rm_evaluation
 from music_assets.reward_assets import reward_model
 from music_assets.seeds import seed_ingestion
 from music_assets.settings import ENGINE_ROLES, Settings, load_settings
@@ -20,8 +21,13 @@ from resources.seed_catalog import SeedCatalog, SeedSourceConfig, validate_sourc
 from resources.simulation_config import SimulationConfig
 from resources.training_config import RewardTrainingConfig
 
-ASSETS = [seed_ingestion, seed_contexts, simulated_branches, music_pairs, eval_items, deduplicated_pairs, training_splits,
-          reward_model]
+# Three stages with different partitions: per seed source, whole data set, per reward-model variant.
+SEED_ASSETS = [seed_ingestion, seed_contexts, simulated_branches, music_pairs]
+DATA_ASSETS = [eval_items, deduplicated_pairs, training_splits]
+TRAINING_ASSETS = [reward_model]
+EVALUATION_ASSETS = [rm_evaluation]  # per variant, then evaluation_report over both
+REPORT_ASSETS = [evaluation_report]
+ASSETS = SEED_ASSETS + DATA_ASSETS + TRAINING_ASSETS + EVALUATION_ASSETS + REPORT_ASSETS
 
 ingest_job = define_asset_job("ingest_seeds", selection=["seed_conversations", "seed_quarantine"])
 

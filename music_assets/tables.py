@@ -42,3 +42,20 @@ def frame(table: str, rows: list[dict]) -> pl.DataFrame:
     """A DataFrame with exactly the columns and types of `table` (empty rows give an empty frame)."""
     schema = polars_schema(table)
     return pl.DataFrame(rows, schema=schema) if rows else pl.DataFrame(schema=schema)
+
+
+def replace_rows(con, tables: dict[str, pl.DataFrame]) -> None:
+    """Replaces the rows of each `music.<table>` with a DataFrame's, all in one transaction, so a
+    failure leaves the previous contents (unlike the IO manager, an empty frame empties the table)."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for table, rows in tables.items():
+            con.execute(f"DELETE FROM {SCHEMA}.{table}")
+            if rows.height:
+                con.register("incoming_rows", rows)
+                con.execute(f"INSERT INTO {SCHEMA}.{table} BY NAME SELECT * FROM incoming_rows")
+                con.unregister("incoming_rows")
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise

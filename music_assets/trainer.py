@@ -32,7 +32,7 @@ from music_assets.rm_data import DataError, EncodedPair
 
 @dataclass
 class TrainConfig:
-    backbone: str = "builtin:minilm"  # a local HF folder, a hub id, or builtin:minilm / builtin:smollm2
+    backbone: str = "builtin:smollm2"  # a local HF folder, a hub id, or builtin:minilm / builtin:smollm2
     chat_template: Optional[str] = None  # None: the tokenizer's own; "plain" for encoders without one
     max_length: int = 512
     batch_size: int = 16  # pairs per optimizer step, across all processes (the paper: 64)
@@ -48,6 +48,7 @@ class TrainConfig:
     center_rewards_coefficient: float = 0.0
     precision: str = "auto"  # auto (bf16 where the hardware has it natively) | bf16 | fp32
     group_by_length: bool = True  # batches of similar length: less padding
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     eval_every: int = 50  # steps between validation passes (0: only at the end)
     early_stopping_patience: Optional[int] = None  # validation passes without improvement before stopping
     checkpoint_every: int = 0  # steps between resumable training-state saves (0: never)
@@ -187,6 +188,8 @@ def train(
     per_epoch = len(train_pairs) // cfg.batch_size
     total = cfg.max_steps or max(1, int(per_epoch * cfg.epochs))
 
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if dist else model
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]

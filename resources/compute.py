@@ -22,7 +22,7 @@ class ComputeResource(ConfigurableResource):
     cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE: the CPU backend's KV cache, in GiB
     # VLLM_CPU_OMP_THREADS_BIND: "auto" (vLLM's default: it keeps one core free for the engine
     # and the caller), "nobind", or a core list such as "0-1".
-    cpu_threads_bind: str = "auto"
+    cpu_threads_bind: str = "auto"  # the benchmark measured "0-1" (both cores) on this 2-core machine
     # Skip vLLM's torch.compile warm-up: on 2 CPU cores it takes minutes per model (measured: 264 s
     # to first token for SmolLM2-135M with compilation). Turn off for long GPU runs.
     enforce_eager: bool = True

@@ -16,6 +16,9 @@ class EvalSetConfig(Config):
 
     path: str
     format: str = "auto"  # as for seed sources: conversational, prompt_chosen_rejected, llmbar, prompts, ...
+    # RewardBench-format rows (`subset` per row): scored per subset and section; a row whose
+    # subset is not in data/rewardbench_sections.yaml is skipped and counted
+    rewardbench: bool = False
 
 
 class DataConfig(ConfigurableResource):

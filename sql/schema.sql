@@ -124,3 +124,16 @@ CREATE TABLE IF NOT EXISTS music.training_splits (
     group_id   VARCHAR NOT NULL,
     user_turns INTEGER NOT NULL
 );
+
+-- Rewards a checkpoint gives to evaluation pairs: held-out seed and MUSIC test pairs, and the
+-- pairs of registered evaluation sets. One row per (variant, eval_set, item).
+CREATE TABLE IF NOT EXISTS music.rm_scores (
+    variant    VARCHAR NOT NULL,
+    checkpoint VARCHAR NOT NULL,
+    eval_set   VARCHAR NOT NULL,   -- 'heldout_seed', 'heldout_music', or a registered eval set
+    item_id    VARCHAR NOT NULL,
+    subset     VARCHAR,
+    user_turns INTEGER NOT NULL,
+    r_chosen   DOUBLE  NOT NULL,
+    r_rejected DOUBLE  NOT NULL
+);

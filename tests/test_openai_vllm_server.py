@@ -13,7 +13,7 @@ import httpx
 import pytest
 from dagster import DagsterInstance, materialize
 
-from music_assets.definitions import ASSETS, build_resources
+from music_assets.definitions import SEED_ASSETS, build_resources
 from music_assets.model_provisioning import tiny_llama_dir
 from music_assets.partitions import seed_partitions
 from tests.conftest import REPO, load_settings_in
@@ -62,7 +62,7 @@ def free_port():
 def run(settings, key="embedded"):
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(seed_partitions.name, [key])
-    return materialize(ASSETS, partition_key=key, instance=instance, resources=build_resources(settings),
+    return materialize(SEED_ASSETS, partition_key=key, instance=instance, resources=build_resources(settings),
                        raise_on_error=False)
 
 
@@ -81,7 +81,7 @@ def start_run(config_path, tmp_path):
     home.mkdir(exist_ok=True)
     log = open(tmp_path / "run.log", "w")
     env = {**os.environ, "MUSIC_CONFIG": str(config_path), "DAGSTER_HOME": str(home)}
-    return subprocess.Popen([sys.executable, "-m", "music_assets.cli", "demo"], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "music_assets.cli", "demo", "--skip-training"], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 

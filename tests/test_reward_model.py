@@ -154,3 +154,43 @@ def test_bad_training_input_is_reported_clearly(hh_splits):
         train(model, pairs, [], TrainConfig(**{**SMALL, "learning_rate": 1e30, "max_steps": 5}), tok.pad_token_id)
     with pytest.raises(ValueError, match="lr_scheduler"):
         TrainConfig(lr_scheduler="triangle")
+
+
+@pytest.mark.slow
+def test_decoder_backbone_smollm2_trains_with_its_chat_template(hh_splits, tmp_path):
+    """The default backbone: SmolLM2-135M-Instruct, ChatML template, reward from the last token."""
+    from transformers import AutoModelForSequenceClassification
+
+    files = {**hh_splits, "train": tmp_path / "train8.parquet", "validation": tmp_path / "val4.parquet",
+             "test": tmp_path / "test4.parquet"}
+    pl.read_parquet(hh_splits["train"]).head(8).write_parquet(files["train"])
+    pl.read_parquet(hh_splits["validation"]).head(4).write_parquet(files["validation"])
+    pl.read_parquet(hh_splits["test"]).head(4).write_parquet(files["test"])
+    metrics = run(_job(files, tmp_path / "smol", backbone="builtin:smollm2", max_length=96, batch_size=4,
+                       micro_batch_size=2, max_steps=2, eval_every=0))
+    assert metrics["steps"] == 2 and metrics["test_pairs"] == 4
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "smol")
+    assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.pad_token_id is not None
+
+
+def test_checkpoint_store_versions_and_latest_locally_and_on_fsspec(tmp_path):
+    """Local root: temp folder then rename; fsspec URL (the in-memory filesystem): upload, then LATEST."""
+    import fsspec
+
+    from resources.checkpoints import CheckpointStore
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    local = CheckpointStore(root=str(tmp_path / "store"))
+    assert local.latest("music") is None
+    first = local.save("music", folder, "v1")
+    assert Path(first, "config.json").exists() and local.latest("music") == first
+    second = local.save("music", folder, "v2")
+    assert local.latest("music") == second and Path(first).exists()  # older versions stay
+    assert not [p for p in (tmp_path / "store" / "music").iterdir() if p.name.startswith(".")]
+
+    remote = CheckpointStore(root="memory://bucket/rm")
+    url = remote.save("baseline", folder, "v1")
+    assert remote.latest("baseline") == url == "memory://bucket/rm/baseline/v1"
+    assert fsspec.filesystem("memory").exists("/bucket/rm/baseline/v1/config.json")

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from dagster import DagsterInstance, materialize
 
-from music_assets.definitions import ASSETS, build_resources
+from music_assets.definitions import SEED_ASSETS, build_resources
 from music_assets.partitions import seed_partitions
 from tests.conftest import REPO, load_settings_in
 
@@ -32,7 +32,7 @@ TINY = {"models": {"default": {"backend": "vllm", "model": "builtin:tiny-llama"}
 def run_graph(settings, key="embedded"):
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(seed_partitions.name, [key])
-    return materialize(ASSETS, partition_key=key, instance=instance, resources=build_resources(settings))
+    return materialize(SEED_ASSETS, partition_key=key, instance=instance, resources=build_resources(settings))
 
 
 def query(settings, sql, params=None):
@@ -87,7 +87,7 @@ def test_sigkill_mid_generation_then_resume(tmp_path):
     settings = load_settings_in(tmp_path, **{k: v for k, v in config.items() if k != "home"})
     env = {**os.environ, "MUSIC_CONFIG": str(cfg), "DAGSTER_HOME": str(tmp_path / "dh")}
     (tmp_path / "dh").mkdir()
-    child = subprocess.Popen([sys.executable, "-m", "music_assets.cli", "demo"], cwd=REPO, env=env,
+    child = subprocess.Popen([sys.executable, "-m", "music_assets.cli", "demo", "--skip-training"], cwd=REPO, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 600

@@ -1,0 +1,184 @@
+"""rm_evaluation (per variant) -> evaluation_report: "is the MUSIC reward model better on multi-turn
+conversations, without losing single-turn quality?", answered with sample sizes and tests."""
+
+import base64
+import math
+from pathlib import Path
+
+import polars as pl
+from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
+from dagster_duckdb import DuckDBResource
+
+from music_assets.evaluation import load_checkpoint, score_rows
+from music_assets.ingest import stable_hash
+from music_assets.reward_assets import reward_variants
+from music_assets.scoring import pairwise_accuracy, rewardbench_scores, rewardbench_spec
+from music_assets.tables import sql
+from resources.checkpoints import CheckpointStore
+from resources.data_config import DataConfig
+
+EVALUATION_VERSION = "rm-eval-v1"
+
+
+@asset(partitions_def=reward_variants, deps=["reward_model", "training_splits", "eval_items"],
+       code_version=EVALUATION_VERSION, group_name="evaluation", pool="duckdb_writers")
+def rm_evaluation(context: AssetExecutionContext, checkpoints: CheckpointStore, data: DataConfig,
+                  duckdb: DuckDBResource) -> MaterializeResult:
+    """Rewards of this variant's latest checkpoint on held-out seed and MUSIC pairs and on every
+    registered evaluation set; pairwise accuracy with 95% intervals and ties."""
+    variant = context.partition_key
+    folder = checkpoints.latest(variant)
+    if folder is None or "://" in folder:
+        raise FileNotFoundError(f"no local checkpoint of {variant!r} in {checkpoints.root}: materialize reward_model first")
+    model, tok, encoder = load_checkpoint(folder)
+    rewardbench_sets = {name for name, cfg in data.eval_sets.items() if cfg.rewardbench}
+    with duckdb.get_connection() as con:
+        con.execute(sql("schema"))
+        rows = con.execute(sql("evaluation_rows")).pl().to_dicts()
+    for row in rows:
+        row["rewardbench"] = row["eval_set"] in rewardbench_sets
+    scored, skipped = score_rows(model, tok, encoder, rows)
+    frame = pl.DataFrame(scored, schema={"eval_set": pl.String, "item_id": pl.String, "subset": pl.String,
+                                         "user_turns": pl.Int32, "r_chosen": pl.Float64, "r_rejected": pl.Float64})
+    frame = frame.with_columns(variant=pl.lit(variant), checkpoint=pl.lit(folder))
+    with duckdb.get_connection() as con:
+        con.register("new_scores", frame)
+        con.execute("BEGIN TRANSACTION")
+        con.execute(sql("rm_scores_replace"), {"variant": variant})
+        con.execute("INSERT INTO music.rm_scores BY NAME SELECT * FROM new_scores")
+        con.execute("COMMIT")
+    summary = {name: pairwise_accuracy(list(zip(g["r_chosen"], g["r_rejected"]))).as_dict()
+               for (name,), g in frame.group_by("eval_set", maintain_order=True)}
+    return MaterializeResult(
+        data_version=DataVersion(stable_hash([folder, frame.height, round(float(frame["r_chosen"].sum()), 6) if frame.height else 0])),
+        metadata={"dagster/row_count": frame.height, "checkpoint": MetadataValue.path(folder),
+                  "accuracy": MetadataValue.json(summary), "skipped": MetadataValue.json(dict(skipped))},
+    )
+
+
+@asset(deps=["rm_evaluation"], code_version=EVALUATION_VERSION, group_name="evaluation")
+def evaluation_report(context: AssetExecutionContext, data: DataConfig, duckdb: DuckDBResource) -> MaterializeResult:
+    """Baseline vs MUSIC: accuracy per evaluation set (with 95% intervals and a paired exact
+    McNemar test), accuracy by number of user turns, RewardBench sections where available.
+    Written to <exports_dir>/../reports/evaluation_report.md with its PNG plots."""
+    with duckdb.get_connection() as con:
+        con.execute(sql("schema"))
+        scores = con.execute("SELECT * FROM music.rm_scores").pl()
+    out_dir = Path(data.exports_dir).parent / "reports"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report, plots = build_report(scores, out_dir)
+    (out_dir / "evaluation_report.md").write_text(report)
+    inline = report
+    for name in plots:
+        encoded = base64.b64encode((out_dir / name).read_bytes()).decode()
+        inline = inline.replace(f"]({name})", f"](data:image/png;base64,{encoded})")
+    return MaterializeResult(
+        data_version=DataVersion(stable_hash(report)),
+        metadata={"report": MetadataValue.md(inline), "path": MetadataValue.path(str(out_dir / "evaluation_report.md")),
+                  "variants": MetadataValue.json(sorted(set(scores["variant"].to_list())))},
+    )
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar test on discordant pairs (b: only A right, c: only B right)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(0, min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def build_report(scores: pl.DataFrame, out_dir: Path) -> tuple[str, list[str]]:
+    variants = [v for v in ("baseline", "music") if v in set(scores["variant"].to_list())]
+    lines = ["# Reward-model evaluation: baseline (D) vs MUSIC (D + D_MUSIC)", ""]
+    if not variants:
+        return "\n".join(lines + ["_No scores yet: materialize rm_evaluation._"]), []
+    lines += ["Accuracy = share of pairs whose chosen side gets the higher reward (ties count as wrong and are",
+              "listed); 95% Wilson intervals; p = exact McNemar test on the pairs both models scored.", "",
+              "| evaluation set | n | " + " | ".join(f"{v} accuracy [95% CI] (ties)" for v in variants) + " | difference | p | verdict |",
+              "| --- | --- |" + " --- |" * len(variants) + " --- | --- | --- |"]
+    correct = scores.with_columns(correct=pl.col("r_chosen") > pl.col("r_rejected"))
+    for (name,), part in correct.group_by("eval_set", maintain_order=True):
+        cells, accs = [], {}
+        for v in variants:
+            a = pairwise_accuracy(list(zip(*[part.filter(pl.col("variant") == v)[c] for c in ("r_chosen", "r_rejected")])))
+            accs[v] = a
+            cells.append(f"{a.value:.3f} [{a.low:.3f}, {a.high:.3f}] ({a.ties})")
+        diff = p = verdict = "-"
+        if len(variants) == 2:
+            paired = part.pivot(on="variant", index="item_id", values="correct").drop_nulls()
+            b = int((paired["baseline"] & ~paired["music"]).sum())
+            c = int((~paired["baseline"] & paired["music"]).sum())
+            p_value = mcnemar_p(b, c)
+            diff = f"{accs['music'].value - accs['baseline'].value:+.3f}"
+            p = f"{p_value:.3g}"
+            verdict = "significant" if p_value < 0.05 else "not significant"
+        lines.append(f"| {name} | {part.height // len(variants)} | " + " | ".join(cells) + f" | {diff} | {p} | {verdict} |")
+
+    plots = [_plot_by_turns(correct, variants, out_dir / "accuracy_by_turns.png")]
+    lines += ["", "## Accuracy by number of user turns", "", f"![accuracy by turns]({plots[0]})", ""]
+    rb = correct.filter(pl.col("subset").is_not_null())
+    lines += ["## RewardBench-style sections", ""]
+    if rb.height:
+        rows = {}
+        for v in variants:
+            by = rb.filter(pl.col("variant") == v).group_by("subset").agg(pl.col("correct").sum(), pl.len())
+            rows[v] = rewardbench_scores({s: (int(c), int(n)) for s, c, n in by.iter_rows()})
+        sections = list(rewardbench_spec()["sections"])
+        lines += ["| model | " + " | ".join(sections) + " | Average |", "|" + " --- |" * (len(sections) + 2)]
+        for v, r in rows.items():
+            lines.append(f"| {v} | " + " | ".join(f"{100 * r['sections'][s]:.1f}" if s in r["sections"] else "-" for s in sections)
+                         + f" | {100 * r['average']:.1f} |")
+        plots.append(_plot_sections(rows, sections, out_dir / "sections.png"))
+        lines += ["", f"![sections]({plots[-1]})", ""]
+    else:
+        lines += ["_No RewardBench-format evaluation set is registered (`eval_sets: {name: {path, rewardbench: true}}`)._", ""]
+    lines += ["The paper's table (RewardBench), the layout this section follows:", "",
+              "| model | Chat | Chat Hard | Safety | Reasoning | Average |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, row in rewardbench_spec()["paper_reference"].items():
+        lines.append(f"| {name} | " + " | ".join(str(row[k]) for k in ("Chat", "Chat Hard", "Safety", "Reasoning", "Average")) + " |")
+    lines += ["", "Not yet in this report: multi-turn Best-of-N with an LLM judge and judge agreement."]
+    return "\n".join(lines) + "\n", [p.name if isinstance(p, Path) else p for p in plots]
+
+
+def _plot_by_turns(correct: pl.DataFrame, variants: list[str], path: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    for i, v in enumerate(variants):
+        by = correct.filter(pl.col("variant") == v).group_by("user_turns").agg(pl.col("correct").mean(), pl.len()).sort("user_turns")
+        ax.bar([t + (i - 0.5) * 0.38 for t in by["user_turns"]], by["correct"], width=0.38, label=v)
+        for t, acc, n in by.iter_rows():
+            ax.annotate(f"n={n}", (t + (i - 0.5) * 0.38, acc), ha="center", va="bottom", fontsize=7)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("user turns in the conversation")
+    ax.set_ylabel("pairwise accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
+def _plot_sections(rows: dict, sections: list[str], path: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    for i, (v, r) in enumerate(rows.items()):
+        ax.bar([k + (i - 0.5) * 0.38 for k in range(len(sections))], [100 * r["sections"].get(s, 0) for s in sections],
+               width=0.38, label=v)
+    ax.set_xticks(range(len(sections)), sections)
+    ax.set_ylabel("score")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+

@@ -1,0 +1,84 @@
+"""Scores of a reward model on preference pairs: pairwise accuracy with its uncertainty, and
+RewardBench-style subset and section scores (map and weights in data/rewardbench_sections.yaml)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
+
+import yaml
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    n: int
+    correct: int
+    ties: int  # equal rewards: counted as not correct, and reported
+    low: float  # 95% Wilson score interval
+    high: float
+
+    @property
+    def value(self) -> float:
+        return self.correct / self.n if self.n else float("nan")
+
+    def as_dict(self) -> dict:
+        return {"accuracy": round(self.value, 4), "n": self.n, "ties": self.ties,
+                "ci95": [round(self.low, 4), round(self.high, 4)]}
+
+
+def pairwise_accuracy(scores: list[tuple[float, float]]) -> Accuracy:
+    """Share of pairs whose chosen side gets the higher reward, with a 95% Wilson interval."""
+    n = len(scores)
+    correct = sum(c > r for c, r in scores)
+    ties = sum(c == r for c, r in scores)
+    low, high = wilson(correct, n)
+    return Accuracy(n, correct, ties, low, high)
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@cache
+def rewardbench_spec() -> dict:
+    return yaml.safe_load((files("music_assets") / "data" / "rewardbench_sections.yaml").read_text())
+
+
+def section_of(subset: str) -> str | None:
+    for section, subsets in rewardbench_spec()["sections"].items():
+        if subset in subsets:
+            return section
+    return None
+
+
+def rewardbench_scores(correct_by_subset: dict[str, tuple[int, int]]) -> dict:
+    """{subset: (correct, n)} -> subset accuracies, section scores and their average, weighted as
+    RewardBench weights them (example counts from the spec; `weight_as_sum_of` overrides)."""
+    spec = rewardbench_spec()
+    counts = dict(spec["example_counts"])
+    for subset, parts in (spec.get("weight_as_sum_of") or {}).items():
+        counts[subset] = sum(counts[p] for p in parts)
+    subsets = {s: c / n for s, (c, n) in correct_by_subset.items() if n}
+    sections: dict[str, float] = {}
+    weighted = defaultdict(float)
+    weight = defaultdict(float)
+    for subset, acc in subsets.items():
+        section = section_of(subset)
+        if section is None:
+            raise KeyError(f"unknown RewardBench subset {subset!r}")
+        weighted[section] += acc * counts[subset]
+        weight[section] += counts[subset]
+    for section in spec["sections"]:
+        if weight[section]:
+            sections[section] = weighted[section] / weight[section]
+    average = sum(sections.values()) / len(sections) if sections else float("nan")
+    return {"subsets": subsets, "sections": sections, "average": average,
+            "sections_missing": [s for s in spec["sections"] if s not in sections]}
