@@ -11,7 +11,10 @@ from music_assets.pairs import assemble_pairs, assistant_turns_differing
 from music_assets.simulation import Context, Engines, SimulationSettings, TurnStore, simulate, word_jaccard
 from resources.llm import Generation, LLMEngine
 
-USER_PROMPT, REWRITE_PROMPT = "You are role-playing the USER", "Rewrite the user's request"
+from music_assets.prompts import render
+
+# how the scripted engine tells the stages apart: the user simulator's instruction is its last message
+USER_PROMPT, REWRITE_PROMPT = render("user_simulator")[:60], "Rewrite the user's request"
 
 
 class ScriptedEngine(LLMEngine):
@@ -24,7 +27,8 @@ class ScriptedEngine(LLMEngine):
         out = []
         for conv, seed in zip(conversations, seeds):
             text = "\n".join(m["content"] for m in conv)
-            stage = "user" if text.startswith(USER_PROMPT) else "rewrite" if text.startswith(REWRITE_PROMPT) else "assistant"
+            stage = ("user" if conv[-1]["content"].startswith(USER_PROMPT)
+                     else "rewrite" if text.startswith(REWRITE_PROMPT) else "assistant")
             marker = next((m for m in ("ctx-a", "ctx-b", "ctx-c", "ctx-d", "ctx-e") if m in text), "")
             CALLS.append((stage, marker))
             script = self.faults.get(f"{stage}:{marker}")

@@ -1,0 +1,62 @@
+"""Reward scoring speed: batched, length-sorted `pairwise_scores` vs one pair per forward pass.
+
+Same checkpoint (a freshly initialised MiniLM reward head unless --checkpoint is given), same
+HH-RLHF test pairs. Prints pairs/s of both, the speed-up (target >= 4x on CPU) and the largest
+score difference (target <= 1e-4).
+
+    .venv/bin/python benchmarks/rm_scoring.py [--checkpoint FOLDER] [--pairs 230]
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main():
+    from music_assets.ingest import ingest
+    from music_assets.rm_data import PairEncoder
+    from music_assets.train_rm import load_backbone
+    from music_assets.trainer import pairwise_scores, rewards
+    from resources.seed_catalog import ResolvedSource
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--pairs", type=int, default=230)
+    parser.add_argument("--max-length", type=int, default=256)
+    args = parser.parse_args()
+    if args.checkpoint:
+        from music_assets.evaluation import load_checkpoint
+
+        model, tok, enc = load_checkpoint(args.checkpoint)
+    else:
+        model, tok = load_backbone("builtin:minilm", 0)
+        enc = PairEncoder(tok, args.max_length, "plain")
+    path = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+    rows = ingest(ResolvedSource("hh", str(path), "hh_rlhf", path=path)).pairs[: args.pairs]
+    pairs = [enc.encode(r["chosen"], r["rejected"]) for r in rows]
+    model.eval()
+
+    started = time.perf_counter()
+    batched = pairwise_scores(model, pairs, tok.pad_token_id, batch_size=32)
+    t_batched = time.perf_counter() - started
+
+    started = time.perf_counter()
+    single = []
+    with torch.no_grad():
+        for p in pairs:
+            c, r = rewards(model, [p], tok.pad_token_id)
+            single.append((c.item(), r.item()))
+    t_single = time.perf_counter() - started
+
+    diff = max(abs(a - b) for x, y in zip(batched, single) for a, b in zip(x, y))
+    print(f"batched, length-sorted, inference_mode: {len(pairs) / t_batched:.1f} pairs/s ({t_batched:.1f}s)")
+    print(f"one pair per forward:                   {len(pairs) / t_single:.1f} pairs/s ({t_single:.1f}s)")
+    print(f"speed-up {t_single / t_batched:.2f}x (target >= 4); max score difference {diff:.2e} (target <= 1e-4)")
+
+
+if __name__ == "__main__":
+    main()
