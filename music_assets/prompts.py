@@ -13,7 +13,7 @@ from importlib.resources import files
 
 TEMPLATE_NAMES = ("user_simulator", "contrastive_rewrite", "contrastive_assistant")
 # Bump when the simulation's logic changes in a way that changes its outputs.
-SIMULATION_ALGORITHM_VERSION = "music-sim-v3"  # v3: user-simulator prompt shares the assistant's prefix
+SIMULATION_ALGORITHM_VERSION = "music-sim-v2"  # v2: role-flipped user simulator, note on turn c
 
 
 def _load() -> dict[str, str]:
@@ -47,13 +47,21 @@ def render(name: str, **values: str) -> str:
     return text.strip()
 
 
-def user_simulator_messages(messages: list[dict]) -> list[dict]:
-    """The user simulator's prompt: the conversation exactly as the assistant sees it, then one
-    more user turn carrying the role-play instruction; the model's reply is the next user message.
+# Some chat templates insist that a conversation opens with a user turn.
+OPENING_CUE = "(The chat starts. Write the user's first message.)"
 
-    Why this shape: the conversation part is token for token the assistant's own prompt of the
-    same branch, so vLLM's prefix cache computes it once for both roles, for both branches up to
-    their divergence, and across turns (each turn's prompt extends the previous one). On a CPU,
-    where prompt processing dominates, that is most of the work (see the README's benchmark).
+
+def user_simulator_messages(messages: list[dict]) -> list[dict]:
+    """The user simulator's prompt: the instructions as a system message, then the conversation
+    with roles swapped (the real user's messages become the simulator's own, the assistant's
+    answers become what it is told), so the model writes the next user message as its reply.
+
+    Why not the transcript pasted into one message: the swapped conversation only ever grows at
+    its end, so each turn's prompt extends the previous turn's and vLLM's prefix cache skips
+    recomputing it; on a CPU, where prompt processing dominates, that is most of the work.
     """
-    return [dict(m) for m in messages] + [{"role": "user", "content": render("user_simulator")}]
+    swap = {"user": "assistant", "assistant": "user"}
+    flipped = [{"role": swap[m["role"]], "content": m["content"]} for m in messages if m["role"] in swap]
+    if flipped and flipped[0]["role"] == "assistant":
+        flipped.insert(0, {"role": "user", "content": OPENING_CUE})
+    return [{"role": "system", "content": render("user_simulator")}] + flipped

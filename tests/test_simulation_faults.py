@@ -13,7 +13,7 @@ from resources.llm import Generation, LLMEngine
 
 from music_assets.prompts import render
 
-# how the scripted engine tells the stages apart: the user simulator's instruction is its last message
+# how the scripted engine tells the stages apart: the user simulator's instructions are its system message
 USER_PROMPT, REWRITE_PROMPT = render("user_simulator")[:60], "Rewrite the user's request"
 
 
@@ -27,7 +27,7 @@ class ScriptedEngine(LLMEngine):
         out = []
         for conv, seed in zip(conversations, seeds):
             text = "\n".join(m["content"] for m in conv)
-            stage = ("user" if conv[-1]["content"].startswith(USER_PROMPT)
+            stage = ("user" if conv[0]["content"].startswith(USER_PROMPT)
                      else "rewrite" if text.startswith(REWRITE_PROMPT) else "assistant")
             marker = next((m for m in ("ctx-a", "ctx-b", "ctx-c", "ctx-d", "ctx-e") if m in text), "")
             CALLS.append((stage, marker))
