@@ -246,3 +246,22 @@ def test_one_permutation_signatures_estimate_jaccard():
     keys = band_keys(sig, cfg)
     assert (keys[:100] == keys[100:]).any(axis=1).all()  # every edited copy shares a band
     assert not (keys[:50] == keys[50:100]).any()  # unrelated documents share none
+
+
+def test_music_ratio_caps_music_train_pairs_and_keeps_held_out_ones():
+    from music_assets.splits import assign_splits, variants
+
+    rows = [{"origin": "seed", "source": "s", "pair_id": f"s{i}", "group_id": f"g{i}", "user_turns": 1} for i in range(100)]
+    rows += [{"origin": "music", "source": "s", "pair_id": f"m{i}", "group_id": f"g{i % 100}", "user_turns": 3}
+             for i in range(300)]
+    split = assign_splits(pl.DataFrame(rows), seed=5, validation=0.1, test=0.1)
+    capped = variants(split, seed=5, music_ratio=0.5)
+    music = capped.filter(pl.col("variant") == "music")
+    seed_train = music.filter((pl.col("origin") == "seed") & (pl.col("split") == "train")).height
+    assert music.filter((pl.col("origin") == "music") & (pl.col("split") == "train")).height == round(0.5 * seed_train)
+    held_out = split.filter((pl.col("origin") == "music") & (pl.col("split") != "train")).height
+    assert music.filter((pl.col("origin") == "music") & (pl.col("split") != "train")).height == held_out
+    assert capped.filter(pl.col("variant") == "baseline")["origin"].unique().to_list() == ["seed"]
+    assert variants(split, seed=5, music_ratio=0.5).equals(capped)  # deterministic
+    with pytest.raises(ValueError, match="sum to < 1"):
+        assign_splits(pl.DataFrame(rows), seed=5, validation=0.5, test=0.5)
