@@ -13,7 +13,7 @@ from importlib.resources import files
 
 TEMPLATE_NAMES = ("user_simulator", "contrastive_rewrite", "contrastive_assistant")
 # Bump when the simulation's logic changes in a way that changes its outputs.
-SIMULATION_ALGORITHM_VERSION = "music-sim-v2"  # v2: role-flipped user simulator, note on turn c
+SIMULATION_ALGORITHM_VERSION = "music-sim-v3"  # v2: role-swapped user simulator, note on turn c; v3: user may not repeat the rewrite
 
 
 def _load() -> dict[str, str]:

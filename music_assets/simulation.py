@@ -193,7 +193,7 @@ def simulate(
             [user_simulator_messages(s.visible(b)) for s, b in user_jobs],
             settings.user_sampling,
             [_seed(gkey, s.ctx.context_id, b, turn, "user") for s, b in user_jobs],
-            [_user_validator(s.visible(b)) for s, b in user_jobs],
+            [_user_validator(s.visible(b), s.modified if b == "rejected" else None) for s, b in user_jobs],
         )
         user_msgs: dict[tuple[str, str], _Ok] = {}
         for (s, b), result in zip(user_jobs, user_out):
@@ -387,7 +387,9 @@ def _assistant_validator() -> Validator:
     return _common
 
 
-def _user_validator(history: list[Message]) -> Validator:
+def _user_validator(history: list[Message], private_rewrite: Optional[str] = None) -> Validator:
+    """`private_rewrite`: in the rejected branch after c, the modified request, which a simulated
+    user must not repeat (the visible transcript would then show the user asking for it)."""
     last_answer = next((m["content"] for m in reversed(history) if m["role"] == "assistant"), "")
 
     def check(text: str, finish: str):
@@ -402,6 +404,8 @@ def _user_validator(history: list[Message]) -> Validator:
         # Repeating the assistant's last answer back is the assistant's voice, not a user's.
         if last_answer and word_jaccard(cleaned, last_answer) >= 0.8:
             return "user_answered_as_assistant", cleaned
+        if private_rewrite and _normalize(private_rewrite) in _normalize(cleaned):
+            return "user_repeated_private_rewrite", cleaned
         return None, cleaned
 
     return check
