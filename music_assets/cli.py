@@ -48,8 +48,10 @@ def cmd_demo(args) -> int:
     from music_assets.reward_assets import reward_variants
 
     settings = load_settings(args.config)
-    # The demo keeps a CPU run to minutes: a few contexts unless the config says otherwise.
+    # The demo keeps a CPU run to minutes: a few contexts and T=2 unless the config says otherwise
+    # (SmolLM2-135M often runs past max_tokens; each extra turn is another chance to drop a context).
     settings.simulation.setdefault("max_contexts", args.max_contexts)
+    settings.simulation.setdefault("turns", 2)
     settings.training.setdefault("options", DEMO_TRAINING)
     resources = build_resources(settings)
     instance = _instance(settings)
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="materialize the asset graph on the embedded defaults")
     demo.add_argument("--source", action="append", help="seed source(s) to run (default: embedded)")
-    demo.add_argument("--max-contexts", type=int, default=6,
+    demo.add_argument("--max-contexts", type=int, default=8,
                       help="seed contexts simulated per source, unless the config sets simulation.max_contexts")
     demo.add_argument("--skip-training", action="store_true",
                       help="stop after the MUSIC pairs (no dedup, splits or reward models)")
