@@ -214,7 +214,7 @@ def train(
         result.resumed_from_step = step
     model.train()
     started = time.perf_counter()
-    window_loss, window_acc, window_n = 0.0, 0.0, 0
+    window_loss, window_acc, window_n, window_steps = 0.0, 0.0, 0, 0
 
     while step < total:
         epoch, index = divmod(step, per_epoch)
@@ -238,14 +238,15 @@ def train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        window_steps += 1
         result.samples_seen += cfg.batch_size
 
         record = None
         if step % cfg.log_every == 0 or step == total:
-            record = {"step": step, "loss": window_loss / max(1, window_n / (cfg.batch_size // world)) if window_n else 0.0,
+            record = {"step": step, "loss": window_loss / window_steps,
                       "train_accuracy": window_acc / window_n if window_n else 0.0, "lr": scheduler.get_last_lr()[0],
                       "samples_per_second": result.samples_seen / (time.perf_counter() - started)}
-            window_loss, window_acc, window_n = 0.0, 0.0, 0
+            window_loss, window_acc, window_n, window_steps = 0.0, 0.0, 0, 0
         if validation_pairs and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
             acc = accuracy(pairwise_scores(model, validation_pairs, pad_id, cfg.micro_batch_size * 2))
             record = {**(record or {"step": step}), "validation_accuracy": acc}

@@ -5,8 +5,7 @@ SELECT
     pair_id,
     CASE
         WHEN pair_id IS NULL OR trim(pair_id) = '' THEN 'missing_id'
-        WHEN count(*) OVER (PARTITION BY pair_id) > 1
-             AND row_number() OVER (PARTITION BY pair_id ORDER BY priority) > 1 THEN 'duplicate_id'
+        WHEN row_number() OVER (PARTITION BY pair_id ORDER BY priority) > 1 THEN 'duplicate_id'
         WHEN chosen IS NULL OR rejected IS NULL
              OR list_bool_or(list_transform(chosen || rejected,
                     m -> m IS NULL OR m.role IS NULL OR m.content IS NULL)) THEN 'non_string_content'
