@@ -10,7 +10,7 @@ code on the same test pairs), and the speed ratio (target >= 1.3x, accuracy with
 TRL is not a dependency of the project; install it for the benchmark only:
 
     .venv/bin/pip install --target .bench-libs --no-deps trl==1.16.0 datasets dill multiprocess xxhash pandas pytz tzdata
-    .venv/bin/python benchmarks/rm_training.py [--backbones minilm smollm2]
+    .venv/bin/python benchmarks/rm_training.py [--backbones minilm smollm2] [--steps N]
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def _data(setting: dict):
     room = setting["max_length"] - 2  # [CLS] and [SEP] for encoders
     fits = lambda p: max(len(enc.render_ids(p["chosen"])), len(enc.render_ids(p["rejected"]))) <= room
     split = lambda s: [p for p in df.filter(pl.col("split") == s).select("chosen", "rejected").to_dicts() if fits(p)]
-    return split("train"), split("test")
+    # neither trainer validates during the run, so both held-out splits measure accuracy (more pairs, less noise)
+    return split("train"), split("validation") + split("test")
 
 
 def _evaluate(model, tok, setting, test) -> float:
@@ -117,7 +118,11 @@ def main():
     parser.add_argument("--backbones", nargs="+", default=list(SETTINGS))
     parser.add_argument("--child")
     parser.add_argument("--backbone")
+    parser.add_argument("--steps", type=int, help="override the backbone's step count (same for both trainers)")
     args = parser.parse_args()
+    if args.steps:
+        for setting in SETTINGS.values():
+            setting["steps"] = args.steps
     if args.child:
         out = {"ours": child_ours, "trl": child_trl}[args.child](SETTINGS[args.backbone])
         out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -128,7 +133,8 @@ def main():
     for backbone in args.backbones:
         results = {}
         for trainer in ("ours", "trl"):
-            proc = subprocess.run([sys.executable, __file__, "--child", trainer, "--backbone", backbone],
+            steps = ["--steps", str(args.steps)] if args.steps else []
+            proc = subprocess.run([sys.executable, __file__, "--child", trainer, "--backbone", backbone, *steps],
                                   capture_output=True, text=True, cwd=REPO)
             if proc.returncode:
                 sys.exit(f"{trainer}/{backbone} failed:\n{proc.stderr[-3000:]}")

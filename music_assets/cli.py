@@ -42,9 +42,16 @@ DEMO_TRAINING = {"backbone": "builtin:minilm", "chat_template": "plain", "max_le
                  "micro_batch_size": 8, "learning_rate": 5e-5, "epochs": 2, "eval_every": 4, "log_every": 2}
 
 
+# The demo's Best-of-N, for every key the config's `evaluation:` section leaves out: the paper's three N
+# on a few contexts, two turns, short answers, so SmolLM2 on a CPU finishes in minutes.
+DEMO_EVALUATION = {"best_of_n": [2, 4, 8], "turns": 2, "contexts_per_source": 4, "agreement_pairs": 8,
+                   "policy_sampling": {"temperature": 0.8, "max_tokens": 96},
+                   "judge_sampling": {"temperature": 0.0, "top_p": 1.0, "max_tokens": 128}}
+
+
 def cmd_demo(args) -> int:
-    from music_assets.definitions import (DATA_ASSETS, EVALUATION_ASSETS, REPORT_ASSETS, SEED_ASSETS, TRAINING_ASSETS,
-                                          build_resources)
+    from music_assets.definitions import (DATA_ASSETS, EVALUATION_ASSETS, JUDGED_ASSETS, REPORT_ASSETS, SEED_ASSETS,
+                                          TRAINING_ASSETS, build_resources)
     from music_assets.reward_assets import reward_variants
 
     settings = load_settings(args.config)
@@ -53,6 +60,8 @@ def cmd_demo(args) -> int:
     settings.simulation.setdefault("max_contexts", args.max_contexts)
     settings.simulation.setdefault("turns", 2)
     settings.training.setdefault("options", DEMO_TRAINING)
+    for key, value in DEMO_EVALUATION.items():
+        settings.evaluation.setdefault(key, value)
     resources = build_resources(settings)
     instance = _instance(settings)
     register_sources(instance, resources["seed_catalog"])
@@ -69,8 +78,8 @@ def cmd_demo(args) -> int:
         print(f"demo: reward model {variant!r}: training and evaluation")
         if not _run(TRAINING_ASSETS + EVALUATION_ASSETS, variant, instance, resources):
             return 1
-    print("demo: evaluation report")
-    if not _run(REPORT_ASSETS, None, instance, resources):
+    print("demo: multi-turn Best-of-N with the judge, judge agreement, evaluation report")
+    if not _run(JUDGED_ASSETS + REPORT_ASSETS, None, instance, resources):
         return 1
     from pathlib import Path
 

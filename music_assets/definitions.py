@@ -6,6 +6,7 @@ from dagster import Definitions, PipesSubprocessClient, define_asset_job
 from dagster_duckdb import DuckDBResource
 from dagster_duckdb_polars import DuckDBPolarsIOManager
 
+from music_assets.best_of_n_assets import best_of_n, judge_agreement
 from music_assets.data_assets import deduplicated_pairs, eval_items, training_splits
 from music_assets.evaluation_assets import evaluation_report, rm_evaluation
 from music_assets.reward_assets import reward_model
@@ -16,6 +17,7 @@ from music_assets.tables import SCHEMA
 from resources.checkpoints import CheckpointStore
 from resources.compute import ComputeResource
 from resources.data_config import DataConfig, EvalSetConfig
+from resources.evaluation_config import EvaluationConfig
 from resources.llm import LLMEngine, OpenAIEngine, VLLMEngine
 from resources.seed_catalog import SeedCatalog, SeedSourceConfig, validate_source_name
 from resources.simulation_config import SimulationConfig
@@ -25,9 +27,10 @@ from resources.training_config import RewardTrainingConfig
 SEED_ASSETS = [seed_ingestion, seed_contexts, simulated_branches, music_pairs]
 DATA_ASSETS = [eval_items, deduplicated_pairs, training_splits]
 TRAINING_ASSETS = [reward_model]
-EVALUATION_ASSETS = [rm_evaluation]  # per variant, then evaluation_report over both
+EVALUATION_ASSETS = [rm_evaluation]  # per variant; then, over both variants:
+JUDGED_ASSETS = [best_of_n, judge_agreement]  # generation and an LLM judge
 REPORT_ASSETS = [evaluation_report]
-ASSETS = SEED_ASSETS + DATA_ASSETS + TRAINING_ASSETS + EVALUATION_ASSETS + REPORT_ASSETS
+ASSETS = SEED_ASSETS + DATA_ASSETS + TRAINING_ASSETS + EVALUATION_ASSETS + JUDGED_ASSETS + REPORT_ASSETS
 
 ingest_job = define_asset_job("ingest_seeds", selection=["seed_conversations", "seed_quarantine"])
 
@@ -57,6 +60,7 @@ def build_resources(settings: Settings) -> dict:
             **settings.data,
         ),
         "training": RewardTrainingConfig(**settings.training),
+        "evaluation": EvaluationConfig(**settings.evaluation),
         "checkpoints": CheckpointStore(root=settings.checkpoints),
         "pipes_subprocess_client": PipesSubprocessClient(),
         "io_manager": DuckDBPolarsIOManager(database=database, schema=SCHEMA),

@@ -9,8 +9,20 @@ from pathlib import Path
 
 from music_assets.rm_data import PairEncoder
 from music_assets.scoring import section_of
-from music_assets.trainer import pairwise_scores
+from music_assets.trainer import pairwise_scores, sequence_scores
 from music_assets.train_rm import METADATA_FILE
+
+
+def latest_local_checkpoint(checkpoints, variant: str) -> str:
+    """The folder of a variant's latest checkpoint in the CheckpointStore; a clear error naming
+    the variant when there is none (evaluation needs the model on local disk)."""
+    folder = checkpoints.latest(variant)
+    if folder is None:
+        raise FileNotFoundError(f"no checkpoint of reward model {variant!r} in {checkpoints.root}: "
+                                f"materialize reward_model[{variant}] first")
+    if "://" in folder:
+        raise FileNotFoundError(f"the checkpoint of {variant!r} is remote ({folder}); evaluation reads local folders")
+    return folder
 
 
 def load_checkpoint(folder: str | Path):
@@ -26,6 +38,17 @@ def load_checkpoint(folder: str | Path):
     if template and (folder / "music_chat_template.jinja").exists():
         template = (folder / "music_chat_template.jinja").read_text()
     return model, tok, PairEncoder(tok, meta["config"]["max_length"], template)
+
+
+def conversation_scorer(folder: str | Path):
+    """conversations -> rewards under a checkpoint: batched, length-sorted, inference mode; a
+    conversation longer than the checkpoint's max length keeps its end (the part being compared)."""
+    model, tok, encoder = load_checkpoint(folder)
+
+    def score(conversations: list[list[dict]]) -> list[float]:
+        return sequence_scores(model, [encoder.encode_one(c) for c in conversations], tok.pad_token_id)
+
+    return score
 
 
 def score_rows(model, tok, encoder: PairEncoder, rows: list[dict], batch_size: int = 32) -> tuple[list[dict], Counter]:

@@ -3,19 +3,22 @@ conversations, without losing single-turn quality?", answered with sample sizes 
 
 import base64
 import math
+from collections import Counter
 from pathlib import Path
 
 import polars as pl
 from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
 from dagster_duckdb import DuckDBResource
 
-from music_assets.evaluation import load_checkpoint, score_rows
+from music_assets.best_of_n_assets import agreement_markdown, bon_summary
+from music_assets.evaluation import latest_local_checkpoint, load_checkpoint, score_rows
 from music_assets.ingest import stable_hash
 from music_assets.reward_assets import reward_variants
 from music_assets.scoring import pairwise_accuracy, rewardbench_scores, rewardbench_spec
 from music_assets.tables import sql
 from resources.checkpoints import CheckpointStore
 from resources.data_config import DataConfig
+from resources.evaluation_config import EvaluationConfig
 
 EVALUATION_VERSION = "rm-eval-v1"
 
@@ -27,9 +30,7 @@ def rm_evaluation(context: AssetExecutionContext, checkpoints: CheckpointStore, 
     """Rewards of this variant's latest checkpoint on held-out seed and MUSIC pairs and on every
     registered evaluation set; pairwise accuracy with 95% intervals and ties."""
     variant = context.partition_key
-    folder = checkpoints.latest(variant)
-    if folder is None or "://" in folder:
-        raise FileNotFoundError(f"no local checkpoint of {variant!r} in {checkpoints.root}: materialize reward_model first")
+    folder = latest_local_checkpoint(checkpoints, variant)
     model, tok, encoder = load_checkpoint(folder)
     rewardbench_sets = {name for name, cfg in data.eval_sets.items() if cfg.rewardbench}
     with duckdb.get_connection() as con:
@@ -56,17 +57,25 @@ def rm_evaluation(context: AssetExecutionContext, checkpoints: CheckpointStore, 
     )
 
 
-@asset(deps=["rm_evaluation"], code_version=EVALUATION_VERSION, group_name="evaluation")
-def evaluation_report(context: AssetExecutionContext, data: DataConfig, duckdb: DuckDBResource) -> MaterializeResult:
+@asset(deps=["rm_evaluation", "best_of_n", "judge_agreement"], code_version=EVALUATION_VERSION, group_name="evaluation")
+def evaluation_report(context: AssetExecutionContext, data: DataConfig, evaluation: EvaluationConfig,
+                      duckdb: DuckDBResource) -> MaterializeResult:
     """Baseline vs MUSIC: accuracy per evaluation set (with 95% intervals and a paired exact
-    McNemar test), accuracy by number of user turns, RewardBench sections where available.
+    McNemar test), accuracy by number of user turns, RewardBench sections where available,
+    multi-turn Best-of-N win rates by N and judge agreement.
     Written to <exports_dir>/../reports/evaluation_report.md with its PNG plots."""
     with duckdb.get_connection() as con:
         con.execute(sql("schema"))
         scores = con.execute("SELECT * FROM music.rm_scores").pl()
+        judgments = con.execute("SELECT * FROM music.bon_judgments").pl()
+        agreement = con.execute(sql("judge_agreement")).pl()
+        judged_pairs = con.execute("SELECT count(*) FROM music.judge_verdicts").fetchone()[0]
     out_dir = Path(data.exports_dir).parent / "reports"
     out_dir.mkdir(parents=True, exist_ok=True)
     report, plots = build_report(scores, out_dir)
+    bon_text, bon_plots = best_of_n_section(judgments, agreement, judged_pairs, out_dir,
+                                            evaluation.bootstrap_samples, evaluation.seed)
+    report, plots = report + bon_text, plots + bon_plots
     (out_dir / "evaluation_report.md").write_text(report)
     inline = report
     for name in plots:
@@ -137,8 +146,63 @@ def build_report(scores: pl.DataFrame, out_dir: Path) -> tuple[str, list[str]]:
               "| model | Chat | Chat Hard | Safety | Reasoning | Average |", "| --- | --- | --- | --- | --- | --- |"]
     for name, row in rewardbench_spec()["paper_reference"].items():
         lines.append(f"| {name} | " + " | ".join(str(row[k]) for k in ("Chat", "Chat Hard", "Safety", "Reasoning", "Average")) + " |")
-    lines += ["", "Not yet in this report: multi-turn Best-of-N with an LLM judge and judge agreement."]
     return "\n".join(lines) + "\n", [p.name if isinstance(p, Path) else p for p in plots]
+
+
+def best_of_n_section(judgments: pl.DataFrame, agreement: pl.DataFrame, judged_pairs: int, out_dir: Path,
+                      samples: int, seed: int) -> tuple[str, list[str]]:
+    """Win rate of the MUSIC RM's Best-of-N conversations against the baseline RM's, per N, as
+    the judge saw them in both orders; judge parse failures and drops are stated, not hidden."""
+    lines = ["", "## Multi-turn Best-of-N (LLM judge, both orders)", ""]
+    if judgments.height == 0:
+        return "\n".join(lines + ["_Not run: materialize best_of_n._", ""]), []
+    summary = bon_summary(judgments, samples, seed)
+    lines += ["At every assistant turn the policy samples N answers and each reward model keeps its best; the",
+              "judge compares the MUSIC RM's final conversation with the baseline RM's twice, in both orders. A",
+              "win or loss counts only when both orders agree; everything else is a tie. Win rate = (wins + ties/2) / n,",
+              f"95% bootstrap interval over contexts ({samples} resamples). Sources: "
+              + ", ".join(f"{s} ({c})" for s, c in sorted(Counter(judgments.filter(pl.col("n") == judgments["n"].min())["source"].to_list()).items())) + ".", "",
+              "| N | n | MUSIC wins | ties | losses | win rate [95% CI] | judge outputs unparsed | identical conversations | dropped | verdict |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for n, s in summary.items():
+        significant = s["n"] and (s["ci95"][0] > 0.5 or s["ci95"][1] < 0.5)
+        lines.append(f"| {n} | {s['n']} | {s['wins']} | {s['ties']} | {s['losses']} | "
+                     f"{s['win_rate']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | "
+                     f"{s['unparsed']} of {s['judge_outputs']} ({100 * s['unparsed_share']:.0f}%) | "
+                     f"{s['reasons'].get('identical', 0)} | {sum(s['dropped'].values())} | "
+                     f"{'significant' if significant else 'not significant (the interval contains 0.5)'} |")
+    plot = _plot_win_rate(summary, out_dir / "win_rate_by_n.png")
+    lines += ["", f"![win rate by N]({plot})", "", "## Judge agreement", ""]
+    if judged_pairs == 0:
+        lines += ["_Not run: materialize judge_agreement._"]
+    else:
+        lines += [f"The judge compared {judged_pairs} evaluation pairs in both orders; agreement is measured on the pairs it decided.", "",
+                  agreement_markdown(agreement)]
+    return "\n".join(lines) + "\n", [plot]
+
+
+def _plot_win_rate(summary: dict, path: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = [int(n) for n in summary]
+    rates = [summary[str(n)]["win_rate"] for n in ns]
+    low = [r - summary[str(n)]["ci95"][0] for n, r in zip(ns, rates)]
+    high = [summary[str(n)]["ci95"][1] - r for n, r in zip(ns, rates)]
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.errorbar(ns, rates, yerr=[low, high], marker="o", capsize=4)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("N (candidates per turn)")
+    ax.set_ylabel("MUSIC RM win rate vs baseline")
+    ax.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
 
 
 def _plot_by_turns(correct: pl.DataFrame, variants: list[str], path: Path) -> str:

@@ -12,19 +12,26 @@ import hashlib
 from importlib.resources import files
 
 TEMPLATE_NAMES = ("user_simulator", "contrastive_rewrite", "contrastive_assistant")
+JUDGE_TEMPLATE_NAMES = ("judge_pairwise",)
 # Bump when the simulation's logic changes in a way that changes its outputs.
 SIMULATION_ALGORITHM_VERSION = "music-sim-v3"  # v2: role-swapped user simulator, note on turn c; v3: user may not repeat the rewrite
+# Bump when Best-of-N selection or judging changes in a way that changes its outputs.
+BEST_OF_N_ALGORITHM_VERSION = "bon-v1"
 
 
 def _load() -> dict[str, str]:
     root = files("music_assets") / "prompts"
-    return {name: (root / f"{name}.txt").read_text(encoding="utf-8") for name in TEMPLATE_NAMES}
+    return {name: (root / f"{name}.txt").read_text(encoding="utf-8") for name in TEMPLATE_NAMES + JUDGE_TEMPLATE_NAMES}
+
+
+def _version(algorithm: str, names: tuple[str, ...]) -> str:
+    return hashlib.sha256("\n\x00".join([algorithm] + [f"{n}\n{TEMPLATES[n]}" for n in names]).encode()).hexdigest()[:16]
 
 
 TEMPLATES = _load()
-PROMPT_VERSION = hashlib.sha256(
-    "\n\x00".join([SIMULATION_ALGORITHM_VERSION] + [f"{n}\n{TEMPLATES[n]}" for n in TEMPLATE_NAMES]).encode()
-).hexdigest()[:16]
+PROMPT_VERSION = _version(SIMULATION_ALGORITHM_VERSION, TEMPLATE_NAMES)
+# Best-of-N continues conversations with the user simulator and judges them: both prompts count.
+JUDGE_PROMPT_VERSION = _version(BEST_OF_N_ALGORITHM_VERSION, ("user_simulator",) + JUDGE_TEMPLATE_NAMES)
 
 
 def _rewrite_example() -> str | None:

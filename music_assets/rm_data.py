@@ -77,6 +77,16 @@ class PairEncoder:
         text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def encode_one(self, messages: list[dict]) -> list[int]:
+        """One conversation to score on its own (a Best-of-N candidate): the end is what is being
+        compared, so a conversation longer than max_length loses tokens from its start."""
+        if not messages or any(not isinstance(m.get("content"), str) for m in messages):
+            raise DataError("a conversation to score must be a non-empty list of messages with string content")
+        ids = self.render_ids(messages)
+        head, tail = ([], []) if self._uses_template_specials else (self._head, self._tail)
+        budget = self.max_length - len(head) - len(tail)
+        return head + ids[max(0, len(ids) - budget):] + tail
+
     def encode(self, chosen: list[dict], rejected: list[dict], pair_id: str = "") -> EncodedPair:
         for side, msgs in (("chosen", chosen), ("rejected", rejected)):
             if not msgs or any(not isinstance(m.get("content"), str) for m in msgs):

@@ -82,3 +82,40 @@ def rewardbench_scores(correct_by_subset: dict[str, tuple[int, int]]) -> dict:
     average = sum(sections.values()) / len(sections) if sections else float("nan")
     return {"subsets": subsets, "sections": sections, "average": average,
             "sections_missing": [s for s in spec["sections"] if s not in sections]}
+
+
+@dataclass(frozen=True)
+class WinRate:
+    """Head-to-head outcomes of one model against another over n contexts: win rate counts a tie
+    as half a win (MT-Bench's convention); the 95% interval is a percentile bootstrap over contexts."""
+
+    n: int
+    wins: int
+    ties: int
+    losses: int
+    low: float
+    high: float
+
+    @property
+    def value(self) -> float:
+        return (self.wins + 0.5 * self.ties) / self.n if self.n else float("nan")
+
+    def as_dict(self) -> dict:
+        return {"n": self.n, "wins": self.wins, "ties": self.ties, "losses": self.losses,
+                "win_rate": round(self.value, 4), "ci95": [round(self.low, 4), round(self.high, 4)]}
+
+
+def win_rate(outcomes: list[str], samples: int = 2000, seed: int = 0) -> WinRate:
+    """outcomes: 'win' | 'tie' | 'loss' per context, from the first model's side."""
+    import numpy as np
+
+    unknown = set(outcomes) - {"win", "tie", "loss"}
+    if unknown:
+        raise ValueError(f"unknown outcomes {sorted(unknown)}; expected win, tie or loss")
+    points = np.array([{"win": 1.0, "tie": 0.5, "loss": 0.0}[o] for o in outcomes])
+    n = len(points)
+    if n == 0:
+        return WinRate(0, 0, 0, 0, float("nan"), float("nan"))
+    means = points[np.random.default_rng(seed).integers(0, n, size=(samples, n))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return WinRate(n, outcomes.count("win"), outcomes.count("tie"), outcomes.count("loss"), float(low), float(high))

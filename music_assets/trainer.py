@@ -126,19 +126,29 @@ def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, cfg: TrainConfig) -> t
 
 
 @torch.inference_mode()
-def pairwise_scores(model, pairs: list[EncodedPair], pad_id: int, batch_size: int = 32) -> list[tuple[float, float]]:
-    """(r_chosen, r_rejected) for every pair, batched and length-sorted (order preserved)."""
+def sequence_scores(model, seqs: list[list[int]], pad_id: int, batch_size: int = 64) -> list[float]:
+    """The reward of every token sequence: length-sorted batches (little padding), no autograd
+    bookkeeping; results in the input order."""
     was_training = model.training
     model.eval()
-    order = sorted(range(len(pairs)), key=lambda i: pairs[i].length)
-    out: list[tuple[float, float] | None] = [None] * len(pairs)
+    device = next(model.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = [0.0] * len(seqs)
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        c, r = rewards(model, [pairs[i] for i in idx], pad_id)
-        for i, a, b in zip(idx, c.tolist(), r.tolist()):
-            out[i] = (a, b)
+        ids, mask = _pad([seqs[i] for i in idx], pad_id)
+        scores = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
+        for i, v in zip(idx, scores.tolist()):
+            out[i] = v
     model.train(was_training)
-    return out  # type: ignore[return-value]
+    return out
+
+
+def pairwise_scores(model, pairs: list[EncodedPair], pad_id: int, batch_size: int = 32) -> list[tuple[float, float]]:
+    """(r_chosen, r_rejected) for every pair; both sides of all pairs are scored together as
+    sequences, so a batch holds sequences of similar length (`batch_size` pairs per batch)."""
+    flat = sequence_scores(model, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, 2 * batch_size)
+    return list(zip(flat[: len(pairs)], flat[len(pairs) :]))
 
 
 def accuracy(scores: list[tuple[float, float]]) -> float:

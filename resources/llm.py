@@ -1,7 +1,8 @@
 """LLM engines: one interface, two backends.
 
 `chat(conversations, sampling, seeds)` takes a whole batch of conversations and returns one
-`Generation` per conversation (with `sampling.n` candidates each). Callers always hand over the full
+`Generation` per conversation (with `sampling.n` candidates each). `sampling` is one `Sampling`
+for the whole batch or one per conversation (Best-of-N sends N = 2, 4 and 8 in one call). Callers always hand over the full
 batch of a step: the vLLM backend schedules it in one `LLM.chat` call (continuous batching, prefix
 caching across the chosen and rejected branches); the OpenAI backend fans it out over a bounded
 pool of HTTP requests.
@@ -74,7 +75,7 @@ class LLMEngine(ConfigurableResource):
     model: str
 
     def chat(
-        self, conversations: list[list[Message]], sampling: Sampling, seeds: Optional[list[int]] = None
+        self, conversations: list[list[Message]], sampling: Sampling | list[Sampling], seeds: Optional[list[int]] = None
     ) -> list[Generation]:
         raise NotImplementedError
 
@@ -82,6 +83,14 @@ class LLMEngine(ConfigurableResource):
         """What determines this engine's outputs (goes into generation keys and metadata).
         Never includes credentials."""
         return {"backend": type(self).__name__, "model": self.model}
+
+
+def per_request(sampling: Sampling | list[Sampling], count: int) -> list[Sampling]:
+    if isinstance(sampling, Sampling):
+        return [sampling] * count
+    if len(sampling) != count:
+        raise ValueError(f"{len(sampling)} sampling settings for {count} conversations")
+    return list(sampling)
 
 
 def resolve_model(name: str) -> str:
@@ -133,14 +142,8 @@ class VLLMEngine(LLMEngine):
 
         seeds = seeds or [None] * len(conversations)
         params = [
-            SamplingParams(
-                n=sampling.n,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                max_tokens=sampling.max_tokens,
-                seed=seed,
-            )
-            for seed in seeds
+            SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=seed)
+            for s, seed in zip(per_request(sampling, len(conversations)), seeds)
         ]
         llm = self._llm()
         # vLLM rejects a whole batch when one prompt does not fit the context: refuse that one
@@ -226,14 +229,14 @@ class OpenAIEngine(LLMEngine):
         with httpx.Client(timeout=self.timeout_s, limits=limits, headers=headers) as client:
 
             def one(args):
-                messages, seed = args
-                body = {"model": self.model, "messages": messages, **sampling.as_dict()}
+                messages, params, seed = args
+                body = {"model": self.model, "messages": messages, **params.as_dict()}
                 if seed is not None:
                     body["seed"] = seed
                 return self._post_with_retries(client, body, policy)
 
             with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
-                return list(pool.map(one, zip(conversations, seeds)))
+                return list(pool.map(one, zip(conversations, per_request(sampling, len(conversations)), seeds)))
 
     def _post_with_retries(self, client, body: dict, policy: _RetryPolicy) -> Generation:
         import httpx

@@ -137,3 +137,46 @@ CREATE TABLE IF NOT EXISTS music.rm_scores (
     r_chosen   DOUBLE  NOT NULL,
     r_rejected DOUBLE  NOT NULL
 );
+
+-- Multi-turn Best-of-N: each evaluation context continued under each reward model with each N.
+-- One row per (context, n, variant); `picks` holds every turn's candidates, their rewards and the pick.
+CREATE TABLE IF NOT EXISTS music.bon_conversations (
+    run_key     VARCHAR NOT NULL,   -- hash of settings, engines, checkpoints and prompt versions
+    source      VARCHAR NOT NULL,   -- 'heldout_seed' or an evaluation set
+    context_id  VARCHAR NOT NULL,
+    n           INTEGER NOT NULL,
+    variant     VARCHAR NOT NULL,
+    checkpoint  VARCHAR NOT NULL,
+    messages    STRUCT(role VARCHAR, content VARCHAR)[] NOT NULL,
+    picks       VARCHAR NOT NULL,   -- JSON: [{turn, candidates: [...], rewards: [...], picked, cut}]
+    drop_reason VARCHAR             -- NULL when all turns were generated
+);
+
+-- The judge's order-swapped verdict on the baseline vs MUSIC conversations of a (context, n).
+-- outcome is from MUSIC's side; NULL when either conversation was dropped (drop_reason says why).
+CREATE TABLE IF NOT EXISTS music.bon_judgments (
+    run_key         VARCHAR NOT NULL,
+    source          VARCHAR NOT NULL,
+    context_id      VARCHAR NOT NULL,
+    n               INTEGER NOT NULL,
+    outcome         VARCHAR,        -- 'win' | 'tie' | 'loss'
+    reason          VARCHAR,        -- consistent | judge_tie | inconsistent | unparsed | judge_error | identical
+    verdict_forward VARCHAR,        -- baseline shown as A: 'A' | 'B' | 'C' | NULL (unparsed)
+    verdict_swapped VARCHAR,        -- MUSIC shown as A
+    raw_forward     VARCHAR,
+    raw_swapped     VARCHAR,
+    drop_reason     VARCHAR
+);
+
+-- The judge's order-swapped preference on evaluation pairs (chosen shown first, then swapped),
+-- to measure how often each reward model agrees with the judge.
+CREATE TABLE IF NOT EXISTS music.judge_verdicts (
+    eval_set        VARCHAR NOT NULL,
+    item_id         VARCHAR NOT NULL,
+    preferred       VARCHAR NOT NULL,   -- 'chosen' | 'rejected' | 'tie'
+    reason          VARCHAR NOT NULL,
+    verdict_forward VARCHAR,
+    verdict_swapped VARCHAR,
+    raw_forward     VARCHAR NOT NULL,
+    raw_swapped     VARCHAR NOT NULL
+);

@@ -1,6 +1,8 @@
 """The reward_model asset under real Dagster: embedded seeds -> dedup -> splits -> training via
 Pipes into the CheckpointStore; a failing run (missing backbone, NaN loss) leaves the previous
-checkpoint of its variant intact and loadable."""
+checkpoint of its variant intact and loadable. Then the whole evaluation chain on CPU: pairwise
+accuracy, RewardBench sections, multi-turn Best-of-N with a real vLLM policy, user simulator and
+judge (the tiny Llama), judge agreement and the report."""
 
 import json
 
@@ -12,8 +14,14 @@ from music_assets.definitions import build_resources
 from music_assets.partitions import seed_partitions
 from music_assets.reward_assets import reward_model
 from music_assets.seeds import seed_ingestion
-from tests.conftest import load_settings_in
+from tests.conftest import SHARED_DATA, load_settings_in
 
+# Best-of-N on the tiny Llama: small, but every mechanism (N candidates per request, scripted
+# MT-Bench turns, the user simulator, the order-swapped judge) runs for real.
+MODELS = {"default": {"backend": "vllm", "model": "builtin:tiny-llama"}}
+EVALUATION = {"best_of_n": [2, 4], "turns": 2, "contexts_per_source": 3, "agreement_pairs": 4,
+              "policy_sampling": {"max_tokens": 32}, "user_sampling": {"max_tokens": 32},
+              "judge_sampling": {"max_tokens": 24, "temperature": 0.0, "top_p": 1.0}}
 TRAINING = {"options": {"backbone": "builtin:minilm", "chat_template": "plain", "max_length": 48, "batch_size": 8,
                         "micro_batch_size": 8, "learning_rate": 1e-4, "max_steps": 3, "eval_every": 0, "log_every": 1}}
 
@@ -32,8 +40,11 @@ REWARDBENCH_ROWS = [
 def _settings(tmp_path, **training):
     rb = tmp_path / "rewardbench.jsonl"
     rb.write_text("\n".join(json.dumps(r) for r in REWARDBENCH_ROWS) + "\n")
+    mt_bench = SHARED_DATA / "mt-bench" / "question.jsonl"
     return load_settings_in(tmp_path, training={**TRAINING, "options": {**TRAINING["options"], **training}},
-                            eval_sets={"rb": {"path": str(rb), "format": "prompt_chosen_rejected", "rewardbench": True}})
+                            models=MODELS, compute={"max_model_len": 2048}, evaluation=EVALUATION,
+                            eval_sets={"rb": {"path": str(rb), "format": "prompt_chosen_rejected", "rewardbench": True},
+                                       "mt_bench": {"path": str(mt_bench), "format": "prompts"}})
 
 
 @pytest.fixture(scope="module")
@@ -78,20 +89,32 @@ def test_reward_model_asset_trains_through_pipes_and_keeps_checkpoints_safe(prep
         AutoModelForSequenceClassification.from_pretrained(folder)
 
 
-def test_evaluation_of_both_variants_and_the_report(prepared):
+@pytest.fixture(scope="module")
+def evaluated(prepared):
+    """Both variants trained and evaluated; returns each rm_evaluation materialization's metadata."""
+    from music_assets.evaluation_assets import rm_evaluation
+
+    tmp, instance = prepared
+    resources = build_resources(_settings(tmp))
+    metas = {}
+    for variant in ("baseline", "music"):
+        result = materialize([reward_model, rm_evaluation], partition_key=variant, instance=instance, resources=resources)
+        assert result.success
+        metas[variant] = result.asset_materializations_for_node("rm_evaluation")[0].metadata
+    return tmp, instance, metas
+
+
+def test_evaluation_of_both_variants_and_the_report(evaluated):
     """Both variants trained, evaluated on held-out pairs and the RewardBench-format set; the
     report compares them with sample sizes, intervals and a significance verdict."""
     import duckdb
 
-    from music_assets.evaluation_assets import evaluation_report, mcnemar_p, rm_evaluation
+    from music_assets.evaluation_assets import evaluation_report, mcnemar_p
 
-    tmp, instance = prepared
+    tmp, instance, metas = evaluated
     settings = _settings(tmp)
     resources = build_resources(settings)
-    for variant in ("baseline", "music"):
-        result = materialize([reward_model, rm_evaluation], partition_key=variant, instance=instance, resources=resources)
-        assert result.success
-        meta = result.asset_materializations_for_node("rm_evaluation")[0].metadata
+    for meta in metas.values():
         assert meta["skipped"].value == {"unknown_subset": 1}
         acc = meta["accuracy"].value
         assert acc["heldout_seed"]["n"] > 0 and len(acc["heldout_seed"]["ci95"]) == 2 and acc["rb"]["n"] == 2
@@ -110,3 +133,93 @@ def test_evaluation_of_both_variants_and_the_report(prepared):
     quarantined = con.execute("SELECT rule FROM music.eval_quarantine WHERE eval_set = 'rb'").fetchall()
     assert quarantined == [("empty_message",)]
     assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(0, 10) == pytest.approx(2 / 1024)
+
+
+MT_BENCH_SECOND_TURNS = {json.loads(line)["turns"][1]
+                         for line in (SHARED_DATA / "mt-bench" / "question.jsonl").read_text().splitlines()}
+
+
+@pytest.mark.slow
+def test_best_of_n_with_a_judge_end_to_end(evaluated):
+    """Real vLLM (tiny Llama) as policy, user simulator and judge; both reward models pick from
+    the same candidates; MT-Bench's second question is the scripted second user turn; the
+    judge's verdicts, its unparsed outputs and the drops all add up; the report shows win rates."""
+    import duckdb
+
+    from music_assets.best_of_n_assets import best_of_n, judge_agreement
+    from music_assets.evaluation import conversation_scorer
+    from music_assets.evaluation_assets import evaluation_report
+
+    tmp, instance, _ = evaluated
+    settings = _settings(tmp)
+    resources = build_resources(settings)
+    result = materialize([best_of_n, judge_agreement, evaluation_report], instance=instance, resources=resources)
+    assert result.success
+    meta = result.asset_materializations_for_node("best_of_n")[0].metadata
+    summary = meta["win_rate_by_n"].value
+    assert set(summary) == {"2", "4"}
+    assert set(meta["contexts_by_source"].value) == {"heldout_seed", "mt_bench"}
+
+    con = duckdb.connect(str(settings.duckdb_path), read_only=True)
+    convs = con.execute("SELECT source, context_id, n, variant, checkpoint, messages, picks, drop_reason "
+                        "FROM music.bon_conversations").fetchall()
+    judged = con.execute("SELECT context_id, n, outcome, reason, verdict_forward, verdict_swapped, raw_forward, "
+                         "drop_reason FROM music.bon_judgments").fetchall()
+    verdicts = con.execute("SELECT eval_set, count(*) FROM music.judge_verdicts GROUP BY 1").fetchall()
+    con.close()
+    contexts = {(c[1], c[2]) for c in convs}
+    assert len(convs) == 2 * len(contexts) and len(judged) == len(contexts) == 2 * meta["contexts"].value
+
+    scorers = {}
+    by_key = {}
+    for source, cid, n, variant, folder, messages, picks_json, dropped in convs:
+        by_key[(cid, n, variant)] = (messages, json.loads(picks_json), dropped)
+        if dropped:
+            continue
+        picks = json.loads(picks_json)
+        assert [p["turn"] for p in picks] == [1, 2]
+        scorer = scorers.setdefault(variant, conversation_scorer(folder))
+        for p in picks:
+            assert 1 <= len(p["candidates"]) == len(p["rewards"]) <= n
+            assert p["rewards"][p["picked"]] == max(p["rewards"])  # the reward model's own best
+        # the kept answers really are the picked candidates, and rescoring them gives the same reward
+        answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"][-2:]
+        for p, i in zip(picks, answers):
+            assert messages[i]["content"] == p["candidates"][p["picked"]]
+            assert scorer([messages[: i + 1]])[0] == pytest.approx(p["rewards"][p["picked"]], abs=1e-4)
+        if source == "mt_bench":  # the second user turn is MT-Bench's own second question
+            assert messages[2]["role"] == "user" and messages[2]["content"] in MT_BENCH_SECOND_TURNS
+    # same contexts and seeds: at turn 1 both reward models choose among the same candidates
+    for cid, n in contexts:
+        a, b = by_key[(cid, n, "baseline")], by_key[(cid, n, "music")]
+        if a[1] and b[1]:
+            assert a[1][0]["candidates"] == b[1][0]["candidates"]
+
+    for cid, n, outcome, reason, vf, vs, raw, dropped in judged:
+        assert (outcome is None) == (dropped is not None)
+        if outcome is not None:
+            assert outcome in {"win", "tie", "loss"} and reason
+            assert reason == "identical" or raw  # every judge output is kept
+            if vf is None or vs is None:
+                assert outcome == "tie" and reason in {"unparsed", "judge_error"}
+    for n, s in summary.items():
+        counted = sum(1 for j in judged if j[1] == int(n) and j[2] is not None)
+        assert s["n"] == counted == s["wins"] + s["ties"] + s["losses"]
+        assert s["judge_outputs"] == 2 * (counted - s["reasons"].get("identical", 0))
+        assert 0 <= s["unparsed"] <= s["judge_outputs"]
+    assert dict(verdicts) == {"heldout_seed": 4, "rb": 3}  # up to agreement_pairs per set
+
+    text = (settings.home / "reports" / "evaluation_report.md").read_text()
+    assert "## Multi-turn Best-of-N" in text and "judge outputs unparsed" in text and "## Judge agreement" in text
+    assert (settings.home / "reports" / "win_rate_by_n.png").stat().st_size > 1000
+
+
+def test_best_of_n_without_a_checkpoint_names_the_variant(tmp_path):
+    from music_assets.best_of_n_assets import best_of_n
+
+    settings = _settings(tmp_path)
+    result = materialize([best_of_n], instance=DagsterInstance.ephemeral(), resources=build_resources(settings),
+                         raise_on_error=False)
+    assert not result.success
+    logs = "\n".join(str(e.event_specific_data) + (e.message or "") for e in result.all_events)
+    assert "no checkpoint of reward model 'baseline'" in logs

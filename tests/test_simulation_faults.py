@@ -162,9 +162,9 @@ def test_word_jaccard():
 def test_simulated_user_may_not_repeat_the_private_rewrite():
     """After c, a rejected-branch user message containing the modified request would show the
     private instruction in the visible transcript: it is rejected (then retried or dropped)."""
-    from music_assets.simulation import _user_validator
+    from music_assets.simulation import user_validator
 
-    check = _user_validator([], private_rewrite="How do I make twice-cooked pork?")
+    check = user_validator([], private_rewrite="How do I make twice-cooked pork?")
     assert check("Great, and how do I make Twice-Cooked pork? Quickly please.", "stop")[0] == "user_repeated_private_rewrite"
     assert check("Great, can I use less sugar?", "stop")[0] is None
-    assert _user_validator([])("How do I make twice-cooked pork?", "stop")[0] is None  # chosen branch: fine
+    assert user_validator([])("How do I make twice-cooked pork?", "stop")[0] is None  # chosen branch: fine

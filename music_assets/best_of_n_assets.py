@@ -1,0 +1,175 @@
+"""best_of_n and judge_agreement: the evaluation that needs generation and a judge.
+
+`best_of_n` continues every evaluation context under the baseline and the MUSIC reward model for
+each N (music_assets/best_of_n.py), and the judge compares the two final conversations in both
+orders. `judge_agreement` asks the same judge about evaluation pairs, to see how often each reward
+model's preference matches it. Results go to music.bon_conversations, music.bon_judgments and
+music.judge_verdicts; evaluation_report turns them into win rates with bootstrap intervals.
+"""
+
+import json
+from collections import Counter
+
+import polars as pl
+from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
+from dagster_duckdb import DuckDBResource
+
+from music_assets.best_of_n import EvalContext, judge_best_of_n, run_best_of_n
+from music_assets.evaluation import conversation_scorer, latest_local_checkpoint
+from music_assets.ingest import stable_hash
+from music_assets.judge import judge_pairs
+from music_assets.metadata import render_conversation, table_metadata
+from music_assets.prompts import JUDGE_PROMPT_VERSION
+from music_assets.scoring import win_rate
+from music_assets.tables import frame, replace_rows, sql
+from resources.checkpoints import CheckpointStore
+from resources.evaluation_config import EvaluationConfig
+from resources.llm import LLMEngine
+
+BEST_OF_N_VERSION = f"bon-{JUDGE_PROMPT_VERSION}"
+FIRST, SECOND = "baseline", "music"  # outcomes are reported from MUSIC's side
+
+
+def sample_ids(ids: list[str], limit: int | None, seed: int) -> set[str]:
+    """A seeded, order-independent sample: the `limit` ids with the smallest hash."""
+    ranked = sorted(ids, key=lambda i: stable_hash([seed, i]))
+    return set(ranked if limit is None else ranked[:limit])
+
+
+def eval_contexts(rows: list[dict], limit: int | None, seed: int) -> list[EvalContext]:
+    """Best-of-N starting points from sql/bon_contexts.sql rows. A held-out seed conversation
+    loses its last answer (Best-of-N writes it); a prompt-only set (MT-Bench) starts from its
+    first user turn and keeps the later ones as the user's scripted next messages."""
+    contexts = []
+    for source in sorted({r["source"] for r in rows}):
+        mine = [r for r in rows if r["source"] == source]
+        keep = sample_ids([r["context_id"] for r in mine], limit, seed)
+        for r in mine:
+            if r["context_id"] not in keep:
+                continue
+            msgs = [dict(m) for m in r["messages"]]
+            if all(m["role"] == "user" for m in msgs):  # prompt-only rows: the user turns
+                contexts.append(EvalContext(r["context_id"], source, msgs[:1], tuple(m["content"] for m in msgs[1:])))
+            elif msgs[-1]["role"] == "assistant" and len(msgs) >= 2:
+                contexts.append(EvalContext(r["context_id"], source, msgs[:-1]))
+    return contexts
+
+
+@asset(deps=["reward_model", "training_splits", "eval_items"], code_version=BEST_OF_N_VERSION, group_name="evaluation")
+def best_of_n(context: AssetExecutionContext, evaluation: EvaluationConfig, checkpoints: CheckpointStore,
+              policy: LLMEngine, user_simulator: LLMEngine, judge: LLMEngine, duckdb: DuckDBResource) -> MaterializeResult:
+    """Multi-turn Best-of-N for N in `evaluation.best_of_n`: each reward model picks among the
+    policy's N candidates at every turn; the judge compares baseline and MUSIC conversations in
+    both orders. Win/tie/loss per N with a bootstrap interval, and the judge's unparsed share."""
+    settings = evaluation.settings()
+    folders = {v: latest_local_checkpoint(checkpoints, v) for v in (FIRST, SECOND)}
+    with duckdb.get_connection() as con:
+        con.execute(sql("schema"))
+        rows = con.execute(sql("bon_contexts")).pl().to_dicts()
+    contexts = eval_contexts(rows, evaluation.contexts_per_source, settings.seed)
+    if not contexts:
+        raise ValueError("no Best-of-N contexts: no held-out seed test conversations and no prompt-only evaluation set")
+    run_key = stable_hash({"settings": settings.as_dict(), "checkpoints": folders, "prompts": JUDGE_PROMPT_VERSION,
+                           "engines": [e.identity() for e in (policy, user_simulator, judge)]})
+    context.log.info(f"best-of-n: {len(contexts)} contexts x N {list(settings.ns)} x 2 reward models")
+    scorers = {v: conversation_scorer(f) for v, f in folders.items()}
+    runs, stats = run_best_of_n(contexts, scorers, policy, user_simulator, settings, log=context.log.info)
+    judgments = judge_best_of_n(runs, judge, settings, FIRST, SECOND)
+
+    conversations = frame("bon_conversations", [
+        {"run_key": run_key, "source": r.ctx.source, "context_id": r.ctx.context_id, "n": r.n, "variant": r.variant,
+         "checkpoint": folders[r.variant], "messages": r.messages, "picks": json.dumps(r.picks), "drop_reason": r.dropped}
+        for r in runs])
+    verdicts = frame("bon_judgments", [{"run_key": run_key, **j} for j in judgments])
+    with duckdb.get_connection() as con:
+        replace_rows(con, {"bon_conversations": conversations, "bon_judgments": verdicts})
+
+    summary = bon_summary(verdicts, evaluation.bootstrap_samples, settings.seed)
+    return MaterializeResult(
+        data_version=DataVersion(stable_hash([run_key, verdicts["outcome"].to_list(), verdicts["reason"].to_list()])),
+        metadata={
+            **table_metadata(verdicts, verdicts.select("source", "context_id", "n", "outcome", "reason", "drop_reason")),
+            "run_key": run_key, "judge_prompt_version": JUDGE_PROMPT_VERSION,
+            "settings": MetadataValue.json(settings.as_dict()),
+            "checkpoints": MetadataValue.json(folders),
+            "win_rate_by_n": MetadataValue.json(summary),
+            "contexts": len(contexts),
+            "contexts_by_source": MetadataValue.json(dict(Counter(c.ctx.source for c in runs if c.variant == FIRST and c.n == settings.ns[0]))),
+            "policy_tokens_generated": stats.completion_tokens,
+            "engine_requests": stats.requests,
+            "example": MetadataValue.md(_example(runs)),
+        },
+    )
+
+
+def bon_summary(verdicts: pl.DataFrame, samples: int, seed: int) -> dict:
+    """Per N: MUSIC's wins/ties/losses against the baseline, win rate with a bootstrap 95%
+    interval, the judge outputs that could not be parsed, and the contexts dropped (by reason)."""
+    out = {}
+    for (n,), part in verdicts.sort("n").group_by("n", maintain_order=True):
+        judged = part.filter(pl.col("outcome").is_not_null())
+        wr = win_rate(judged["outcome"].to_list(), samples, seed)
+        outputs = 2 * judged.filter(pl.col("reason") != "identical").height
+        # identical conversations are not sent to the judge (their verdicts are C/C, never NULL)
+        unparsed = judged.select(pl.col("verdict_forward").is_null().sum() + pl.col("verdict_swapped").is_null().sum()
+                                 ).item() if judged.height else 0
+        out[str(n)] = {**wr.as_dict(), "judge_outputs": outputs, "unparsed": int(unparsed),
+                       "unparsed_share": round(unparsed / outputs, 4) if outputs else 0.0,
+                       "reasons": dict(Counter(judged["reason"].to_list())),
+                       "dropped": dict(Counter(part.filter(pl.col("outcome").is_null())["drop_reason"].to_list()))}
+    return out
+
+
+def _example(runs) -> str:
+    for r in runs:
+        if r.dropped is None and r.variant == SECOND:
+            start = len(r.ctx.messages) - 1
+            return f"### {r.ctx.context_id} (N={r.n}, {r.variant})\n\n{render_conversation(r.messages[start:])}"
+    return "_no finished conversation_"
+
+
+@asset(deps=["rm_evaluation"], code_version=BEST_OF_N_VERSION, group_name="evaluation")
+def judge_agreement(context: AssetExecutionContext, evaluation: EvaluationConfig, judge: LLMEngine,
+                    duckdb: DuckDBResource) -> MaterializeResult:
+    """The judge's order-swapped preference on up to `evaluation.agreement_pairs` pairs per
+    evaluation set, and how often each reward model's preference agrees with it."""
+    with duckdb.get_connection() as con:
+        con.execute(sql("schema"))
+        rows = con.execute(sql("evaluation_rows")).pl().to_dicts()
+    picked = []
+    for eval_set in sorted({r["eval_set"] for r in rows}):
+        mine = [r for r in rows if r["eval_set"] == eval_set]
+        keep = sample_ids([r["item_id"] for r in mine], evaluation.agreement_pairs, evaluation.seed)
+        picked += [r for r in mine if r["item_id"] in keep]
+    sampling = evaluation.judge_sampling.to_sampling()
+    judgments = judge_pairs(judge, [([dict(m) for m in r["chosen"]], [dict(m) for m in r["rejected"]]) for r in picked],
+                            sampling, [int(stable_hash([evaluation.seed, r["item_id"]])[:8], 16) for r in picked])
+    verdicts = frame("judge_verdicts", [
+        {"eval_set": r["eval_set"], "item_id": r["item_id"],
+         "preferred": {"first": "chosen", "second": "rejected", "tie": "tie"}[j.preferred], "reason": j.reason,
+         "verdict_forward": j.verdict_forward, "verdict_swapped": j.verdict_swapped,
+         "raw_forward": j.raw_forward, "raw_swapped": j.raw_swapped} for r, j in zip(picked, judgments)])
+    with duckdb.get_connection() as con:
+        replace_rows(con, {"judge_verdicts": verdicts})
+        agreement = con.execute(sql("judge_agreement")).pl()
+    unparsed = sum(j.unparsed_outputs for j in judgments)
+    return MaterializeResult(
+        data_version=DataVersion(stable_hash([verdicts["item_id"].to_list(), verdicts["preferred"].to_list()])),
+        metadata={
+            **table_metadata(verdicts, verdicts.select("eval_set", "item_id", "preferred", "reason")),
+            "agreement": MetadataValue.md(agreement_markdown(agreement)),
+            "reasons": MetadataValue.json(dict(Counter(verdicts["reason"].to_list()))),
+            "judge_unparsed_share": round(unparsed / (2 * len(judgments)), 4) if judgments else 0.0,
+        },
+    )
+
+
+def agreement_markdown(agreement: pl.DataFrame) -> str:
+    if agreement.height == 0:
+        return "_The judge decided no pair (all ties or unparsed), so agreement cannot be measured._"
+    lines = ["| evaluation set | reward model | pairs the judge decided | agreement with judge | judge agrees with label |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in agreement.iter_rows(named=True):
+        lines.append(f"| {r['eval_set']} | {r['variant']} | {r['n']} | {r['agree'] / r['n']:.3f} | "
+                     f"{r['judge_prefers_chosen'] / r['n']:.3f} |")
+    return "\n".join(lines)
