@@ -13,6 +13,7 @@ from dagster_duckdb import DuckDBResource
 from music_assets.best_of_n_assets import agreement_markdown, bon_summary
 from music_assets.evaluation import latest_local_checkpoint, load_checkpoint, score_rows
 from music_assets.ingest import stable_hash
+from music_assets.plots import figure
 from music_assets.reward_assets import reward_variants
 from music_assets.scoring import pairwise_accuracy, rewardbench_scores, rewardbench_spec
 from music_assets.tables import sql
@@ -182,67 +183,43 @@ def best_of_n_section(judgments: pl.DataFrame, agreement: pl.DataFrame, judged_p
 
 
 def _plot_win_rate(summary: dict, path: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ns = [int(n) for n in summary]
     rates = [summary[str(n)]["win_rate"] for n in ns]
     low = [r - summary[str(n)]["ci95"][0] for n, r in zip(ns, rates)]
     high = [summary[str(n)]["ci95"][1] - r for n, r in zip(ns, rates)]
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    ax.errorbar(ns, rates, yerr=[low, high], marker="o", capsize=4)
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ns, [str(n) for n in ns])
-    ax.set_xlabel("N (candidates per turn)")
-    ax.set_ylabel("MUSIC RM win rate vs baseline")
-    ax.set_ylim(0, 1)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path) as (_, ax):
+        ax.errorbar(ns, rates, yerr=[low, high], marker="o", capsize=4)
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_xlabel("N (candidates per turn)")
+        ax.set_ylabel("MUSIC RM win rate vs baseline")
+        ax.set_ylim(0, 1)
     return path.name
 
 
 def _plot_by_turns(correct: pl.DataFrame, variants: list[str], path: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    for i, v in enumerate(variants):
-        by = correct.filter(pl.col("variant") == v).group_by("user_turns").agg(pl.col("correct").mean(), pl.len()).sort("user_turns")
-        ax.bar([t + (i - 0.5) * 0.38 for t in by["user_turns"]], by["correct"], width=0.38, label=v)
-        for t, acc, n in by.iter_rows():
-            ax.annotate(f"n={n}", (t + (i - 0.5) * 0.38, acc), ha="center", va="bottom", fontsize=7)
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("user turns in the conversation")
-    ax.set_ylabel("pairwise accuracy")
-    ax.set_ylim(0, 1.05)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path) as (_, ax):
+        for i, v in enumerate(variants):
+            by = correct.filter(pl.col("variant") == v).group_by("user_turns").agg(pl.col("correct").mean(), pl.len()).sort("user_turns")
+            ax.bar([t + (i - 0.5) * 0.38 for t in by["user_turns"]], by["correct"], width=0.38, label=v)
+            for t, acc, n in by.iter_rows():
+                ax.annotate(f"n={n}", (t + (i - 0.5) * 0.38, acc), ha="center", va="bottom", fontsize=7)
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("user turns in the conversation")
+        ax.set_ylabel("pairwise accuracy")
+        ax.set_ylim(0, 1.05)
+        ax.legend()
     return path.name
 
 
 def _plot_sections(rows: dict, sections: list[str], path: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    for i, (v, r) in enumerate(rows.items()):
-        ax.bar([k + (i - 0.5) * 0.38 for k in range(len(sections))], [100 * r["sections"].get(s, 0) for s in sections],
-               width=0.38, label=v)
-    ax.set_xticks(range(len(sections)), sections)
-    ax.set_ylabel("score")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path) as (_, ax):
+        for i, (v, r) in enumerate(rows.items()):
+            ax.bar([k + (i - 0.5) * 0.38 for k in range(len(sections))], [100 * r["sections"].get(s, 0) for s in sections],
+                   width=0.38, label=v)
+        ax.set_xticks(range(len(sections)), sections)
+        ax.set_ylabel("score")
+        ax.legend()
     return path.name
 

@@ -134,25 +134,19 @@ def weights_digest(model) -> str:
 
 
 def _plot(history: list[dict], path: Path) -> None:
-    import matplotlib
+    from music_assets.plots import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    steps = [h["step"] for h in history if "loss" in h]
-    ax.plot(steps, [h["loss"] for h in history if "loss" in h], label="train loss", color="tab:blue")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax2 = ax.twinx()
-    val = [(h["step"], h["validation_accuracy"]) for h in history if "validation_accuracy" in h]
-    if val:
-        ax2.plot(*zip(*val), "o-", label="validation accuracy", color="tab:orange")
-    ax2.set_ylabel("accuracy")
-    fig.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path) as (fig, ax):
+        steps = [h["step"] for h in history if "loss" in h]
+        ax.plot(steps, [h["loss"] for h in history if "loss" in h], label="train loss", color="tab:blue")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax2 = ax.twinx()
+        val = [(h["step"], h["validation_accuracy"]) for h in history if "validation_accuracy" in h]
+        if val:
+            ax2.plot(*zip(*val), "o-", label="validation accuracy", color="tab:orange")
+        ax2.set_ylabel("accuracy")
+        fig.legend(loc="upper right")
 
 
 def curve_markdown(path: Path) -> str:
