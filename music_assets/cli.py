@@ -10,8 +10,28 @@ import argparse
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from music_assets.settings import load_settings
+
+
+# DuckDB allows one writer process per file: every step that writes it is in the pool
+# `duckdb_writers`, and this limit lets one such step run at a time across all runs.
+INSTANCE_CONFIG = """\
+# Written by music-assets; everything else keeps Dagster's defaults (storage under DAGSTER_HOME).
+concurrency:
+  pools:
+    default_limit: 1
+"""
+
+
+def ensure_instance_config(home: Path) -> Path:
+    """A Dagster home whose dagster.yaml limits concurrency pools; an existing file is left alone."""
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(INSTANCE_CONFIG)
+    return config
 
 
 def _instance(settings):
@@ -19,8 +39,7 @@ def _instance(settings):
 
     if not os.environ.get("DAGSTER_HOME"):
         home = settings.home / "dagster_home"
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "dagster.yaml").touch()  # defaults: everything under DAGSTER_HOME
+        ensure_instance_config(home)
         os.environ["DAGSTER_HOME"] = str(home)
     return DagsterInstance.get()
 
@@ -81,7 +100,6 @@ def cmd_demo(args) -> int:
     print("demo: multi-turn Best-of-N with the judge, judge agreement, evaluation report")
     if not _run(JUDGED_ASSETS + REPORT_ASSETS, None, instance, resources):
         return 1
-    from pathlib import Path
 
     print(f"demo: report: {Path(settings.data['exports_dir']).parent / 'reports' / 'evaluation_report.md'}")
     return _done(settings)
@@ -122,6 +140,22 @@ def cmd_sources(args) -> int:
     return 0
 
 
+def cmd_lineage(args) -> int:
+    """What produced a checkpoint's training data (see music_assets/lineage.py)."""
+    import json
+
+    from music_assets.lineage import LineageError, checkpoint_lineage, render
+
+    settings = load_settings(args.config)
+    try:
+        report = checkpoint_lineage(args.target, settings, _instance(settings))
+    except LineageError as exc:
+        print(f"lineage: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2, default=str) if args.json else render(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from dagster import BetaWarning, PreviewWarning
 
@@ -140,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=cmd_demo)
     sources = sub.add_parser("sources", help="register every known seed source as a partition and list them")
     sources.set_defaults(func=cmd_sources)
+    lineage = sub.add_parser("lineage", help="seed sources, prompts, models and upstream data versions behind a checkpoint")
+    lineage.add_argument("target", nargs="?", default="music", metavar="CHECKPOINT_OR_VARIANT",
+                         help="a checkpoint folder, or a variant (baseline | music) for its LATEST checkpoint; default music")
+    lineage.add_argument("--json", action="store_true", help="print the report as JSON")
+    lineage.set_defaults(func=cmd_lineage)
     args = parser.parse_args(argv)
     return args.func(args)
 
