@@ -1,10 +1,10 @@
 """Reward scoring speed: batched, length-sorted `pairwise_scores` vs one pair per forward pass.
 
-Same checkpoint (a freshly initialised MiniLM reward head unless --checkpoint is given), same
-HH-RLHF test pairs. Prints pairs/s of both, the speed-up (target >= 4x on CPU) and the largest
-score difference (target <= 1e-4).
+Same checkpoint (a freshly initialised reward head on the chosen backbone unless --checkpoint is
+given), same HH-RLHF test pairs. Prints pairs/s of both, the speed-up (target >= 4x on CPU) and
+the largest score difference (target <= 1e-4).
 
-    .venv/bin/python benchmarks/rm_scoring.py [--checkpoint FOLDER] [--pairs 230]
+    .venv/bin/python benchmarks/rm_scoring.py [--backbone minilm|smollm2] [--checkpoint FOLDER] [--pairs 230]
 """
 
 import argparse
@@ -25,6 +25,7 @@ def main():
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint")
+    parser.add_argument("--backbone", choices=["minilm", "smollm2"], default="minilm")
     parser.add_argument("--pairs", type=int, default=230)
     parser.add_argument("--max-length", type=int, default=256)
     args = parser.parse_args()
@@ -33,8 +34,8 @@ def main():
 
         model, tok, enc = load_checkpoint(args.checkpoint)
     else:
-        model, tok = load_backbone("builtin:minilm", 0)
-        enc = PairEncoder(tok, args.max_length, "plain")
+        model, tok = load_backbone(f"builtin:{args.backbone}", 0)
+        enc = PairEncoder(tok, args.max_length, "plain" if args.backbone == "minilm" else None)
     path = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
     rows = ingest(ResolvedSource("hh", str(path), "hh_rlhf", path=path)).pairs[: args.pairs]
     pairs = [enc.encode(r["chosen"], r["rejected"]) for r in rows]
@@ -53,6 +54,9 @@ def main():
     t_single = time.perf_counter() - started
 
     diff = max(abs(a - b) for x, y in zip(batched, single) for a, b in zip(x, y))
+    lengths = sorted(len(x) for p in pairs for x in (p.chosen, p.rejected))
+    print(f"{args.backbone}, {len(pairs)} pairs, tokens per sequence: median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
+          f"torch threads {torch.get_num_threads()}")
     print(f"batched, length-sorted, inference_mode: {len(pairs) / t_batched:.1f} pairs/s ({t_batched:.1f}s)")
     print(f"one pair per forward:                   {len(pairs) / t_single:.1f} pairs/s ({t_single:.1f}s)")
     print(f"speed-up {t_single / t_batched:.2f}x (target >= 4); max score difference {diff:.2e} (target <= 1e-4)")

@@ -13,6 +13,7 @@ from dagster_duckdb import DuckDBResource
 from music_assets.best_of_n_assets import agreement_markdown, bon_summary
 from music_assets.evaluation import latest_local_checkpoint, load_checkpoint, score_rows
 from music_assets.ingest import stable_hash
+from music_assets.metadata import table_metadata
 from music_assets.plots import figure
 from music_assets.reward_assets import reward_variants
 from music_assets.scoring import pairwise_accuracy, rewardbench_scores, rewardbench_spec
@@ -53,7 +54,8 @@ def rm_evaluation(context: AssetExecutionContext, checkpoints: CheckpointStore, 
                for (name,), g in frame.group_by("eval_set", maintain_order=True)}
     return MaterializeResult(
         data_version=DataVersion(stable_hash([folder, frame.height, round(float(frame["r_chosen"].sum()), 6) if frame.height else 0])),
-        metadata={"dagster/row_count": frame.height, "checkpoint": MetadataValue.path(folder),
+        metadata={**table_metadata(frame, frame.select("eval_set", "item_id", "user_turns", "r_chosen", "r_rejected")),
+                  "checkpoint": MetadataValue.path(folder),
                   "accuracy": MetadataValue.json(summary), "skipped": MetadataValue.json(dict(skipped))},
     )
 
@@ -84,7 +86,8 @@ def evaluation_report(context: AssetExecutionContext, data: DataConfig, evaluati
         inline = inline.replace(f"]({name})", f"](data:image/png;base64,{encoded})")
     return MaterializeResult(
         data_version=DataVersion(stable_hash(report)),
-        metadata={"report": MetadataValue.md(inline), "path": MetadataValue.path(str(out_dir / "evaluation_report.md")),
+        metadata={"dagster/row_count": scores.height + judgments.height,  # the scores and judgments it summarizes
+                  "report": MetadataValue.md(inline), "path": MetadataValue.path(str(out_dir / "evaluation_report.md")),
                   "variants": MetadataValue.json(sorted(set(scores["variant"].to_list())))},
     )
 

@@ -132,11 +132,12 @@ def simulated_branches(
             {"source": source, "generation_key": gkey, "prompt_version": PROMPT_VERSION,
              "models": models, "settings": settings_json},
         )
-        turns = con.execute(sql("simulation_turn_count"), {"source": source, "generation_key": gkey}).fetchone()[0]
+        table = con.execute(sql("simulation_turns_of_run"), {"source": source, "generation_key": gkey}).pl()
+    turns = table.height
     yield MaterializeResult(
         data_version=DataVersion(f"{gkey}:{stats.completed}:{turns}"),
         metadata={
-            "dagster/row_count": turns,
+            **table_metadata(table, table.select("context_id", "branch", "turn", "user_message", "assistant_message")),
             "generation_key": gkey,
             "prompt_version": PROMPT_VERSION,
             "models": MetadataValue.json(engines.identity()),
