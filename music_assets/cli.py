@@ -70,7 +70,7 @@ DEMO_EVALUATION = {"best_of_n": [2, 4, 8], "turns": 2, "contexts_per_source": 4,
 
 def cmd_demo(args) -> int:
     from music_assets.definitions import (DATA_ASSETS, EVALUATION_ASSETS, JUDGED_ASSETS, REPORT_ASSETS, SEED_ASSETS,
-                                          TRAINING_ASSETS, build_resources)
+                                          TRAINING_ASSETS, build_assets, build_resources)
     from music_assets.reward_assets import reward_variants
 
     settings = load_settings(args.config)
@@ -82,6 +82,10 @@ def cmd_demo(args) -> int:
     for key, value in DEMO_EVALUATION.items():
         settings.evaluation.setdefault(key, value)
     resources = build_resources(settings)
+    # the code versions these settings give (the demo's training options are part of reward_model's)
+    SEED_ASSETS, DATA_ASSETS, TRAINING_ASSETS, EVALUATION_ASSETS, JUDGED_ASSETS, REPORT_ASSETS = (
+        build_assets(settings, stage) for stage in (SEED_ASSETS, DATA_ASSETS, TRAINING_ASSETS, EVALUATION_ASSETS,
+                                                    JUDGED_ASSETS, REPORT_ASSETS))
     instance = _instance(settings)
     register_sources(instance, resources["seed_catalog"])
     for key in args.source or ["embedded"]:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from dagster import Definitions, PipesSubprocessClient, define_asset_job
+import hashlib
+from collections.abc import Mapping, Sequence
+
+from dagster import AssetKey, AssetsDefinition, Definitions, PipesSubprocessClient, define_asset_job
 from dagster_duckdb import DuckDBResource
 from dagster_duckdb_polars import DuckDBPolarsIOManager
 
+from music_assets.automation import nightly_refresh_sensor, seed_chain_job, seed_folder_sensor, with_nightly_refresh
 from music_assets.best_of_n_assets import best_of_n, judge_agreement
 from music_assets.data_assets import deduplicated_pairs, eval_items, training_splits
 from music_assets.evaluation_assets import evaluation_report, rm_evaluation
-from music_assets.reward_assets import reward_model
+from music_assets.reward_assets import reward_model, training_code_version
 from music_assets.seeds import seed_ingestion
 from music_assets.settings import ENGINE_ROLES, Settings, load_settings
 from music_assets.simulation_assets import music_pairs, seed_contexts, simulated_branches
@@ -31,6 +35,7 @@ EVALUATION_ASSETS = [rm_evaluation]  # per variant; then, over both variants:
 JUDGED_ASSETS = [best_of_n, judge_agreement]  # generation and an LLM judge
 REPORT_ASSETS = [evaluation_report]
 ASSETS = SEED_ASSETS + DATA_ASSETS + TRAINING_ASSETS + EVALUATION_ASSETS + JUDGED_ASSETS + REPORT_ASSETS
+_DECORATED = tuple(ASSETS)  # as the asset modules define them (bare code versions)
 
 ingest_job = define_asset_job("ingest_seeds", selection=["seed_conversations", "seed_quarantine"])
 
@@ -73,9 +78,54 @@ def build_resources(settings: Settings) -> dict:
     }
 
 
+def with_lineage_versions(assets: Sequence[AssetsDefinition],
+                          own_versions: Mapping[AssetKey, str] | None = None) -> list[AssetsDefinition]:
+    """The assets with lineage code versions: each asset's own code version, then (if it has
+    upstream assets) `+up.` and a digest of its upstream assets' lineage versions, recursively.
+
+    Dagster marks an asset unsynced when its own code version changed or an input's data version
+    changed since it was materialized; a changed code version does not reach the descendants until
+    that asset is re-run. With lineage versions it does, at once: editing a prompt (part of
+    `simulated_branches`' version) marks that asset and everything downstream unsynced, per
+    materialized partition, and nothing upstream; a new training config (part of `reward_model`'s
+    version here) marks the reward models and what follows. `own_versions` overrides the
+    decorators' versions by key."""
+    own = {spec.key: spec.code_version or "" for a in assets for spec in a.specs}
+    own.update(own_versions or {})
+    deps = {spec.key: [dep.asset_key for dep in spec.deps] for a in assets for spec in a.specs}
+    lineage: dict[AssetKey, str] = {}
+
+    def version(key: AssetKey) -> str:
+        if key not in lineage:
+            upstream = sorted(f"{dep.to_user_string()}={version(dep) if dep in own else ''}" for dep in deps[key])
+            digest = hashlib.sha256("\n".join(upstream).encode()).hexdigest()[:12]
+            lineage[key] = f"{own[key]}+up.{digest}" if upstream else own[key]
+        return lineage[key]
+
+    return [a.map_asset_specs(lambda spec: spec.replace_attributes(code_version=version(spec.key))) for a in assets]
+
+
+def build_assets(settings: Settings, assets: Sequence[AssetsDefinition] | None = None) -> list[AssetsDefinition]:
+    """Every asset (or the counterparts of `assets`) with the lineage code versions these settings
+    give; `reward_model`'s own version includes a digest of the `training:` options."""
+    versioned = with_lineage_versions(_DECORATED, {reward_model.key: training_code_version(settings.training)})
+    if assets is None:
+        return versioned
+    by_keys = {frozenset(a.keys): a for a in versioned}
+    return [by_keys[frozenset(a.keys)] for a in assets]
+
+
 def build_definitions(settings: Settings | None = None) -> Definitions:
     settings = settings or load_settings()
-    return Definitions(assets=ASSETS, jobs=[ingest_job], resources=build_resources(settings))
+    return Definitions(assets=with_nightly_refresh(build_assets(settings)), jobs=[ingest_job, seed_chain_job],
+                       sensors=[seed_folder_sensor, nightly_refresh_sensor], resources=build_resources(settings))
 
 
 defs = build_definitions()
+# The stage lists (what the demo materializes) carry the same code versions as `defs`, so the UI
+# shows the demo's materializations as synced.
+_settings = load_settings()
+SEED_ASSETS, DATA_ASSETS, TRAINING_ASSETS, EVALUATION_ASSETS, JUDGED_ASSETS, REPORT_ASSETS = (
+    build_assets(_settings, stage)
+    for stage in (SEED_ASSETS, DATA_ASSETS, TRAINING_ASSETS, EVALUATION_ASSETS, JUDGED_ASSETS, REPORT_ASSETS))
+ASSETS = SEED_ASSETS + DATA_ASSETS + TRAINING_ASSETS + EVALUATION_ASSETS + JUDGED_ASSETS + REPORT_ASSETS

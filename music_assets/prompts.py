@@ -4,12 +4,20 @@ The templates are files in `music_assets/prompts/` so they can be read, reviewed
 without touching code. `PROMPT_VERSION` hashes their content (with the simulation algorithm's
 version), and the simulation asset's `code_version` includes it: editing a prompt makes exactly
 that asset and its descendants stale, and keys new generations apart from old ones.
+
+`MUSIC_PROMPTS_DIR` names a folder of edited templates (same file names, e.g.
+`contrastive_assistant.txt`) that replaces the packaged ones file by file, without touching the
+installed package; a template missing there is the packaged one. It is read when this module is
+imported (in `dagster dev`: when the code location loads or is reloaded). The version hashes the
+content, so a folder of unedited copies keeps the packaged `PROMPT_VERSION`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from importlib.resources import files
+from pathlib import Path
 
 TEMPLATE_NAMES = ("user_simulator", "contrastive_rewrite", "contrastive_assistant")
 JUDGE_TEMPLATE_NAMES = ("judge_pairwise",)
@@ -19,9 +27,22 @@ SIMULATION_ALGORITHM_VERSION = "music-sim-v3"  # v2: role-swapped user simulator
 BEST_OF_N_ALGORITHM_VERSION = "bon-v1"
 
 
+PROMPTS_DIR_ENV = "MUSIC_PROMPTS_DIR"
+
+
 def _load() -> dict[str, str]:
+    """The templates: each from $MUSIC_PROMPTS_DIR if that folder has it, else the packaged one."""
     root = files("music_assets") / "prompts"
-    return {name: (root / f"{name}.txt").read_text(encoding="utf-8") for name in TEMPLATE_NAMES + JUDGE_TEMPLATE_NAMES}
+    override = os.environ.get(PROMPTS_DIR_ENV)
+    folder = Path(override).expanduser() if override else None
+    if folder is not None and not folder.is_dir():  # a typo must not silently mean "the defaults"
+        raise FileNotFoundError(f"{PROMPTS_DIR_ENV} points to {folder}, which is not a folder")
+    out = {}
+    for name in TEMPLATE_NAMES + JUDGE_TEMPLATE_NAMES:
+        edited = folder / f"{name}.txt" if folder is not None else None
+        source = edited if edited is not None and edited.is_file() else root / f"{name}.txt"
+        out[name] = source.read_text(encoding="utf-8")
+    return out
 
 
 def _version(algorithm: str, names: tuple[str, ...]) -> str:

@@ -7,6 +7,7 @@ Kubernetes the same call becomes a GPU pod by swapping `PipesSubprocessClient` f
 `CheckpointStore` only after the job succeeds: a failed run leaves the last checkpoint as it was.
 """
 
+import hashlib
 import json
 import shutil
 import sys
@@ -30,6 +31,7 @@ from dagster import (
 from music_assets.rm_data import DataError
 from music_assets.splits import SPLITS, VARIANTS
 from music_assets.train_rm import CURVE_FILE, METADATA_FILE, curve_markdown, data_version, resolve_backbone
+from music_assets.trainer import TrainConfig
 from resources.checkpoints import CheckpointStore
 from resources.compute import ComputeResource
 from resources.data_config import DataConfig
@@ -37,6 +39,21 @@ from resources.training_config import RewardTrainingConfig
 
 TRAINER_VERSION = "bt-trainer-v1"
 reward_variants = StaticPartitionsDefinition(list(VARIANTS))
+
+
+def training_code_version(training: dict | None) -> str:
+    """`reward_model`'s code version under a `training:` config section: the trainer's version and
+    a digest of the effective options (defaults filled in, as in the model's data version), so that
+    changing them marks the reward models, and through the lineage versions in `definitions.py`
+    everything downstream, unsynced. `processes` and `threads_per_process` change how training runs,
+    not what it computes, and do not count. Set where the Definitions are built from the settings;
+    the decorated asset below keeps the bare `TRAINER_VERSION`."""
+    options = dict((training or {}).get("options") or {})
+    try:
+        digest = TrainConfig(**options).fingerprint()[:12]
+    except (TypeError, ValueError):  # a bad option fails the run with its name, not the code location load
+        digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{TRAINER_VERSION}-{digest}"
 
 
 @asset(partitions_def=reward_variants, deps=["training_splits"], code_version=TRAINER_VERSION, group_name="training")

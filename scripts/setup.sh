@@ -16,6 +16,17 @@ VENV="${MUSIC_VENV:-.venv}"
 STAMP="$VENV/.music-assets-setup"
 inputs_hash=$(cat pyproject.toml requirements/*.txt scripts/setup.sh scripts/check_env.py | sha256sum | cut -c1-16)
 
+# Headless Chromium for the UI test (tests/test_dagster_ui.py): Debian's package, checked on every
+# run, before the stamp, because a machine whose venv is already set up may still lack it. If it
+# cannot be installed, setup goes on and that test fails saying so.
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "setup: installing Debian's chromium (for the UI test)"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null; } \
+    || echo "setup: could not install chromium; tests/test_dagster_ui.py will fail until it is installed" >&2
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
