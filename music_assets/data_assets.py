@@ -91,9 +91,10 @@ def deduplicated_pairs(context: AssetExecutionContext, data: DataConfig, duckdb:
         kept = con.execute("SELECT origin, source, pair_id, group_id, user_turns FROM music.deduplicated_pairs").pl()
         removed = con.execute("SELECT * FROM music.dedup_removed ORDER BY rule, pair_id").pl()
         quarantined = con.execute("SELECT * FROM music.dedup_quarantine").pl()
+        content_version = con.execute(sql("pairs_content_version")).fetchone()[0]
     context.log.info(f"dedup: {result.as_dict()}")
     yield MaterializeResult(
-        data_version=DataVersion(stable_hash(sorted(kept["pair_id"].to_list()))),
+        data_version=DataVersion(content_version),
         metadata={
             **table_metadata(kept, kept.select("pair_id", "origin", "source", "user_turns")),
             "dedup": MetadataValue.json(result.as_dict()),
@@ -140,11 +141,14 @@ def training_splits(context: AssetExecutionContext, data: DataConfig, duckdb: Du
         eval_messages = con.execute(sql("eval_user_messages")).pl()
         recheck = deduplicate(con, eval_messages, data.dedup())
         leaks = con.execute(sql("split_leaks")).pl()
+        content_version = con.execute(sql("pairs_content_version")).fetchone()[0]
 
     comp = composition(table)
     context.log.info(f"splits: {json.dumps(comp)}")
     yield MaterializeResult(
-        data_version=DataVersion(stable_hash(sorted(map(tuple, table.select("variant", "split", "pair_id").rows())))),
+        # the pairs' content and where each one went: an edited pair or a new assignment is a new version
+        data_version=DataVersion(stable_hash([content_version,
+                                              sorted(map(tuple, table.select("variant", "split", "pair_id").rows()))])),
         metadata={
             **table_metadata(table, table.select("variant", "split", "pair_id", "origin", "user_turns")),
             "composition": MetadataValue.json(comp),

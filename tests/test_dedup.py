@@ -265,3 +265,33 @@ def test_music_ratio_caps_music_train_pairs_and_keeps_held_out_ones():
     assert variants(split, seed=5, music_ratio=0.5).equals(capped)  # deterministic
     with pytest.raises(ValueError, match="sum to < 1"):
         assign_splits(pl.DataFrame(rows), seed=5, validation=0.5, test=0.5)
+
+
+def test_an_edited_pair_with_the_same_ids_is_a_new_data_version(tmp_path):
+    """Downstream staleness follows data versions: a seed row whose text changed (same row, same
+    pair id) must change the versions of deduplicated_pairs and training_splits, or the reward
+    models would never retrain on the edit."""
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    rows = [{"chosen": conv(f"Question {i} about owls?", f"Owls are birds, fact {i}."),
+             "rejected": conv(f"Question {i} about owls?", f"No idea {i}.")} for i in range(12)]
+    path = seeds / "owls.jsonl"
+    settings = load_settings_in(tmp_path, seeds_dir=str(seeds))
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(seed_partitions.name, ["owls"])
+
+    def versions():
+        resources = build_resources(settings)
+        assert materialize([seed_ingestion], partition_key="owls", instance=instance, resources=resources).success
+        result = materialize([eval_items, deduplicated_pairs, training_splits], instance=instance, resources=resources)
+        return {node: result.asset_materializations_for_node(node)[0].tags["dagster/data_version"]
+                for node in ("deduplicated_pairs", "training_splits")}
+
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    before = versions()
+    assert versions() == before  # the same content gives the same versions
+    rows[3]["chosen"][1]["content"] = "Owls are birds of prey that hunt at night."
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    after = versions()
+    assert after["deduplicated_pairs"] != before["deduplicated_pairs"]
+    assert after["training_splits"] != before["training_splits"]
