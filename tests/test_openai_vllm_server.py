@@ -100,38 +100,40 @@ def wait_for_first_turn(settings, child, timeout=600):
 
 
 def test_openai_backend_against_vllm_server_with_kills(tmp_path):
+    """Two runs against one server, killed under both mid-run: with a small retry budget the run
+    fails with a clear error (and a rerun resumes from its committed turns); with a generous one
+    it rides out the outage and completes. One kill serves both, to start the server only twice."""
     server = VLLMServer(tiny_llama_dir(), free_port())
     server.start()
     try:
-        # 1. small retry budget: killing the server mid-run fails the run with a clear error ...
         tight, tight_config = settings_for(tmp_path / "tight", server.port, max_retries=1, backoff_s=0.2)
-        child = start_run(tight_config, tmp_path / "tight")
-        wait_for_first_turn(tight, child)
+        patient, patient_config = settings_for(tmp_path / "patient", server.port, max_retries=40, backoff_s=2,
+                                               backoff_max_s=10)
+        tight_child = start_run(tight_config, tmp_path / "tight")
+        patient_child = start_run(patient_config, tmp_path / "patient")
+        wait_for_first_turn(tight, tight_child)
+        wait_for_first_turn(patient, patient_child)
         server.kill()
-        assert child.wait(timeout=600) != 0
+
+        # 1. small retry budget: the run fails with a clear error ...
+        assert tight_child.wait(timeout=600) != 0
         assert "failed after 2 attempts" in (tmp_path / "tight" / "run.log").read_text()
         committed = query(tight, "SELECT count(*) FROM music.simulated_branches")[0][0]
         assert committed > 0
 
-        # ... and a rerun, once the server is back, resumes from the committed turns
+        # 2. generous retry budget: the server comes back and the run rides the outage out
         server.start()
+        assert patient_child.wait(timeout=900) == 0, (tmp_path / "patient" / "run.log").read_text()[-3000:]
+        keys = [k for k, in query(patient, "SELECT turn_key FROM music.simulated_branches")]
+        assert len(keys) == len(set(keys))
+        assert query(patient, "SELECT count(*) FROM music.music_pairs")[0][0] > 0
+        assert "retrying in" in (tmp_path / "patient" / "run.log").read_text()  # it did see the outage
+
+        # ... and the failed run, rerun once the server is back, resumes from its committed turns
         resumed = run(tight)
         assert resumed.success
         meta = {m.asset_key.path[-1]: m.metadata for m in resumed.asset_materializations_for_node("simulated_branches")}
         assert meta["simulated_branches"]["turns_resumed"].value == committed
         assert meta["simulated_branches"]["contexts_completed"].value > 0
-
-        # 2. generous retry budget: the server dies and comes back, the run rides it out
-        patient, patient_config = settings_for(tmp_path / "patient", server.port, max_retries=40, backoff_s=2,
-                                               backoff_max_s=10)
-        child = start_run(patient_config, tmp_path / "patient")
-        wait_for_first_turn(patient, child)
-        server.kill()
-        time.sleep(3)
-        server.start()
-        assert child.wait(timeout=900) == 0, (tmp_path / "patient" / "run.log").read_text()[-3000:]
-        keys = [k for k, in query(patient, "SELECT turn_key FROM music.simulated_branches")]
-        assert len(keys) == len(set(keys))
-        assert query(patient, "SELECT count(*) FROM music.music_pairs")[0][0] > 0
     finally:
         server.kill()
