@@ -17,6 +17,7 @@ of a turn in one batched, length-sorted pass.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
@@ -138,10 +139,12 @@ def _candidates(live: list[Conversation], turn: int, policy: LLMEngine, settings
     for attempt in range(settings.max_attempts):
         if not pending:
             break
+        started = time.perf_counter()
         outs = policy.chat([unique[i][0].messages for i in pending],
                            [replace(settings.policy_sampling, n=unique[i][0].n) for i in pending],
                            [(_seed(settings, unique[i][0].ctx, unique[i][0].n, turn, "policy") + 7919 * attempt) % 2**31
                             for i in pending])
+        stats.generation_seconds += time.perf_counter() - started
         stats.calls += 1
         stats.requests += len(pending)
         still = []

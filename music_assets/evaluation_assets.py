@@ -23,6 +23,7 @@ from resources.data_config import DataConfig
 from resources.evaluation_config import EvaluationConfig
 
 EVALUATION_VERSION = "rm-eval-v1"
+SMALL_SAMPLE = 30  # below this many items the report says its figures are mechanics, not evidence
 
 
 @asset(partitions_def=reward_variants, deps=["reward_model", "training_splits", "eval_items"],
@@ -106,6 +107,10 @@ def build_report(scores: pl.DataFrame, out_dir: Path) -> tuple[str, list[str]]:
     lines = ["# Reward-model evaluation: baseline (D) vs MUSIC (D + D_MUSIC)", ""]
     if not variants:
         return "\n".join(lines + ["_No scores yet: materialize rm_evaluation._"]), []
+    largest = scores.group_by("variant", "eval_set").len()["len"].max()
+    if largest < SMALL_SAMPLE:
+        lines += [f"**Tiny sample (the largest evaluation set has {largest} pairs): these figures show the pipeline's "
+                  "mechanics, not model quality.**", ""]
     lines += ["Accuracy = share of pairs whose chosen side gets the higher reward (ties count as wrong and are",
               "listed); 95% Wilson intervals; p = exact McNemar test on the pairs both models scored.", "",
               "| evaluation set | n | " + " | ".join(f"{v} accuracy [95% CI] (ties)" for v in variants) + " | difference | p | verdict |",
@@ -161,6 +166,15 @@ def best_of_n_section(judgments: pl.DataFrame, agreement: pl.DataFrame, judged_p
     if judgments.height == 0:
         return "\n".join(lines + ["_Not run: materialize best_of_n._", ""]), []
     summary = bon_summary(judgments, samples, seed)
+    largest = max(s["n"] for s in summary.values())
+    if largest < SMALL_SAMPLE:
+        lines += [f"**Tiny sample (at most {largest} judged contexts per N): these figures show the mechanics, not which "
+                  "reward model is better.**", ""]
+    outputs = sum(s["judge_outputs"] for s in summary.values())
+    unparsed = sum(s["unparsed"] for s in summary.values())
+    if outputs and unparsed / outputs > 0.5:
+        lines += [f"**The judge gave no readable verdict in {unparsed} of {outputs} answers**: those pairs count as "
+                  "ties. Use a stronger judge model (`models: {judge: ...}`).", ""]
     lines += ["At every assistant turn the policy samples N answers and each reward model keeps its best; the",
               "judge compares the MUSIC RM's final conversation with the baseline RM's twice, in both orders. A",
               "win or loss counts only when both orders agree; everything else is a tie. Win rate = (wins + ties/2) / n,",
