@@ -51,7 +51,7 @@ def conversation_scorer(folder: str | Path):
     return score
 
 
-def score_rows(model, tok, encoder: PairEncoder, rows: list[dict], batch_size: int = 32) -> tuple[list[dict], Counter]:
+def score_rows(model, tok, encoder: PairEncoder, rows: list[dict], batch_size: int | None = None) -> tuple[list[dict], Counter]:
     """Rewards for evaluation rows ({eval_set, item_id, subset, user_turns, chosen, rejected}).
     Rows that cannot be scored are skipped and counted by reason, never silently dropped:
     an empty response, a missing side, or an unknown RewardBench subset on a `rewardbench` set."""
