@@ -104,7 +104,10 @@ class Server:
             self.proc = subprocess.Popen(
                 [str(DAGSTER), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(self.port)],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True)  # its own process group: webserver, daemon, code server
+                start_new_session=True,  # its own process group: webserver, daemon, code server
+                # Ctrl-C's signal must reach it even when pytest runs as a background job: a shell
+                # starts those with SIGINT ignored, and an ignored signal stays ignored across exec.
+                preexec_fn=_default_sigint)
         deadline = time.time() + 240
         while time.time() < deadline:
             self._check_alive()
@@ -290,6 +293,10 @@ mutation Start($sensor: SensorSelector!) {
 
 STOP_SENSOR = """
 mutation Stop($id: String!) { stopSensor(id: $id) { __typename } }"""
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _group_alive(pgid: int) -> bool:
