@@ -55,13 +55,14 @@ def add_seed_file(work: Path, index: int) -> None:
 
 def engine_requests(instance) -> dict[str, int]:
     """Engine requests of each partition's latest simulated_branches materialization."""
-    from dagster import AssetKey
+    from dagster import AssetKey, AssetRecordsFilter
 
     out = {}
     for key in SOURCES:
-        event = instance.get_latest_materialization_event(AssetKey("simulated_branches"), partition=key)
-        if event is not None:
-            out[key] = event.asset_materialization.metadata["engine_requests"].value
+        records = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=AssetKey("simulated_branches"), asset_partitions=[key]), limit=1).records
+        if records:
+            out[key] = records[0].asset_materialization.metadata["engine_requests"].value
     return out
 
 

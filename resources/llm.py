@@ -110,6 +110,7 @@ def resolve_model(name: str) -> str:
 # --- vLLM in process ---------------------------------------------------------------------------
 
 _ENGINES: dict[tuple, object] = {}
+PROMPT_MARGIN_TOKENS = 8
 _ENGINES_LOCK = threading.Lock()
 
 
@@ -149,8 +150,12 @@ class VLLMEngine(LLMEngine):
         # vLLM rejects a whole batch when one prompt does not fit the context: refuse that one
         # request instead (the caller records it), and send the rest.
         tokenizer, limit = llm.get_tokenizer(), self.compute.max_model_len
-        lengths = [len(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True)) for c in conversations]
-        fits = {i for i, n in enumerate(lengths) if n < limit}
+        # Rendered to text, then counted: `apply_chat_template(tokenize=True)` returns a dict under
+        # transformers 5, whose len() is its number of keys, not of tokens.
+        lengths = [len(tokenizer.encode(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
+                                        add_special_tokens=False)) for c in conversations]
+        # A small margin: vLLM's own count of the rendered prompt may add a special token or two.
+        fits = {i for i, n in enumerate(lengths) if n + PROMPT_MARGIN_TOKENS < limit}
         sent = sorted(fits)
         outputs = iter(llm.chat([conversations[i] for i in sent], [params[i] for i in sent], use_tqdm=False))
         results = []
