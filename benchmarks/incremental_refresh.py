@@ -113,7 +113,7 @@ def main():
     parser.add_argument("--config")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, Path(args.config))))
+        print("RESULT " + json.dumps(child(args.child, Path(args.config))), flush=True)  # engines print too
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -130,7 +130,7 @@ def main():
                                   cwd=REPO, env=env, capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"{phase} failed:\n{proc.stderr[-4000:]}")
-            results[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[phase] = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
             print(json.dumps(results[phase]), flush=True)
         ratio = results["incremental"]["seconds"] / results["full"]["seconds"]
         print(f"model {args.model}, {args.contexts} contexts per partition: full {results['full']['seconds']} s, "
