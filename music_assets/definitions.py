@@ -121,10 +121,10 @@ def build_definitions(settings: Settings | None = None) -> Definitions:
                        sensors=[seed_folder_sensor, nightly_refresh_sensor], resources=build_resources(settings))
 
 
-defs = build_definitions()
+_settings = load_settings()
+defs = build_definitions(_settings)
 # The stage lists (what the demo materializes) carry the same code versions as `defs`, so the UI
 # shows the demo's materializations as synced.
-_settings = load_settings()
 SEED_ASSETS, DATA_ASSETS, TRAINING_ASSETS, EVALUATION_ASSETS, JUDGED_ASSETS, REPORT_ASSETS = (
     build_assets(_settings, stage)
     for stage in (SEED_ASSETS, DATA_ASSETS, TRAINING_ASSETS, EVALUATION_ASSETS, JUDGED_ASSETS, REPORT_ASSETS))
