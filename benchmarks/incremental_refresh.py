@@ -2,11 +2,12 @@
 
 Both phases run in a fresh child process against the same Dagster instance and DuckDB file, so
 each pays its imports and its vLLM engine load:
-- full: five seed files (UltraFeedback slices from ../shared/data), each partition's chain
-  (ingestion -> contexts -> simulation -> MUSIC pairs), then dedup, splits, both reward models
-  and their evaluation;
-- incremental: a sixth file appears; the seed-folder sensor is evaluated (it must request exactly
-  the new partition), that partition's chain runs, then everything downstream that is stale.
+- full: the embedded sample plus four seed files (UltraFeedback slices from ../shared/data) are
+  five partitions; one tick of the seed-folder sensor registers and requests them, each
+  partition's chain runs (ingestion -> contexts -> simulation -> MUSIC pairs), then dedup,
+  splits, both reward models and their evaluation;
+- incremental: a fifth file appears; the sensor is evaluated again (it must request exactly the
+  new partition), that partition's chain runs, then everything downstream that is stale.
   Nothing of the five existing partitions is regenerated (checked by counting their engine
   requests before and after).
 
@@ -25,10 +26,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCES = [f"uf_{i}" for i in range(6)]
+FILES = [f"uf_{i}" for i in range(5)]
+SOURCES = ["embedded", *FILES]
 TRAINING = {"options": {"backbone": "builtin:minilm", "chat_template": "plain", "max_length": 128, "batch_size": 8,
                         "micro_batch_size": 8, "learning_rate": 5e-5, "max_steps": 10, "eval_every": 0}}
 
@@ -50,7 +53,7 @@ def add_seed_file(work: Path, index: int) -> None:
     rows = (REPO.parent / "shared" / "data" / "ultrafeedback" / "eval_clean.jsonl").read_text().splitlines()
     seeds = work / "seeds"
     seeds.mkdir(parents=True, exist_ok=True)
-    (seeds / f"{SOURCES[index]}.jsonl").write_text("\n".join(rows[30 * index : 30 * (index + 1)]) + "\n")
+    (seeds / f"{FILES[index]}.jsonl").write_text("\n".join(rows[30 * index : 30 * (index + 1)]) + "\n")
 
 
 def engine_requests(instance) -> dict[str, int]:
@@ -82,33 +85,43 @@ def child(phase: str, config: Path) -> dict:
     seed_assets, data_assets, training_assets, evaluation_assets = stages
     instance = DagsterInstance.get()
     before = engine_requests(instance)
-    if phase == "full":
-        new = SOURCES[:5]
-        instance.add_dynamic_partitions(seed_partitions.name, new)
-    else:  # what the sensor decides, one tick evaluated for real against the instance
-        defs = build_definitions(settings)
-        with build_sensor_context(instance=instance, instance_ref=instance.get_ref(), definitions=defs,
-                                  resources={"seed_catalog": resources["seed_catalog"]}) as context:
-            result = defs.resolve_sensor_def("seed_folder_sensor").evaluate_tick(context)
-        new = sorted(r.partition_key for r in result.run_requests)
-        for request in result.dynamic_partitions_requests or []:
-            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    # What the sensor decides, one tick evaluated for real against the instance.
+    defs = build_definitions(settings)
+    with build_sensor_context(instance=instance, instance_ref=instance.get_ref(), definitions=defs,
+                              resources={"seed_catalog": resources["seed_catalog"]}) as context:
+        result = defs.resolve_sensor_def("seed_folder_sensor").evaluate_tick(context)
+    new = sorted(r.partition_key for r in result.run_requests)
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    timings = {"startup": time.perf_counter() - started}
     for key in new:
-        assert materialize(seed_assets, partition_key=key, instance=instance, resources=resources).success
-    assert materialize(data_assets, instance=instance, resources=resources).success
+        with timed(timings, "seed chains"):
+            assert materialize(seed_assets, partition_key=key, instance=instance, resources=resources).success
+    with timed(timings, "dedup + splits"):
+        assert materialize(data_assets, instance=instance, resources=resources).success
     for variant in reward_variants.get_partition_keys():
-        assert materialize(training_assets + evaluation_assets, partition_key=variant, instance=instance,
-                           resources=resources).success
+        with timed(timings, "training + evaluation"):
+            assert materialize(training_assets + evaluation_assets, partition_key=variant, instance=instance,
+                               resources=resources).success
     after = engine_requests(instance)
     unchanged = [k for k in before if after.get(k) == before[k]]
     return {"phase": phase, "seconds": round(time.perf_counter() - started, 1), "partitions_run": new,
-            "existing_partitions_untouched": f"{len(unchanged)} of {len(before)}"}
+            "existing_partitions_untouched": f"{len(unchanged)} of {len(before)}",
+            "stage_seconds": {k: round(v, 1) for k, v in timings.items()}}
+
+
+@contextmanager
+def timed(totals: dict[str, float], stage: str):
+    began = time.perf_counter()
+    yield
+    totals[stage] = totals.get(stage, 0.0) + time.perf_counter() - began
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="builtin:smollm2")
     parser.add_argument("--contexts", type=int, default=6, help="seed contexts simulated per partition")
+    parser.add_argument("--work", help="keep the DuckDB file, seeds and Dagster home here (default: a temp folder)")
     parser.add_argument("--child")
     parser.add_argument("--config")
     args = parser.parse_args()
@@ -116,15 +129,16 @@ def main():
         print("RESULT " + json.dumps(child(args.child, Path(args.config))), flush=True)  # engines print too
         return
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         config = write_config(work, args.model, args.contexts)
         home = work / "dagster_home"
-        home.mkdir()
+        home.mkdir(parents=True)
         (home / "dagster.yaml").write_text("concurrency:\n  pools:\n    default_limit: 1\n")
         env = {**os.environ, "DAGSTER_HOME": str(home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         results = {}
         for phase in ("full", "incremental"):
-            for i in (range(5) if phase == "full" else [5]):
+            for i in (range(4) if phase == "full" else [4]):
                 add_seed_file(work, i)
             proc = subprocess.run([sys.executable, __file__, "--child", phase, "--config", str(config)],
                                   cwd=REPO, env=env, capture_output=True, text=True)

@@ -197,7 +197,7 @@ def simulate(
             [user_simulator_messages(s.visible(b)) for s, b in user_jobs],
             settings.user_sampling,
             [_seed(gkey, s.ctx.context_id, b, turn, "user") for s, b in user_jobs],
-            [user_validator(s.visible(b), s.modified if b == "rejected" else None) for s, b in user_jobs],
+            [user_validator(s.visible(b), (s.modified, s.original) if b == "rejected" else None) for s, b in user_jobs],
         )
         user_msgs: dict[tuple[str, str], Ok] = {}
         for (s, b), result in zip(user_jobs, user_out):
@@ -393,9 +393,10 @@ def assistant_validator() -> Validator:
     return basic_validator
 
 
-def user_validator(history: list[Message], private_rewrite: Optional[str] = None) -> Validator:
-    """`private_rewrite`: in the rejected branch after c, the modified request, which a simulated
-    user must not repeat (the visible transcript would then show the user asking for it)."""
+def user_validator(history: list[Message], private_rewrite: Optional[tuple[str, str]] = None) -> Validator:
+    """`private_rewrite`: in the rejected branch after c, (modified request, original request); a
+    simulated user must not repeat the modified one (the visible transcript would then show the
+    user asking for it)."""
     last_answer = next((m["content"] for m in reversed(history) if m["role"] == "assistant"), "")
 
     def check(text: str, finish: str):
@@ -410,7 +411,7 @@ def user_validator(history: list[Message], private_rewrite: Optional[str] = None
         # Repeating the assistant's last answer back is the assistant's voice, not a user's.
         if last_answer and word_jaccard(cleaned, last_answer) >= 0.8:
             return "user_answered_as_assistant", cleaned
-        if private_rewrite and _normalize(private_rewrite) in _normalize(cleaned):
+        if private_rewrite and shows_private_rewrite(cleaned, *private_rewrite):
             return "user_repeated_private_rewrite", cleaned
         return None, cleaned
 
@@ -444,6 +445,15 @@ def _unquote(text: str) -> str:
 
 def _normalize(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def shows_private_rewrite(text: str, modified: str, original: str) -> bool:
+    """Whether visible `text` shows the private modified request. Words only (case, punctuation
+    and spacing ignored). A rewrite that is part of the original request (one that drops a
+    clause, say) cannot be told apart from the user restating what they asked, so it never
+    counts: the user said those words in the open."""
+    needle = _normalize(modified)
+    return bool(needle) and needle in _normalize(text) and needle not in _normalize(original)
 
 
 def word_jaccard(a: str, b: str) -> float:

@@ -28,7 +28,7 @@ from music_assets.metadata import render_conversation, table_metadata
 from music_assets.pairs import assemble_pairs, assistant_turns_differing
 from music_assets.partitions import seed_partitions
 from music_assets.prompts import PROMPT_VERSION
-from music_assets.simulation import Context, Engines, TurnStore, generation_key, simulate
+from music_assets.simulation import Context, Engines, TurnStore, generation_key, shows_private_rewrite, simulate
 from music_assets.tables import frame, sql
 from resources.llm import LLMEngine
 from resources.simulation_config import SimulationConfig
@@ -222,11 +222,13 @@ def music_pairs(context: AssetExecutionContext, seed_contexts: pl.DataFrame, sim
 
 def _leaks_private_instruction(pair: dict) -> bool:
     """The rejected transcript must never show the contrastive note, nor the modified request in
-    a user turn (where the original request belongs)."""
-    modified = _squash(pair["modified_instruction"])
-    for m in pair["rejected"]:
-        text = _squash(m["content"])
-        if CONTRASTIVE_NOTE_MARKER in text or (m["role"] == "user" and modified in text):
+    a simulated user turn after c (where the user goes on from the original request). The seed
+    prefix and the turn-c request itself are the original's words, so they are not searched."""
+    for i, m in enumerate(pair["rejected"]):
+        if CONTRASTIVE_NOTE_MARKER in _squash(m["content"]):
+            return True
+        if m["role"] == "user" and i >= pair["prefix_messages"] and shows_private_rewrite(
+                m["content"], pair["modified_instruction"], pair["original_instruction"]):
             return True
     return False
 

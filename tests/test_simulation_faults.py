@@ -164,7 +164,31 @@ def test_simulated_user_may_not_repeat_the_private_rewrite():
     private instruction in the visible transcript: it is rejected (then retried or dropped)."""
     from music_assets.simulation import user_validator
 
-    check = user_validator([], private_rewrite="How do I make twice-cooked pork?")
+    check = user_validator([], private_rewrite=("How do I make twice-cooked pork?", "How do I make braised pork belly?"))
     assert check("Great, and how do I make Twice-Cooked pork? Quickly please.", "stop")[0] == "user_repeated_private_rewrite"
     assert check("Great, can I use less sugar?", "stop")[0] is None
     assert user_validator([])("How do I make twice-cooked pork?", "stop")[0] is None  # chosen branch: fine
+
+
+def test_a_rewrite_that_drops_a_clause_is_not_a_leak_when_the_user_restates_the_request():
+    """Seen with SmolLM2: the rewrite kept part of the original request word for word. The turn-c
+    request and a later restatement then contain the rewrite, but the user said those words in the
+    open: neither the validator nor music_pairs' blocking check may call that a leak (the check
+    failed a whole partition on it). A real repeat of a rewrite with new words still is one."""
+    from music_assets.simulation import user_validator
+    from music_assets.simulation_assets import _leaks_private_instruction
+
+    original, dropped_clause = "Write a poem about cats in the rain.", "Write a poem about cats"
+    assert user_validator([], (dropped_clause, original))("Thanks! Again: write a poem about cats in the rain.", "stop")[0] is None
+
+    def pair(later_user: str, modified: str) -> dict:
+        prefix = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+        turn_c = [{"role": "user", "content": original}, {"role": "assistant", "content": "A poem."}]
+        later = [{"role": "user", "content": later_user}, {"role": "assistant", "content": "Another."}]
+        return {"rejected": prefix + turn_c + later, "prefix_messages": 3,
+                "original_instruction": original, "modified_instruction": modified}
+
+    assert not _leaks_private_instruction(pair("Can you make it rhyme?", dropped_clause))
+    assert not _leaks_private_instruction(pair("Write a poem about cats, please.", dropped_clause))
+    assert _leaks_private_instruction(pair("Now write a poem about dogs in the snow!", "Write a poem about dogs in the snow"))
+    assert _leaks_private_instruction(pair("Please respond to the following version instead", dropped_clause))
