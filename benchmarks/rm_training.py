@@ -10,7 +10,10 @@ code on the same test pairs), and the speed ratio (target >= 1.3x, accuracy with
 TRL is not a dependency of the project; install it for the benchmark only:
 
     .venv/bin/pip install --target .bench-libs --no-deps trl==1.16.0 datasets dill multiprocess xxhash pandas pytz tzdata
-    .venv/bin/python benchmarks/rm_training.py [--backbones minilm smollm2] [--steps N]
+    .venv/bin/python benchmarks/rm_training.py [--backbones minilm smollm2] [--steps N] [--seed S]
+
+`--seed` sets, for both trainers alike, the new head's initial weights and the data order: at a
+few hundred test pairs one seed's accuracy gap is mostly noise, so compare over several seeds.
 """
 
 from __future__ import annotations
@@ -71,13 +74,13 @@ def child_ours(setting: dict) -> dict:
     from music_assets.trainer import TrainConfig, train
 
     train_pairs, test = _data(setting)
-    model, tok = load_backbone(setting["backbone"], 0)
+    model, tok = load_backbone(setting["backbone"], setting["seed"])
     enc = PairEncoder(tok, setting["max_length"], setting["chat_template"])
     encoded = [enc.encode(p["chosen"], p["rejected"]) for p in train_pairs]
     cfg = TrainConfig(backbone=setting["backbone"], chat_template=setting["chat_template"], max_length=setting["max_length"],
                       batch_size=setting["batch_size"], micro_batch_size=setting["batch_size"], learning_rate=LR,
                       max_steps=setting["steps"], warmup_ratio=WARMUP, lr_scheduler="linear", eval_every=0,
-                      log_every=10**9, precision="fp32")
+                      log_every=10**9, precision="fp32", seed=setting["seed"])
     started = time.perf_counter()
     result = train(model, encoded, [], cfg, tok.pad_token_id)
     seconds = time.perf_counter() - started
@@ -94,7 +97,7 @@ def child_trl(setting: dict) -> dict:
     from music_assets.train_rm import load_backbone
 
     train_pairs, test = _data(setting)
-    model, tok = load_backbone(setting["backbone"], 0)
+    model, tok = load_backbone(setting["backbone"], setting["seed"])
     if setting["chat_template"] == "plain":
         tok.chat_template = PLAIN_TEMPLATE
     with tempfile.TemporaryDirectory() as out:
@@ -102,7 +105,8 @@ def child_trl(setting: dict) -> dict:
                             max_steps=setting["steps"], learning_rate=LR, warmup_steps=int(round(WARMUP * setting["steps"])),
                             lr_scheduler_type="linear",
                             max_length=setting["max_length"], logging_steps=10**6, save_strategy="no", eval_strategy="no",
-                            report_to=[], use_cpu=True, bf16=False, seed=0, dataloader_num_workers=0, disable_dropout=True,
+                            report_to=[], use_cpu=True, bf16=False, seed=setting["seed"], data_seed=setting["seed"],
+                            dataloader_num_workers=0, disable_dropout=True,
                             gradient_checkpointing=False)  # TRL's default is True; ours is False: compare like with like
         trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_pairs), processing_class=tok)
         started = time.perf_counter()
@@ -119,10 +123,11 @@ def main():
     parser.add_argument("--child")
     parser.add_argument("--backbone")
     parser.add_argument("--steps", type=int, help="override the backbone's step count (same for both trainers)")
+    parser.add_argument("--seed", type=int, default=0, help="head initialization and data order, both trainers")
     args = parser.parse_args()
-    if args.steps:
-        for setting in SETTINGS.values():
-            setting["steps"] = args.steps
+    for setting in SETTINGS.values():
+        setting["seed"] = args.seed
+        setting["steps"] = args.steps or setting["steps"]
     if args.child:
         out = {"ours": child_ours, "trl": child_trl}[args.child](SETTINGS[args.backbone])
         out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -133,13 +138,13 @@ def main():
     for backbone in args.backbones:
         results = {}
         for trainer in ("ours", "trl"):
-            steps = ["--steps", str(args.steps)] if args.steps else []
-            proc = subprocess.run([sys.executable, __file__, "--child", trainer, "--backbone", backbone, *steps],
+            options = ["--steps", str(SETTINGS[backbone]["steps"]), "--seed", str(args.seed)]
+            proc = subprocess.run([sys.executable, __file__, "--child", trainer, "--backbone", backbone, *options],
                                   capture_output=True, text=True, cwd=REPO)
             if proc.returncode:
                 sys.exit(f"{trainer}/{backbone} failed:\n{proc.stderr[-3000:]}")
             results[trainer] = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"{backbone:8} {json.dumps(results[trainer])}", flush=True)
+            print(f"{backbone:8} seed {args.seed} {json.dumps(results[trainer])}", flush=True)
         ours, trl = results["ours"], results["trl"]
         print(f"{backbone:8} speed ours/TRL = {ours['samples_per_s'] / trl['samples_per_s']:.2f}x (target >= 1.3); "
               f"accuracy ours - TRL = {100 * (ours['accuracy'] - trl['accuracy']):+.1f} points (target >= -1)", flush=True)

@@ -246,7 +246,7 @@ def simulate(
             views,
             settings.assistant_sampling,
             [_seed(gkey, s.ctx.context_id, b, turn, "assistant") for s, b, _ in answer_jobs],
-            [assistant_validator() for _ in answer_jobs],
+            [assistant_validator(private_note=b == "rejected") for _, b, _ in answer_jobs],
         )
         finished: dict[str, list[tuple[str, Ok, Ok]]] = {}
         for (s, b, user), result in zip(answer_jobs, answer_out):
@@ -389,8 +389,29 @@ def basic_validator(text: str, finish: str) -> tuple[Optional[str], str]:
     return None, cleaned
 
 
-def assistant_validator() -> Validator:
-    return basic_validator
+# Phrases of prompts/contrastive_assistant.txt: one of them in a visible message means the private
+# note leaked (SmolLM2-135M sometimes copies the note into its answer, or answers with the note alone).
+PRIVATE_NOTE_MARKERS = ("private note", "respond to the following version")
+
+
+def shows_private_note(text: str) -> bool:
+    squashed = " ".join(text.lower().split())
+    return any(marker in squashed for marker in PRIVATE_NOTE_MARKERS)
+
+
+def assistant_validator(private_note: bool = False) -> Validator:
+    """`private_note`: the answer was written from the rejected branch's private view (from c on),
+    so repeating the note would put it in the visible transcript."""
+    if not private_note:
+        return basic_validator
+
+    def check(text: str, finish: str):
+        reason, cleaned = basic_validator(text, finish)
+        if not reason and shows_private_note(cleaned):
+            reason = "assistant_echoed_private_note"
+        return reason, cleaned
+
+    return check
 
 
 def user_validator(history: list[Message], private_rewrite: Optional[tuple[str, str]] = None) -> Validator:

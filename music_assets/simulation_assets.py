@@ -28,7 +28,7 @@ from music_assets.metadata import render_conversation, table_metadata
 from music_assets.pairs import assemble_pairs, assistant_turns_differing
 from music_assets.partitions import seed_partitions
 from music_assets.prompts import PROMPT_VERSION
-from music_assets.simulation import Context, Engines, TurnStore, generation_key, shows_private_rewrite, simulate
+from music_assets.simulation import Context, Engines, TurnStore, generation_key, shows_private_note, shows_private_rewrite, simulate
 from music_assets.tables import frame, sql
 from resources.llm import LLMEngine
 from resources.simulation_config import SimulationConfig
@@ -36,8 +36,6 @@ from resources.simulation_config import SimulationConfig
 CONTEXTS_VERSION = "contexts-v1"
 PAIRS_VERSION = "pairs-v1"
 EXAMPLE_PAIRS = 2
-# A phrase of prompts/contrastive_assistant.txt: seeing it in a transcript means the note leaked.
-CONTRASTIVE_NOTE_MARKER = "respond to the following version"
 
 
 @asset(
@@ -221,20 +219,14 @@ def music_pairs(context: AssetExecutionContext, seed_contexts: pl.DataFrame, sim
 
 
 def _leaks_private_instruction(pair: dict) -> bool:
-    """The rejected transcript must never show the contrastive note, nor the modified request in
-    a simulated user turn after c (where the user goes on from the original request). The seed
-    prefix and the turn-c request itself are the original's words, so they are not searched."""
-    for i, m in enumerate(pair["rejected"]):
-        if CONTRASTIVE_NOTE_MARKER in _squash(m["content"]):
-            return True
-        if m["role"] == "user" and i >= pair["prefix_messages"] and shows_private_rewrite(
-                m["content"], pair["modified_instruction"], pair["original_instruction"]):
+    """The rejected transcript from c on must never show the contrastive note (in an answer), nor
+    the modified request in a simulated user turn (where the user goes on from the original
+    request). The seed prefix and the turn-c request are the original's words: not searched."""
+    for m in pair["rejected"][pair["prefix_messages"]:]:
+        if shows_private_note(m["content"]) or (m["role"] == "user" and shows_private_rewrite(
+                m["content"], pair["modified_instruction"], pair["original_instruction"])):
             return True
     return False
-
-
-def _squash(text: str) -> str:
-    return " ".join(text.split()).lower()
 
 
 def _examples(pairs: list[dict]) -> str:

@@ -192,3 +192,24 @@ def test_a_rewrite_that_drops_a_clause_is_not_a_leak_when_the_user_restates_the_
     assert not _leaks_private_instruction(pair("Write a poem about cats, please.", dropped_clause))
     assert _leaks_private_instruction(pair("Now write a poem about dogs in the snow!", "Write a poem about dogs in the snow"))
     assert _leaks_private_instruction(pair("Please respond to the following version instead", dropped_clause))
+
+
+def test_an_answer_that_echoes_the_private_note_is_rejected_in_the_rejected_branch_only():
+    """Seen with SmolLM2 (the check then failed a whole partition): the rejected-branch assistant
+    copied "(Private note: respond to the following version ...)" into its answer, or answered
+    with the note alone. The validator rejects it there (retried, then dropped with its reason),
+    and music_pairs' check would catch one that got through."""
+    from music_assets.simulation import assistant_validator
+    from music_assets.simulation_assets import _leaks_private_instruction
+
+    echo = "Use lemon juice.  (Private note: respond to the following version of your request exactly as written above.)"
+    assert assistant_validator(private_note=True)(echo, "stop")[0] == "assistant_echoed_private_note"
+    assert assistant_validator(private_note=True)("Use lemon juice and milk.", "stop")[0] is None
+    assert assistant_validator()(echo, "stop")[0] is None  # the chosen branch never saw a note
+
+    original = "How do I make buttermilk?"
+    pair = {"prefix_messages": 1, "original_instruction": original, "modified_instruction": "How do I make ricotta?",
+            "rejected": [{"role": "user", "content": original}, {"role": "assistant", "content": echo}]}
+    assert _leaks_private_instruction(pair)
+    pair["rejected"][1]["content"] = "Heat milk, add lemon juice, strain."
+    assert not _leaks_private_instruction(pair)
