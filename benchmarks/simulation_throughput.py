@@ -8,7 +8,11 @@ Prints generated tokens/s for
   (c) raw `vllm.LLM.chat` replaying exactly the requests (a) sent, batched the same way,
 and the ratios a/b (target >= 5) and a/c (target >= 0.8), all on the same engine in one process.
 
-    .venv/bin/python benchmarks/simulation_throughput.py [--model builtin:smollm2] [--contexts 16]
+    .venv/bin/python benchmarks/simulation_throughput.py [--model builtin:smollm2] [--contexts 16] [--short]
+
+Generation lengths are the product's defaults (`SimulationConfig`: user 96, assistant 256,
+rewrite 128 max tokens) unless `--short` (64 / 128 / 64, the earlier runs' setting). How much
+batching can gain depends on them: it speeds up decoding, not prompt processing.
 """
 
 import argparse
@@ -25,6 +29,7 @@ from music_assets.simulation_assets import DuckDBTurnStore
 from resources.compute import ComputeResource
 from resources.llm import LLMEngine, Sampling, VLLMEngine
 from resources.seed_catalog import EMBEDDED_PATH
+from resources.simulation_config import SimulationConfig
 
 
 class RecordingEngine(LLMEngine):
@@ -79,14 +84,21 @@ def main():
     parser.add_argument("--naive-contexts", type=int, default=4, help="naive loop is slow: a subset")
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--threads-bind", default="auto")
+    parser.add_argument("--short", action="store_true", help="max tokens 64 / 128 / 64 instead of the defaults")
     args = parser.parse_args()
 
+    defaults = SimulationConfig()
+    if args.short:
+        lengths = {"user": 64, "assistant": 128, "rewrite": 64}
+    else:
+        lengths = {r: getattr(defaults, f"{r}_sampling").max_tokens for r in ("user", "assistant", "rewrite")}
     settings = SimulationSettings(
         turns=args.turns, contrast_turn=1, min_contrast_turns=min(2, args.turns),
-        user_sampling=Sampling(temperature=0.8, max_tokens=64),
-        assistant_sampling=Sampling(temperature=0.7, max_tokens=128),
-        rewrite_sampling=Sampling(temperature=0.8, max_tokens=64),
+        user_sampling=Sampling(temperature=0.8, max_tokens=lengths["user"]),
+        assistant_sampling=Sampling(temperature=0.7, max_tokens=lengths["assistant"]),
+        rewrite_sampling=Sampling(temperature=0.8, max_tokens=lengths["rewrite"]),
     )
+    print(f"max tokens: {lengths}, turns {args.turns}")
     engine = VLLMEngine(model=args.model, compute=ComputeResource(cpu_threads_bind=args.threads_bind))
     started = time.perf_counter()
     engine.chat([[{"role": "user", "content": "warm up"}]], Sampling(max_tokens=8))
