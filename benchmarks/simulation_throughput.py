@@ -84,6 +84,8 @@ def main():
     parser.add_argument("--naive-contexts", type=int, default=4, help="naive loop is slow: a subset")
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--threads-bind", default="auto")
+    parser.add_argument("--kv-cache-gib", type=int, default=ComputeResource().cpu_kv_cache_gib,
+                        help="CPU KV cache: at the 1 GiB default, 16 contexts x 2 branches do not all fit")
     parser.add_argument("--short", action="store_true", help="max tokens 64 / 128 / 64 instead of the defaults")
     args = parser.parse_args()
 
@@ -98,8 +100,9 @@ def main():
         assistant_sampling=Sampling(temperature=0.7, max_tokens=lengths["assistant"]),
         rewrite_sampling=Sampling(temperature=0.8, max_tokens=lengths["rewrite"]),
     )
-    print(f"max tokens: {lengths}, turns {args.turns}")
-    engine = VLLMEngine(model=args.model, compute=ComputeResource(cpu_threads_bind=args.threads_bind))
+    print(f"max tokens: {lengths}, turns {args.turns}, CPU KV cache {args.kv_cache_gib} GiB")
+    engine = VLLMEngine(model=args.model, compute=ComputeResource(cpu_threads_bind=args.threads_bind,
+                                                                  cpu_kv_cache_gib=args.kv_cache_gib))
     started = time.perf_counter()
     engine.chat([[{"role": "user", "content": "warm up"}]], Sampling(max_tokens=8))
     print(f"engine load + warm-up: {time.perf_counter() - started:.1f}s ({engine.identity()})")
