@@ -81,8 +81,8 @@ def child(phase: str, config: Path) -> dict:
 
     settings = load_settings(config)
     resources = build_resources(settings)
-    stages = [build_assets(settings, s) for s in (SEED_ASSETS, DATA_ASSETS, TRAINING_ASSETS, EVALUATION_ASSETS)]
-    seed_assets, data_assets, training_assets, evaluation_assets = stages
+    seed_assets, data_assets, training_assets, evaluation_assets = (
+        build_assets(settings, stage) for stage in (SEED_ASSETS, DATA_ASSETS, TRAINING_ASSETS, EVALUATION_ASSETS))
     instance = DagsterInstance.get()
     before = engine_requests(instance)
     # What the sensor decides, one tick evaluated for real against the instance.

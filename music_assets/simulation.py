@@ -395,8 +395,8 @@ PRIVATE_NOTE_MARKERS = ("private note", "respond to the following version")
 
 
 def shows_private_note(text: str) -> bool:
-    squashed = " ".join(text.lower().split())
-    return any(marker in squashed for marker in PRIVATE_NOTE_MARKERS)
+    words = _normalize(text)  # the markers are plain words: case, punctuation and spacing ignored
+    return any(marker in words for marker in PRIVATE_NOTE_MARKERS)
 
 
 def assistant_validator(private_note: bool = False) -> Validator:

@@ -110,8 +110,8 @@ def resolve_model(name: str) -> str:
 # --- vLLM in process ---------------------------------------------------------------------------
 
 _ENGINES: dict[tuple, object] = {}
-PROMPT_MARGIN_TOKENS = 8
 _ENGINES_LOCK = threading.Lock()
+PROMPT_MARGIN_TOKENS = 8  # vLLM's own count of a rendered prompt may add a special token or two
 
 
 class VLLMEngine(LLMEngine):
@@ -154,7 +154,6 @@ class VLLMEngine(LLMEngine):
         # transformers 5, whose len() is its number of keys, not of tokens.
         lengths = [len(tokenizer.encode(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
                                         add_special_tokens=False)) for c in conversations]
-        # A small margin: vLLM's own count of the rendered prompt may add a special token or two.
         fits = {i for i, n in enumerate(lengths) if n + PROMPT_MARGIN_TOKENS < limit}
         sent = sorted(fits)
         outputs = iter(llm.chat([conversations[i] for i in sent], [params[i] for i in sent], use_tqdm=False))
