@@ -28,7 +28,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 from music_assets.ingest import stable_hash
 from music_assets.prompts import PROMPT_VERSION, REWRITE_EXAMPLE, render, user_simulator_messages
@@ -174,114 +174,204 @@ def simulate(
     stats = SimulationStats(contexts=len(contexts))
     states = {ctx.context_id: _State(ctx, settings.contrast_turn_for(ctx.context_id)) for ctx in contexts}
     _restore(states, *store.load(), stats)
-    gen = BatchGenerator(settings.max_attempts, stats)
+    outbox = _Outbox(gkey)
 
-    for turn in range(1, settings.turns + 1):
-        live = [s for s in states.values() if not s.dropped and s.next_turn == turn]
-        if not live:
-            continue
-        drops: list[dict] = []
-
-        def drop(state: _State, stage: str, failure: "Failure"):
-            state.dropped = True
-            stats.dropped[failure.reason] += 1
-            drops.append(
-                {"generation_key": gkey, "source": state.ctx.source, "context_id": state.ctx.context_id,
-                 "turn": turn, "stage": stage, "reason": failure.reason, "last_output": failure.output[:500]}
-            )
-
-        # 1. user messages: one per context up to c (the branches are still identical), then one per branch
-        user_jobs = [(s, b) for s in live for b in (("shared",) if turn <= s.c else ("chosen", "rejected"))]
-        user_out = gen.run(
-            engines.user,
-            [user_simulator_messages(s.visible(b)) for s, b in user_jobs],
-            settings.user_sampling,
-            [_seed(gkey, s.ctx.context_id, b, turn, "user") for s, b in user_jobs],
-            [user_validator(s.visible(b), (s.modified, s.original) if b == "rejected" else None) for s, b in user_jobs],
-        )
-        user_msgs: dict[tuple[str, str], Ok] = {}
-        for (s, b), result in zip(user_jobs, user_out):
-            if isinstance(result, Failure):
-                if not s.dropped:
-                    drop(s, "user", result)
-            else:
-                user_msgs[(s.ctx.context_id, b)] = result
-        live = [s for s in live if not s.dropped]
-
-        # 2. the contrastive rewrite of the request at turn c
-        rewrite_jobs = [s for s in live if turn == s.c]
-        rewrite_out = gen.run(
-            engines.rewriter,
-            [[{"role": "user", "content": render("contrastive_rewrite",
-                                                 instruction=user_msgs[(s.ctx.context_id, "shared")].text)}]
-             for s in rewrite_jobs],
-            settings.rewrite_sampling,
-            [_seed(gkey, s.ctx.context_id, "rejected", turn, "rewrite") for s in rewrite_jobs],
-            [_rewrite_validator(user_msgs[(s.ctx.context_id, "shared")].text) for s in rewrite_jobs],
-        )
-        for s, result in zip(rewrite_jobs, rewrite_out):
-            if isinstance(result, Failure):
-                drop(s, "rewrite", result)
-            else:
-                s.original, s.modified = user_msgs[(s.ctx.context_id, "shared")].text, result.text
-        live = [s for s in live if not s.dropped]
-
-        # 3. assistant answers: shared before c; from c on, chosen (faithful) and rejected (private view)
-        answer_jobs, views = [], []
-        for s in live:
-            if turn < s.c:
-                user = user_msgs[(s.ctx.context_id, "shared")]
-                answer_jobs.append((s, "shared", user))
-                views.append(s.visible("shared") + [{"role": "user", "content": user.text}])
-                continue
-            for b in ("chosen", "rejected"):
-                user = user_msgs[(s.ctx.context_id, "shared" if turn == s.c else b)]
-                answer_jobs.append((s, b, user))
-                views.append(
-                    s.rejected_private_view(user.text, turn) if b == "rejected"
-                    else s.visible(b) + [{"role": "user", "content": user.text}]
-                )
-        answer_out = gen.run(
-            engines.assistant,
-            views,
-            settings.assistant_sampling,
-            [_seed(gkey, s.ctx.context_id, b, turn, "assistant") for s, b, _ in answer_jobs],
-            [assistant_validator(private_note=b == "rejected") for _, b, _ in answer_jobs],
-        )
-        finished: dict[str, list[tuple[str, Ok, Ok]]] = {}
-        for (s, b, user), result in zip(answer_jobs, answer_out):
-            if s.dropped:
-                continue
-            if isinstance(result, Failure):
-                drop(s, "assistant", result)
-                finished.pop(s.ctx.context_id, None)
-            else:
-                finished.setdefault(s.ctx.context_id, []).append((b, user, result))
-
-        # 4. commit every context's turn at once (both branches of a context, or neither)
-        rows = []
-        for cid, parts in finished.items():
-            s = states[cid]
-            for b, user, answer in parts:
-                rows.append(
-                    {"turn_key": stable_hash([cid, b, turn, gkey]), "generation_key": gkey,
-                     "source": s.ctx.source, "context_id": cid, "branch": b, "turn": turn,
-                     "contrast_turn": s.c, "user_message": user.text, "assistant_message": answer.text,
-                     "modified_instruction": s.modified if b == "rejected" else None,
-                     "user_attempts": user.attempts, "assistant_attempts": answer.attempts,
-                     "user_tokens": user.tokens, "assistant_tokens": answer.tokens}
-                )
+    def commit() -> None:
+        rows, drops = outbox.take()
+        if not rows and not drops:
+            return
         store.commit(rows, drops)
         stats.committed_rows += len(rows)
-        for row in rows:
-            _apply(states[row["context_id"]], row)
-        log(
-            f"turn {turn}/{settings.turns}: {len(finished)} contexts advanced, {len(drops)} dropped, "
-            f"{stats.completion_tokens} tokens so far ({stats.tokens_per_second:.0f} tok/s)"
-        )
+        for d in drops:
+            stats.dropped[d["reason"]] += 1
+        finished = sum(1 for s in states.values() if not s.dropped and s.next_turn > settings.turns)
+        log(f"committed {len(rows)} turn rows, {len(drops)} drops; {finished} of {len(states)} contexts finished, "
+            f"{sum(stats.dropped.values())} dropped, {stats.completion_tokens} tokens so far "
+            f"({stats.tokens_per_second:.0f} tok/s)")
 
+    flows = [_context_flow(s, settings, gkey, outbox) for s in states.values()
+             if not s.dropped and s.next_turn <= settings.turns]
+    _Driver(engines, settings.max_attempts, stats).run(flows, commit)
     stats.completed = sum(1 for s in states.values() if not s.dropped and s.next_turn > settings.turns)
     return stats
+
+
+@dataclass
+class Job:
+    """One generation a context needs; `stage` picks the engine (user, rewrite or assistant)."""
+
+    context_id: str
+    turn: int
+    stage: str
+    conversation: list[Message]
+    sampling: Sampling
+    seed: int
+    validator: "Validator"
+
+
+class _Outbox:
+    """Finished turn rows and drops, waiting for the next commit."""
+
+    def __init__(self, gkey: str):
+        self.gkey, self.rows, self.drops = gkey, [], []
+
+    def drop(self, state: _State, turn: int, stage: str, failure: "Failure") -> None:
+        state.dropped = True
+        self.drops.append({"generation_key": self.gkey, "source": state.ctx.source, "context_id": state.ctx.context_id,
+                           "turn": turn, "stage": stage, "reason": failure.reason, "last_output": failure.output[:500]})
+
+    def take(self) -> tuple[list[dict], list[dict]]:
+        taken = self.rows, self.drops
+        self.rows, self.drops = [], []
+        return taken
+
+
+def _context_flow(s: _State, settings: SimulationSettings, gkey: str, outbox: _Outbox):
+    """One context's remaining turns, as a generator: each `yield` hands over the jobs of its next
+    stage and receives their results (`Ok` or `Failure`, in order). Finished turns and drops go to
+    `outbox`; a turn's rows (both branches, or none) are applied to the state at once."""
+    cid = s.ctx.context_id
+    for turn in range(s.next_turn, settings.turns + 1):
+        # 1. user message: one while the branches are identical (up to c), then one per branch
+        branches = ("shared",) if turn <= s.c else ("chosen", "rejected")
+        users = yield [Job(cid, turn, "user", user_simulator_messages(s.visible(b)), settings.user_sampling,
+                           _seed(gkey, cid, b, turn, "user"),
+                           user_validator(s.visible(b), (s.modified, s.original) if b == "rejected" else None))
+                       for b in branches]
+        if failure := _first_failure(users):
+            return outbox.drop(s, turn, "user", failure)
+        user = dict(zip(branches, users))
+
+        # 2. at c: the contrastive rewrite of the shared request
+        if turn == s.c:
+            (rewrite,) = yield [Job(cid, turn, "rewrite", [{"role": "user", "content": render("contrastive_rewrite",
+                                                                                 instruction=user["shared"].text)}],
+                                    settings.rewrite_sampling, _seed(gkey, cid, "rejected", turn, "rewrite"),
+                                    _rewrite_validator(user["shared"].text))]
+            if isinstance(rewrite, Failure):
+                return outbox.drop(s, turn, "rewrite", rewrite)
+            s.original, s.modified = user["shared"].text, rewrite.text
+
+        # 3. answers: shared before c; from c on, chosen (faithful) and rejected (private view)
+        answering = ("shared",) if turn < s.c else ("chosen", "rejected")
+        asked = {b: user["shared" if turn <= s.c else b] for b in answering}
+        answers = yield [Job(cid, turn, "assistant",
+                             s.rejected_private_view(asked[b].text, turn) if b == "rejected"
+                             else s.visible(b) + [{"role": "user", "content": asked[b].text}],
+                             settings.assistant_sampling, _seed(gkey, cid, b, turn, "assistant"),
+                             assistant_validator(private_note=b == "rejected"))
+                         for b in answering]
+        if failure := _first_failure(answers):
+            return outbox.drop(s, turn, "assistant", failure)
+
+        # 4. the turn is done: its rows go to the next commit
+        rows = [{"turn_key": stable_hash([cid, b, turn, gkey]), "generation_key": gkey,
+                 "source": s.ctx.source, "context_id": cid, "branch": b, "turn": turn,
+                 "contrast_turn": s.c, "user_message": asked[b].text, "assistant_message": answer.text,
+                 "modified_instruction": s.modified if b == "rejected" else None,
+                 "user_attempts": asked[b].attempts, "assistant_attempts": answer.attempts,
+                 "user_tokens": asked[b].tokens, "assistant_tokens": answer.tokens}
+                for b, answer in zip(answering, answers)]
+        outbox.rows += rows
+        for row in rows:
+            _apply(s, row)
+
+
+def _first_failure(results: list) -> Optional["Failure"]:
+    return next((r for r in results if isinstance(r, Failure)), None)
+
+
+class RequestKey(NamedTuple):
+    """How the simulation names a request to the engine stream (unique by `serial`)."""
+
+    serial: int
+    context_id: str
+    turn: int
+    stage: str
+    attempt: int
+
+
+@dataclass
+class _Step:
+    """The jobs a context is waiting on, with their results so far."""
+
+    flow: object
+    jobs: list[Job]
+    results: list
+    attempts: list[int]
+    tokens: list[int]
+
+
+class _Driver:
+    """Runs all context flows against the engines' request streams.
+
+    Every job goes to its engine as soon as the stage before it is done, and a failed job is
+    retried (new seed) as soon as its output comes back; so the engine keeps every live context
+    and branch in its batch, instead of waiting at each step for the slowest request or running a
+    retry almost alone. Finished turns are committed before any request that follows them is sent."""
+
+    def __init__(self, engines: Engines, max_attempts: int, stats: GenerationStats):
+        by_engine: dict[int, object] = {}  # one stream per engine: roles on one engine share its batches
+        self.streams = {stage: by_engine.setdefault(id(engine), engine.stream())
+                        for stage, engine in (("user", engines.user), ("assistant", engines.assistant),
+                                              ("rewrite", engines.rewriter))}
+        self.max_attempts, self.stats = max_attempts, stats
+        self.in_flight: dict[RequestKey, tuple[_Step, int]] = {}
+        self.outgoing: list[tuple[_Step, int]] = []
+        self.serial = iter(range(2**62))
+
+    def run(self, flows: list, commit: Callable[[], None]) -> None:
+        streams = list({id(s): s for s in self.streams.values()}.values())
+        try:
+            for flow in flows:
+                self._advance(flow, None)
+            while True:
+                commit()
+                self._send()
+                if not self.in_flight:
+                    return
+                for stream in streams:
+                    if stream.pending:
+                        self._receive(stream)
+        finally:
+            for stream in streams:
+                stream.close()
+
+    def _advance(self, flow, results) -> None:
+        try:
+            jobs = flow.send(results)
+        except StopIteration:
+            return
+        step = _Step(flow, jobs, [None] * len(jobs), [0] * len(jobs), [0] * len(jobs))
+        self.outgoing += [(step, i) for i in range(len(jobs))]
+
+    def _send(self) -> None:
+        for step, i in self.outgoing:
+            step.attempts[i] += 1
+            job = step.jobs[i]
+            key = RequestKey(next(self.serial), job.context_id, job.turn, job.stage, step.attempts[i])
+            self.in_flight[key] = (step, i)
+            self.streams[job.stage].submit(key, job.conversation, job.sampling, _attempt_seed(job.seed, step.attempts[i]))
+            self.stats.requests += 1
+        self.outgoing = []
+
+    def _receive(self, stream) -> None:
+        started = time.perf_counter()
+        finished = stream.wait()
+        self.stats.generation_seconds += time.perf_counter() - started
+        self.stats.calls += 1
+        for key, out in finished:
+            step, i = self.in_flight.pop(key)
+            self.stats.completion_tokens += out.completion_tokens
+            step.tokens[i] += out.completion_tokens
+            result = _validated(step.jobs[i].validator, out, step.attempts[i], step.tokens[i])
+            if isinstance(result, Failure) and step.attempts[i] < self.max_attempts:
+                self.stats.retries[result.reason] += 1
+                self.outgoing.append((step, i))
+                continue
+            step.results[i] = result
+            if all(r is not None for r in step.results):
+                self._advance(step.flow, step.results)
 
 
 # --- resume -------------------------------------------------------------------------------------
@@ -350,7 +440,7 @@ class BatchGenerator:
                 break
             started = time.perf_counter()
             outs = engine.chat([conversations[i] for i in pending], sampling,
-                               [(seeds[i] + 7919 * (attempt - 1)) % 2**31 for i in pending])
+                               [_attempt_seed(seeds[i], attempt) for i in pending])
             self.stats.generation_seconds += time.perf_counter() - started
             self.stats.calls += 1
             self.stats.requests += len(pending)
@@ -358,16 +448,22 @@ class BatchGenerator:
             for i, out in zip(pending, outs):
                 self.stats.completion_tokens += out.completion_tokens
                 tokens[i] += out.completion_tokens
-                reason, cleaned = validators[i](out.text, out.finish_reasons[0])
-                if reason is None:
-                    results[i] = Ok(cleaned, attempt, tokens[i])
-                else:
-                    results[i] = Failure(reason, out.error or out.text)
-                    if attempt < self.max_attempts:
-                        self.stats.retries[reason] += 1
-                        still.append(i)
+                results[i] = _validated(validators[i], out, attempt, tokens[i])
+                if isinstance(results[i], Failure) and attempt < self.max_attempts:
+                    self.stats.retries[results[i].reason] += 1
+                    still.append(i)
             pending = still
         return results
+
+
+def _attempt_seed(seed: int, attempt: int) -> int:
+    """A new seed per attempt, so a retry samples differently (and reproducibly)."""
+    return (seed + 7919 * (attempt - 1)) % 2**31
+
+
+def _validated(validator: "Validator", out, attempt: int, tokens: int) -> Ok | Failure:
+    reason, cleaned = validator(out.text, out.finish_reasons[0])
+    return Ok(cleaned, attempt, tokens) if reason is None else Failure(reason, out.error or out.text)
 
 
 _ROLE_LABEL = re.compile(r"^\s*(?:\*\*)?(user|the user|human|me)\s*(?:\*\*)?\s*:\s*", re.IGNORECASE)

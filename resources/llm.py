@@ -84,6 +84,59 @@ class LLMEngine(ConfigurableResource):
         Never includes credentials."""
         return {"backend": type(self).__name__, "model": self.model}
 
+    def stream(self) -> "RequestStream":
+        """A stream of requests for callers whose next request depends on an earlier answer (the
+        simulation). This default batches whatever was submitted into one `chat` call per
+        `wait`; the vLLM backend overrides it with true continuous batching."""
+        return BatchedStream(self)
+
+
+class RequestStream:
+    """Takes requests at any time and hands each generation back when it is finished.
+
+    `submit` queues one request under a caller-chosen key; `wait` blocks until at least one
+    queued request is finished and returns `(key, Generation)` for all that are. A caller that
+    submits a request as soon as the answer it depends on arrives keeps the engine's batch full,
+    instead of waiting for the slowest request of a step (or for a retry of one request) while
+    the engine runs almost empty."""
+
+    def submit(self, key, conversation: list[Message], sampling: Sampling, seed: Optional[int] = None) -> None:
+        raise NotImplementedError
+
+    def wait(self) -> list[tuple[object, Generation]]:
+        raise NotImplementedError
+
+    @property
+    def pending(self) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Gives up on what is still in flight (the caller failed midway)."""
+
+
+class BatchedStream(RequestStream):
+    """For any `chat` engine: everything submitted since the last `wait` goes out as one batched call."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine, self.queue = engine, []
+
+    def submit(self, key, conversation, sampling, seed=None):
+        self.queue.append((key, conversation, sampling, seed))
+
+    def wait(self):
+        batch, self.queue = self.queue, []
+        if not batch:
+            return []
+        keys, conversations, samplings, seeds = zip(*batch)
+        return list(zip(keys, self.engine.chat(list(conversations), list(samplings), list(seeds))))
+
+    @property
+    def pending(self) -> int:
+        return len(self.queue)
+
+    def close(self) -> None:
+        self.queue = []
+
 
 def per_request(sampling: Sampling | list[Sampling], count: int) -> list[Sampling]:
     if isinstance(sampling, Sampling):
@@ -110,6 +163,7 @@ def resolve_model(name: str) -> str:
 # --- vLLM in process ---------------------------------------------------------------------------
 
 _ENGINES: dict[tuple, object] = {}
+_STREAMS: dict[tuple, "_VLLMStream"] = {}
 _ENGINES_LOCK = threading.Lock()
 PROMPT_MARGIN_TOKENS = 8  # vLLM's own count of a rendered prompt may add a special token or two
 
@@ -118,8 +172,11 @@ class VLLMEngine(LLMEngine):
     compute: ComputeResource
     enable_prefix_caching: bool = True  # chosen and rejected branches share their context prefix
 
+    def _key(self) -> tuple:
+        return (self.model, self.enable_prefix_caching, tuple(sorted(self.compute.vllm_engine_kwargs().items())))
+
     def _llm(self):
-        key = (self.model, self.enable_prefix_caching, tuple(sorted(self.compute.vllm_engine_kwargs().items())))
+        key = self._key()
         with _ENGINES_LOCK:
             if key not in _ENGINES:
                 os.environ.update(self.compute.vllm_environment())
@@ -136,45 +193,102 @@ class VLLMEngine(LLMEngine):
                 )
             return _ENGINES[key]
 
+    def _prompt_lengths(self, conversations) -> list[int]:
+        """Prompt tokens per conversation, as the chat template renders it. vLLM rejects a whole
+        batch when one prompt does not fit the context, so callers refuse that one request instead."""
+        tokenizer = self._llm().get_tokenizer()
+        # Rendered to text, then counted: `apply_chat_template(tokenize=True)` returns a dict under
+        # transformers 5, whose len() is its number of keys, not of tokens.
+        return [len(tokenizer.encode(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
+                                     add_special_tokens=False)) for c in conversations]
+
+    def _fits(self, length: int) -> bool:
+        return length + PROMPT_MARGIN_TOKENS < self.compute.max_model_len
+
+    def _refused(self, length: int) -> Generation:
+        return Generation([""], ["error"], 0, length,
+                          error=f"prompt of {length} tokens exceeds max_model_len {self.compute.max_model_len}")
+
     def chat(self, conversations, sampling, seeds=None):
         if not conversations:
             return []
-        from vllm import SamplingParams
-
+        stream = _STREAMS.get(self._key())
+        if stream is not None and stream.pending:
+            raise RuntimeError(f"vLLM engine for {self.model} has {stream.pending} streamed requests in flight; "
+                               "close the stream before calling chat() on the same engine")
         seeds = seeds or [None] * len(conversations)
-        params = [
-            SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=seed)
-            for s, seed in zip(per_request(sampling, len(conversations)), seeds)
-        ]
+        params = [_sampling_params(s, seed) for s, seed in zip(per_request(sampling, len(conversations)), seeds)]
         llm = self._llm()
-        # vLLM rejects a whole batch when one prompt does not fit the context: refuse that one
-        # request instead (the caller records it), and send the rest.
-        tokenizer, limit = llm.get_tokenizer(), self.compute.max_model_len
-        # Rendered to text, then counted: `apply_chat_template(tokenize=True)` returns a dict under
-        # transformers 5, whose len() is its number of keys, not of tokens.
-        lengths = [len(tokenizer.encode(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
-                                        add_special_tokens=False)) for c in conversations]
-        fits = {i for i, n in enumerate(lengths) if n + PROMPT_MARGIN_TOKENS < limit}
-        sent = sorted(fits)
-        outputs = iter(llm.chat([conversations[i] for i in sent], [params[i] for i in sent], use_tqdm=False))
-        results = []
-        for i, n in enumerate(lengths):
-            if i not in fits:
-                results.append(Generation([""], ["error"], 0, n, error=f"prompt of {n} tokens exceeds max_model_len {limit}"))
-                continue
-            out = next(outputs)
-            results.append(
-                Generation(
-                    texts=[c.text for c in out.outputs],
-                    finish_reasons=[c.finish_reason or "stop" for c in out.outputs],
-                    completion_tokens=sum(len(c.token_ids) for c in out.outputs),
-                    prompt_tokens=len(out.prompt_token_ids or []),
-                )
-            )
-        return results
+        lengths = self._prompt_lengths(conversations)
+        sent = [i for i, n in enumerate(lengths) if self._fits(n)]
+        outputs = dict(zip(sent, llm.chat([conversations[i] for i in sent], [params[i] for i in sent], use_tqdm=False)))
+        return [_generation(outputs[i]) if i in outputs else self._refused(n) for i, n in enumerate(lengths)]
+
+    def stream(self) -> "RequestStream":
+        """One stream per loaded engine: every resource on the same model and hardware shares the
+        engine (see `_ENGINES`), so they must share its stream too, or one would step the engine
+        and receive the other's finished requests."""
+        with _ENGINES_LOCK:
+            return _STREAMS.setdefault(self._key(), _VLLMStream(self))
 
     def identity(self):
         return {**super().identity(), "dtype": self.compute.resolved_dtype()}
+
+
+def _sampling_params(s: Sampling, seed: Optional[int]):
+    from vllm import SamplingParams
+
+    return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=seed)
+
+
+def _generation(out) -> Generation:
+    return Generation(
+        texts=[c.text for c in out.outputs],
+        finish_reasons=[c.finish_reason or "stop" for c in out.outputs],
+        completion_tokens=sum(len(c.token_ids) for c in out.outputs),
+        prompt_tokens=len(out.prompt_token_ids or []),
+    )
+
+
+class _VLLMStream(RequestStream):
+    """Continuous batching across dependent requests: a submitted request joins the engine's
+    running batch at once (`LLM.enqueue_chat`), and `wait` steps the engine only until something
+    finishes. So a retry, or the next turn of a conversation whose answer came back early, runs
+    alongside everyone else's work instead of in a small batch of its own afterwards."""
+
+    def __init__(self, engine: VLLMEngine):
+        self.engine, self.keys, self.ready = engine, {}, []
+
+    def submit(self, key, conversation, sampling, seed=None):
+        (length,) = self.engine._prompt_lengths([conversation])
+        if not self.engine._fits(length):
+            self.ready.append((key, self.engine._refused(length)))
+            return
+        (internal,) = self.engine._llm().enqueue_chat([conversation], [_sampling_params(sampling, seed)], use_tqdm=False)
+        # vLLM returns its internal id, "<id>-<8 random chars>", and reports outputs under <id>
+        self.keys[internal.rsplit("-", 1)[0]] = (key, internal)
+
+    def wait(self):
+        done, self.ready = self.ready, []
+        core = self.engine._llm().llm_engine
+        while not done and self.keys:
+            if not core.has_unfinished_requests():  # step() would block forever
+                raise EngineError(f"vLLM has none of the {len(self.keys)} streamed requests still waiting for it")
+            for out in core.step():
+                if out.finished and out.request_id in self.keys:
+                    done.append((self.keys.pop(out.request_id)[0], _generation(out)))
+        return done
+
+    @property
+    def pending(self) -> int:
+        return len(self.keys) + len(self.ready)
+
+    def close(self) -> None:
+        """Aborts what is still in flight (a caller that failed midway), so the engine's next
+        `chat` does not run, and return, these orphans."""
+        if self.keys:
+            self.engine._llm().llm_engine.abort_request([internal for _, internal in self.keys.values()], internal=True)
+        self.keys, self.ready = {}, []
 
 
 def release_vllm_engines() -> None:
@@ -185,6 +299,7 @@ def release_vllm_engines() -> None:
     with _ENGINES_LOCK:
         engines = list(_ENGINES.values())
         _ENGINES.clear()
+        _STREAMS.clear()
     for llm in engines:
         try:
             llm.llm_engine.engine_core.shutdown()

@@ -25,12 +25,14 @@ class ScriptedEngine(LLMEngine):
 
     def chat(self, conversations, sampling, seeds=None):
         out = []
+        BATCHES.append([])
         for conv, seed in zip(conversations, seeds):
             text = "\n".join(m["content"] for m in conv)
             stage = ("user" if conv[0]["content"].startswith(USER_PROMPT)
                      else "rewrite" if text.startswith(REWRITE_PROMPT) else "assistant")
             marker = next((m for m in ("ctx-a", "ctx-b", "ctx-c", "ctx-d", "ctx-e") if m in text), "")
             CALLS.append((stage, marker))
+            BATCHES[-1].append((stage, marker))
             script = self.faults.get(f"{stage}:{marker}")
             attempt = sum(1 for c in CALLS if c == (stage, marker)) - 1
             if script:
@@ -50,6 +52,7 @@ class ScriptedEngine(LLMEngine):
 
 
 CALLS: list = []
+BATCHES: list = []  # the (stage, marker) of every request, per engine call
 
 
 class MemoryStore(TurnStore):
@@ -79,6 +82,7 @@ def contexts():
 @pytest.fixture(autouse=True)
 def _reset_calls():
     CALLS.clear()
+    BATCHES.clear()
 
 
 def run(engine, store, settings=SimulationSettings(turns=3, contrast_turn=1)):
@@ -124,6 +128,17 @@ def test_each_step_is_one_batched_call_per_stage():
     # 5 contexts: turn 1 shared (5+5), turn 2 shared user + 5 rewrites + 10 answers, turn 3 10 + 10
     assert stats.requests == 5 + 5 + 5 + 5 + 10 + 10 + 10
     assert stats.completed == 5 and len(store.rows) == 5 * (1 + 2 + 2)
+
+
+def test_a_retry_rides_along_with_the_other_contexts_next_stage():
+    engine = ScriptedEngine(faults={"user:ctx-a": [("", "stop"), ("Could you say more?", "stop")]})
+    stats = run(engine, MemoryStore(), SimulationSettings(turns=3, contrast_turn=2))
+    assert stats.completed == 5 and stats.retries["empty"] == 1
+    retry_call = [b for b in BATCHES if ("user", "ctx-a") in b][1]  # [0]: the empty first attempt
+    # not a call of its own: the other four contexts' turn-1 answers go in the same call
+    assert sorted(retry_call) == [("assistant", m) for m in ("ctx-b", "ctx-c", "ctx-d", "ctx-e")] + [("user", "ctx-a")]
+    # and ctx-a catches up one call later each stage, never running alone until its last answers
+    assert all(len(b) > 2 for b in BATCHES[:-1])
 
 
 def test_crash_then_resume_keeps_committed_turns_and_never_duplicates():
