@@ -4,6 +4,11 @@ Same checkpoint (a freshly initialised reward head on the chosen backbone unless
 given), same HH-RLHF test pairs. Prints pairs/s of both, the speed-up (target >= 4x on CPU) and
 the largest score difference (target <= 1e-4).
 
+It also prints the bound on any speed-up that keeps the scores: the matrix-multiply FLOPs of
+one-pair scoring (counted by torch's FlopCounterMode) over its time give the FLOP rate it already
+reaches; a large fp32 GEMM gives the best rate this machine reaches at all. Batching does the
+same FLOPs (fewer, with less padding), so it cannot beat one-pair scoring by more than their ratio.
+
     .venv/bin/python benchmarks/rm_scoring.py [--backbone minilm|smollm2] [--checkpoint FOLDER] [--pairs 230]
 """
 
@@ -12,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,6 +59,11 @@ def main():
             single.append((c.item(), r.item()))
     t_single = time.perf_counter() - started
 
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        for p in pairs:
+            rewards(model, [p], tok.pad_token_id)
+    single_rate, peak = counter.get_total_flops() / t_single / 1e9, gemm_peak_gflops()
+
     diff = max(abs(a - b) for x, y in zip(batched, single) for a, b in zip(x, y))
     lengths = sorted(len(x) for p in pairs for x in (p.chosen, p.rejected))
     print(f"{args.backbone}, {len(pairs)} pairs, tokens per sequence: median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
@@ -60,6 +71,19 @@ def main():
     print(f"batched, length-sorted, inference_mode: {len(pairs) / t_batched:.1f} pairs/s ({t_batched:.1f}s)")
     print(f"one pair per forward:                   {len(pairs) / t_single:.1f} pairs/s ({t_single:.1f}s)")
     print(f"speed-up {t_single / t_batched:.2f}x (target >= 4); max score difference {diff:.2e} (target <= 1e-4)")
+    print(f"one pair per forward runs matmuls at {single_rate:.0f} GFLOP/s; this machine's fp32 GEMM peak "
+          f"(2048x2048 matmul) is {peak:.0f} GFLOP/s: any schedule of the same FLOPs is at most "
+          f"{peak / single_rate:.2f}x faster than one pair per forward")
+
+
+def gemm_peak_gflops(n: int = 2048, repeats: int = 8) -> float:
+    """The best fp32 matmul rate torch reaches on this machine (a large, cache-friendly GEMM)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
 if __name__ == "__main__":

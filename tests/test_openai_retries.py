@@ -1,9 +1,10 @@
-"""The OpenAI-compatible backend's retry policy, against a loopback server that injects faults
-(429, 503, dropped connections, 400). The real `vllm serve` path is in test_openai_vllm_server.py."""
+"""The OpenAI-compatible backend's retry policy and request stream, against a loopback server that
+injects faults (429, 503, dropped connections, 400, a slow answer). The real `vllm serve` path is in test_openai_vllm_server.py."""
 
 import json
 import socketserver
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -35,6 +36,8 @@ class FaultServer:
                     self.end_headers()
                     self.wfile.write(b'{"error": "injected"}')
                     return
+                if "slow" in json.dumps(body["messages"]):
+                    time.sleep(1.5)
                 n = body.get("n", 1)
                 payload = {"choices": [{"index": i, "message": {"role": "assistant", "content": f"ok {i}"},
                                         "finish_reason": "stop"} for i in range(n)],
@@ -66,7 +69,7 @@ def server(request):
 
 
 def engine(url, **kw):
-    return OpenAIEngine(model="served", base_url=url, backoff_s=0.01, backoff_max_s=0.05, max_concurrency=1, **kw)
+    return OpenAIEngine(model="served", base_url=url, backoff_s=0.01, backoff_max_s=0.05, **{"max_concurrency": 1, **kw})
 
 
 @pytest.mark.parametrize("server", [[429, 503, "drop"]], indirect=True)
@@ -115,3 +118,19 @@ def test_batch_is_fanned_out_with_bounded_concurrency(server):
     eng = OpenAIEngine(model="served", base_url=server.url, max_concurrency=4)
     out = eng.chat([[{"role": "user", "content": f"q{i}"}] for i in range(10)], Sampling(), seeds=list(range(10)))
     assert len(out) == 10 and sorted(r["seed"] for r in server.requests) == list(range(10))
+
+
+@pytest.mark.parametrize("server", [[]], indirect=True)
+def test_stream_hands_back_each_response_as_it_arrives(server):
+    stream = engine(server.url, max_concurrency=2).stream()
+    try:
+        stream.submit("slow", [{"role": "user", "content": "a slow one"}], Sampling(), 1)
+        stream.submit("fast", [{"role": "user", "content": "hi"}], Sampling(), 2)
+        assert [k for k, _ in stream.wait()] == ["fast"] and stream.pending == 1
+        stream.submit("next", [{"role": "user", "content": "hi again"}], Sampling(), 3)  # while slow runs
+        assert [k for k, _ in stream.wait()] == ["next"]
+        (key, generation), = stream.wait()
+        assert key == "slow" and generation.text == "ok 0" and stream.pending == 0
+    finally:
+        stream.close()
+    assert [r["seed"] for r in server.requests] in ([1, 2, 3], [2, 1, 3])
