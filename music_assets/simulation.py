@@ -148,7 +148,7 @@ class TurnStore:
 @dataclass
 class GenerationStats:
     retries: Counter = field(default_factory=Counter)  # reason -> retried generations
-    calls: int = 0
+    calls: int = 0  # batched calls (Best-of-N), or rounds of finished generations from a stream (simulation)
     requests: int = 0
     completion_tokens: int = 0
     generation_seconds: float = 0.0
@@ -315,9 +315,11 @@ class _Driver:
 
     def __init__(self, engines: Engines, max_attempts: int, stats: GenerationStats):
         by_engine: dict[int, object] = {}  # one stream per engine: roles on one engine share its batches
-        self.streams = {stage: by_engine.setdefault(id(engine), engine.stream())
-                        for stage, engine in (("user", engines.user), ("assistant", engines.assistant),
-                                              ("rewrite", engines.rewriter))}
+        self.streams = {}
+        for stage, engine in (("user", engines.user), ("assistant", engines.assistant), ("rewrite", engines.rewriter)):
+            if id(engine) not in by_engine:
+                by_engine[id(engine)] = engine.stream()
+            self.streams[stage] = by_engine[id(engine)]
         self.max_attempts, self.stats = max_attempts, stats
         self.in_flight: dict[RequestKey, tuple[_Step, int]] = {}
         self.outgoing: list[tuple[_Step, int]] = []
