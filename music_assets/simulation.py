@@ -16,7 +16,8 @@ rest of its step, and a short answer does not wait for the step's longest one. T
 shared prefix, and each turn's prompt, which only extends the previous one, are reused by vLLM's
 prefix cache. Engines without streaming get one batched call per round of finished requests.
 
-Resumability: after each turn, all finished rows are committed (see `TurnStore`), keyed by
+Resumability: as soon as a context finishes a turn (both branches), its rows are committed (see
+`TurnStore`), before any request that builds on them is sent, keyed by
 hash(context, branch, turn, generation key). On restart the committed rows rebuild each context's
 state and the loop continues where it stopped; a finished partition generates nothing.
 
