@@ -321,13 +321,14 @@ class _Driver:
             if id(engine) not in by_engine:
                 by_engine[id(engine)] = engine.stream()
             self.streams[stage] = by_engine[id(engine)]
+        self.distinct_streams = list(by_engine.values())
         self.max_attempts, self.stats = max_attempts, stats
         self.in_flight: dict[RequestKey, tuple[_Step, int]] = {}
         self.outgoing: list[tuple[_Step, int]] = []
         self.serial = iter(range(2**62))
 
     def run(self, flows: list, commit: Callable[[], None]) -> None:
-        streams = list({id(s): s for s in self.streams.values()}.values())
+        streams = self.distinct_streams
         try:
             for flow in flows:
                 self._advance(flow, None)

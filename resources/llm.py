@@ -94,7 +94,7 @@ class LLMEngine(ConfigurableResource):
     def stream(self) -> "RequestStream":
         """A stream of requests for callers whose next request depends on an earlier answer (the
         simulation). This default batches whatever was submitted into one `chat` call per
-        `wait`; the vLLM backend overrides it with true continuous batching."""
+        `wait`; the vLLM and OpenAI backends override it to hand back each request as it finishes."""
         return BatchedStream(self)
 
 
@@ -200,10 +200,11 @@ class VLLMEngine(LLMEngine):
                 )
             return _ENGINES[key]
 
-    def _prompt_lengths(self, conversations) -> list[int]:
+    @staticmethod
+    def _prompt_lengths(llm, conversations) -> list[int]:
         """Prompt tokens per conversation, as the chat template renders it. vLLM rejects a whole
         batch when one prompt does not fit the context, so callers refuse that one request instead."""
-        tokenizer = self._llm().get_tokenizer()
+        tokenizer = llm.get_tokenizer()
         # Rendered to text, then counted: `apply_chat_template(tokenize=True)` returns a dict under
         # transformers 5, whose len() is its number of keys, not of tokens.
         return [len(tokenizer.encode(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
@@ -226,7 +227,7 @@ class VLLMEngine(LLMEngine):
         seeds = seeds or [None] * len(conversations)
         params = [_sampling_params(s, seed) for s, seed in zip(per_request(sampling, len(conversations)), seeds)]
         llm = self._llm()
-        lengths = self._prompt_lengths(conversations)
+        lengths = self._prompt_lengths(llm, conversations)
         sent = [i for i, n in enumerate(lengths) if self._fits(n)]
         outputs = dict(zip(sent, llm.chat([conversations[i] for i in sent], [params[i] for i in sent], use_tqdm=False)))
         return [_generation(outputs[i]) if i in outputs else self._refused(n) for i, n in enumerate(lengths)]
@@ -235,8 +236,11 @@ class VLLMEngine(LLMEngine):
         """One stream per loaded engine: every resource on the same model and hardware shares the
         engine (see `_ENGINES`), so they must share its stream too, or one would step the engine
         and receive the other's finished requests."""
+        key, llm = self._key(), self._llm()
         with _ENGINES_LOCK:
-            return _STREAMS.setdefault(self._key(), _VLLMStream(self))
+            if key not in _STREAMS:
+                _STREAMS[key] = _VLLMStream(self, llm)
+            return _STREAMS[key]
 
     def identity(self):
         return {**super().identity(), "dtype": self.compute.resolved_dtype()}
@@ -263,21 +267,21 @@ class _VLLMStream(RequestStream):
     finishes. So a retry, or the next turn of a conversation whose answer came back early, runs
     alongside everyone else's work instead of in a small batch of its own afterwards."""
 
-    def __init__(self, engine: VLLMEngine):
-        self.engine, self.keys, self.ready = engine, {}, []
+    def __init__(self, engine: VLLMEngine, llm):
+        self.engine, self.llm, self.keys, self.ready = engine, llm, {}, []
 
     def submit(self, key, conversation, sampling, seed=None):
-        (length,) = self.engine._prompt_lengths([conversation])
+        (length,) = self.engine._prompt_lengths(self.llm, [conversation])
         if not self.engine._fits(length):
             self.ready.append((key, self.engine._refused(length)))
             return
-        (internal,) = self.engine._llm().enqueue_chat([conversation], [_sampling_params(sampling, seed)], use_tqdm=False)
+        (internal,) = self.llm.enqueue_chat([conversation], [_sampling_params(sampling, seed)], use_tqdm=False)
         # vLLM returns its internal id, "<id>-<8 random chars>", and reports outputs under <id>
         self.keys[internal.rsplit("-", 1)[0]] = (key, internal)
 
     def wait(self):
         done, self.ready = self.ready, []
-        core = self.engine._llm().llm_engine
+        core = self.llm.llm_engine
         while not done and self.keys:
             if not core.has_unfinished_requests():  # step() would block forever
                 raise EngineError(f"vLLM has none of the {len(self.keys)} streamed requests still waiting for it")
@@ -294,7 +298,7 @@ class _VLLMStream(RequestStream):
         """Aborts what is still in flight (a caller that failed midway), so the engine's next
         `chat` does not run, and return, these orphans."""
         if self.keys:
-            self.engine._llm().llm_engine.abort_request([internal for _, internal in self.keys.values()], internal=True)
+            self.llm.llm_engine.abort_request([internal for _, internal in self.keys.values()], internal=True)
         self.keys, self.ready = {}, []
 
 
