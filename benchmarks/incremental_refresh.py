@@ -2,7 +2,7 @@
 
 Both phases run in a fresh child process against the same Dagster instance and DuckDB file, so
 each pays its imports and its vLLM engine load:
-- full: the embedded sample plus four seed files (UltraFeedback slices from ../shared/data) are
+- full: the embedded sample plus four seed files (UltraFeedback slices from tests/data) are
   five partitions; one tick of the seed-folder sensor registers and requests them, each
   partition's chain runs (ingestion -> contexts -> simulation -> MUSIC pairs), then dedup,
   splits, both reward models and their evaluation;
@@ -50,7 +50,7 @@ def write_config(work: Path, model: str, contexts: int) -> Path:
 
 
 def add_seed_file(work: Path, index: int) -> None:
-    rows = (REPO.parent / "shared" / "data" / "ultrafeedback" / "eval_clean.jsonl").read_text().splitlines()
+    rows = (REPO / "tests" / "data" / "ultrafeedback" / "eval_clean.jsonl").read_text().splitlines()
     seeds = work / "seeds"
     seeds.mkdir(parents=True, exist_ok=True)
     (seeds / f"{FILES[index]}.jsonl").write_text("\n".join(rows[30 * index : 30 * (index + 1)]) + "\n")

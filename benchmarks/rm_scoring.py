@@ -42,7 +42,7 @@ def main():
     else:
         model, tok = load_backbone(f"builtin:{args.backbone}", 0)
         enc = PairEncoder(tok, args.max_length, "plain" if args.backbone == "minilm" else None)
-    path = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+    path = REPO / "tests" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
     rows = ingest(ResolvedSource("hh", str(path), "hh_rlhf", path=path)).pairs[: args.pairs]
     pairs = [enc.encode(r["chosen"], r["rejected"]) for r in rows]
     model.eval()

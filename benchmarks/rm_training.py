@@ -47,7 +47,7 @@ def _data(setting: dict):
 
     import polars as pl
 
-    path = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+    path = REPO / "tests" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
     pairs = ingest(ResolvedSource("hh", str(path), "hh_rlhf", path=path)).pairs
     df = assign_splits(pl.DataFrame([{"group_id": p["context_hash"], "chosen": p["chosen"], "rejected": p["rejected"]}
                                      for p in pairs]), 0, 0.1, 0.1)

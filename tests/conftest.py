@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to the real public data in ../shared/data and a scratch Settings."""
+"""Shared fixtures: paths to the real public data in tests/data and a scratch Settings."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+REAL_DATA = REPO / "tests" / "data"  # slices of public datasets; tests/data/README.md
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"real test data missing: {SHARED_DATA} (the project expects ../shared/data)")
-    return SHARED_DATA
+def real_data() -> Path:
+    if not REAL_DATA.is_dir():
+        pytest.fail(f"real test data missing: {REAL_DATA} (tests/data is part of the project: is the checkout complete?)")
+    return REAL_DATA
 
 
 def load_settings_in(tmp_path: Path, **config):

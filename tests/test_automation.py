@@ -15,9 +15,9 @@ from music_assets.automation import CHANGE_TAG, FINGERPRINT_TAG, with_nightly_re
 from music_assets.definitions import build_definitions
 from music_assets.lineage import latest_materialization
 from music_assets.partitions import seed_partitions
-from tests.conftest import SHARED_DATA, load_settings_in
+from tests.conftest import REAL_DATA, load_settings_in
 
-UF = SHARED_DATA / "ultrafeedback" / "eval_clean.jsonl"
+UF = REAL_DATA / "ultrafeedback" / "eval_clean.jsonl"
 # Short UltraFeedback rows (0-based line numbers; line 43 has identical sides and is avoided), so
 # the tiny model's context holds them.
 SLICES = {"a": [122, 152, 97, 49, 57], "b": [111, 189, 147, 3, 187], "c": [22, 80, 18, 180, 58]}

@@ -1,6 +1,6 @@
 """Dedup and training splits on real data under real Dagster and DuckDB.
 
-Seeds: the UltraFeedback and HH-RLHF slices in ../shared/data, plus a seed file planted with an
+Seeds: the UltraFeedback and HH-RLHF slices in tests/data, plus a seed file planted with an
 exact copy, a near copy and an MT-Bench leak (MT-Bench registered as an evaluation set), plus
 MUSIC pairs written into music_pairs. Expected figures are derived independently in this file
 with plain Python (normalized-text sets), not with the code under test.
@@ -44,10 +44,10 @@ def conv(*turns: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, shared_data):
+def built(tmp_path_factory, real_data):
     tmp = tmp_path_factory.mktemp("dedup")
-    uf = [json.loads(line) for line in (shared_data / "ultrafeedback" / "eval_clean.jsonl").read_text().splitlines()]
-    mt = [json.loads(line) for line in (shared_data / "mt-bench" / "question.jsonl").read_text().splitlines()]
+    uf = [json.loads(line) for line in (real_data / "ultrafeedback" / "eval_clean.jsonl").read_text().splitlines()]
+    mt = [json.loads(line) for line in (real_data / "mt-bench" / "question.jsonl").read_text().splitlines()]
     first, second = uf[0], uf[1]
     near_answer = second["chosen"].split()
     for i in range(0, len(near_answer), 60):  # one changed word in 60: Jaccard of 5-shingles ~0.85
@@ -69,11 +69,11 @@ def built(tmp_path_factory, shared_data):
     settings = load_settings_in(
         tmp,
         seed_sources={
-            "uf": {"path": str(shared_data / "ultrafeedback" / "eval_clean.jsonl")},
-            "hh": {"path": str(shared_data / "hh-rlhf" / "harmless-base-test.jsonl.gz"), "format": "hh_rlhf"},
+            "uf": {"path": str(real_data / "ultrafeedback" / "eval_clean.jsonl")},
+            "hh": {"path": str(real_data / "hh-rlhf" / "harmless-base-test.jsonl.gz"), "format": "hh_rlhf"},
             "z_planted": {"path": str(planted_path), "format": "conversational"},
         },
-        eval_sets={"mt_bench": {"path": str(shared_data / "mt-bench" / "question.jsonl"), "format": "prompts"}},
+        eval_sets={"mt_bench": {"path": str(real_data / "mt-bench" / "question.jsonl"), "format": "prompts"}},
         data={"split_seed": 3},
     )
     instance = DagsterInstance.ephemeral()

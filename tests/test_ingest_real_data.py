@@ -1,4 +1,4 @@
-"""Ingest every file in ../shared/data and compare with counts derived here, independently.
+"""Ingest every file in tests/data and compare with counts derived here, independently.
 
 The expected figures are computed with plain string operations on the raw files, not with the
 loader's parser, so a loader bug cannot hide by agreeing with itself.
@@ -17,8 +17,8 @@ def source(name, path, fmt="auto"):
     return ResolvedSource(name, str(path), fmt, path=path)
 
 
-def test_hh_rlhf_harmless_counts(shared_data):
-    path = shared_data / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+def test_hh_rlhf_harmless_counts(real_data):
+    path = real_data / "hh-rlhf" / "harmless-base-test.jsonl.gz"
     raw = [json.loads(line) for line in gzip.open(path, "rt", encoding="utf-8")]
 
     def well_formed(text):
@@ -38,8 +38,8 @@ def test_hh_rlhf_harmless_counts(shared_data):
     assert reasons == {"roles_not_alternating": 9, "empty_message": 4}, reasons
 
 
-def test_ultrafeedback_slice_counts(shared_data):
-    path = shared_data / "ultrafeedback" / "eval_clean.jsonl"
+def test_ultrafeedback_slice_counts(real_data):
+    path = real_data / "ultrafeedback" / "eval_clean.jsonl"
     raw = [json.loads(line) for line in path.open()]
     identical = sum(r["chosen"] == r["rejected"] for r in raw)
     result = ingest(source("uf", path))
@@ -53,8 +53,8 @@ def test_ultrafeedback_slice_counts(shared_data):
     assert "score_chosen" in result.pairs[0]["extra"]
 
 
-def test_llmbar_natural_counts_and_labels(shared_data):
-    path = shared_data / "llmbar" / "natural.json"
+def test_llmbar_natural_counts_and_labels(real_data):
+    path = real_data / "llmbar" / "natural.json"
     raw = json.loads(path.read_text())
     result = ingest(source("llmbar", path))
     assert len(result.pairs) == len(raw) == 100 and not result.quarantine
@@ -64,8 +64,8 @@ def test_llmbar_natural_counts_and_labels(shared_data):
         assert pair["chosen"][0]["content"] == rec["input"]
 
 
-def test_mt_bench_questions_as_prompt_only_rows(shared_data):
-    path = shared_data / "mt-bench" / "question.jsonl"
+def test_mt_bench_questions_as_prompt_only_rows(real_data):
+    path = real_data / "mt-bench" / "question.jsonl"
     raw = [json.loads(line) for line in path.open()]
     result = ingest(source("mtbench", path))
     assert len(result.pairs) == len(raw) == 80 and not result.quarantine
@@ -73,15 +73,15 @@ def test_mt_bench_questions_as_prompt_only_rows(shared_data):
     assert sum(p["user_turns"] for p in result.pairs) == sum(len(r["turns"]) for r in raw) == 160
 
 
-def test_content_hash_is_stable_across_runs(shared_data):
-    path = shared_data / "llmbar" / "natural.json"
+def test_content_hash_is_stable_across_runs(real_data):
+    path = real_data / "llmbar" / "natural.json"
     first, second = ingest(source("a", path)), ingest(source("b", path))
     assert [p["content_hash"] for p in first.pairs] == [p["content_hash"] for p in second.pairs]
     assert len({p["content_hash"] for p in first.pairs}) == 100
 
 
-def test_corrupted_copy_quarantines_bad_rows_and_keeps_every_good_one(shared_data, tmp_path):
-    lines = gzip.open(shared_data / "hh-rlhf" / "harmless-base-test.jsonl.gz", "rb").read().split(b"\n")[:60]
+def test_corrupted_copy_quarantines_bad_rows_and_keeps_every_good_one(real_data, tmp_path):
+    lines = gzip.open(real_data / "hh-rlhf" / "harmless-base-test.jsonl.gz", "rb").read().split(b"\n")[:60]
     clean = ingest(source("clean", _write(tmp_path / "clean.jsonl", lines)))
     assert not clean.quarantine  # the first 60 rows are all well formed
 
@@ -127,10 +127,10 @@ def test_unreadable_file_fails_naming_the_file(tmp_path):
         ingest(source("missing", tmp_path / "missing.jsonl"))
 
 
-def test_parquet_source(tmp_path, shared_data):
+def test_parquet_source(tmp_path, real_data):
     import polars as pl
 
-    raw = [json.loads(line) for line in (shared_data / "ultrafeedback" / "eval_clean.jsonl").open()]
+    raw = [json.loads(line) for line in (real_data / "ultrafeedback" / "eval_clean.jsonl").open()]
     path = tmp_path / "uf.parquet"
     pl.DataFrame([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in raw[:20]]).write_parquet(path)
     result = ingest(source("ufp", path))

@@ -23,8 +23,8 @@ SOURCES = ("uf_a", "uf_b", "uf_c")
 SELECTION = "seed_conversations,seed_quarantine,seed_contexts"
 
 
-def test_three_partitions_in_parallel_without_lock_errors(tmp_path, shared_data):
-    rows = (shared_data / "ultrafeedback" / "eval_clean.jsonl").read_text().splitlines()
+def test_three_partitions_in_parallel_without_lock_errors(tmp_path, real_data):
+    rows = (real_data / "ultrafeedback" / "eval_clean.jsonl").read_text().splitlines()
     seeds = tmp_path / "seeds"
     seeds.mkdir()
     for i, name in enumerate(SOURCES):  # three different slices, 30 pairs each

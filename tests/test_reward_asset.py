@@ -14,7 +14,7 @@ from music_assets.definitions import build_resources
 from music_assets.partitions import seed_partitions
 from music_assets.reward_assets import reward_model
 from music_assets.seeds import seed_ingestion
-from tests.conftest import SHARED_DATA, load_settings_in
+from tests.conftest import REAL_DATA, load_settings_in
 
 # Best-of-N on the tiny Llama: small, but every mechanism (N candidates per request, scripted
 # MT-Bench turns, the user simulator, the order-swapped judge) runs for real.
@@ -40,7 +40,7 @@ REWARDBENCH_ROWS = [
 def _settings(tmp_path, **training):
     rb = tmp_path / "rewardbench.jsonl"
     rb.write_text("\n".join(json.dumps(r) for r in REWARDBENCH_ROWS) + "\n")
-    mt_bench = SHARED_DATA / "mt-bench" / "question.jsonl"
+    mt_bench = REAL_DATA / "mt-bench" / "question.jsonl"
     return load_settings_in(tmp_path, training={**TRAINING, "options": {**TRAINING["options"], **training}},
                             models=MODELS, compute={"max_model_len": 2048}, evaluation=EVALUATION,
                             eval_sets={"rb": {"path": str(rb), "format": "prompt_chosen_rejected", "rewardbench": True},
@@ -136,7 +136,7 @@ def test_evaluation_of_both_variants_and_the_report(evaluated):
 
 
 MT_BENCH_SECOND_TURNS = {json.loads(line)["turns"][1]
-                         for line in (SHARED_DATA / "mt-bench" / "question.jsonl").read_text().splitlines()}
+                         for line in (REAL_DATA / "mt-bench" / "question.jsonl").read_text().splitlines()}
 
 
 @pytest.mark.slow

@@ -28,10 +28,10 @@ SMALL = dict(backbone="builtin:minilm", chat_template="plain", max_length=48, ba
 
 
 @pytest.fixture(scope="module")
-def hh_splits(tmp_path_factory, shared_data) -> dict[str, Path]:
+def hh_splits(tmp_path_factory, real_data) -> dict[str, Path]:
     """The HH-RLHF harmless slice, split by conversation (hash of the shared prefix)."""
     out = tmp_path_factory.mktemp("hh")
-    path = shared_data / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+    path = real_data / "hh-rlhf" / "harmless-base-test.jsonl.gz"
     pairs = ingest(ResolvedSource("hh", str(path), "hh_rlhf", path=path)).pairs
     df = pl.DataFrame([{"pair_id": p["pair_id"], "group_id": p["context_hash"], "chosen": p["chosen"],
                         "rejected": p["rejected"]} for p in pairs])

@@ -31,12 +31,12 @@ def test_definitions_validate_with_dagster_cli(tmp_path):
     assert defs.resolve_asset_graph().get_all_asset_keys()
 
 
-def test_materialize_partitions_into_duckdb(tmp_path, shared_data):
+def test_materialize_partitions_into_duckdb(tmp_path, real_data):
     settings = load_settings_in(
         tmp_path,
         seed_sources={
-            "uf": {"path": str(shared_data / "ultrafeedback" / "eval_clean.jsonl")},
-            "llmbar": {"path": str(shared_data / "llmbar" / "natural.json"), "format": "llmbar"},
+            "uf": {"path": str(real_data / "ultrafeedback" / "eval_clean.jsonl")},
+            "llmbar": {"path": str(real_data / "llmbar" / "natural.json"), "format": "llmbar"},
         },
     )
     instance = DagsterInstance.ephemeral()
@@ -93,10 +93,10 @@ def test_unreadable_file_fails_the_run_naming_the_file(tmp_path):
     )
 
 
-def test_seeds_dir_file_becomes_a_source(tmp_path, shared_data):
+def test_seeds_dir_file_becomes_a_source(tmp_path, real_data):
     settings = load_settings_in(tmp_path)
     settings.seeds_dir.mkdir(parents=True)
-    (settings.seeds_dir / "My LLMBar.json").write_bytes((shared_data / "llmbar" / "natural.json").read_bytes())
+    (settings.seeds_dir / "My LLMBar.json").write_bytes((real_data / "llmbar" / "natural.json").read_bytes())
     catalog = build_resources(settings)["seed_catalog"]
     assert "my_llmbar" in catalog.names()
     assert _materialize(settings, "my_llmbar").success
