@@ -1,17 +1,41 @@
-"""Shared fixtures: paths to the real public data in tests/data and a scratch Settings."""
+"""Session set-up shared by every test module: offline model hubs, one model cache per run, the
+real public data in tests/data, and the in-process vLLM engines shut down at the end.
+
+Shared constants and helpers live in tests/helpers.py (test modules import from there, never from
+each other)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import REAL_DATA
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parent.parent
-REAL_DATA = REPO / "tests" / "data"  # slices of public datasets; tests/data/README.md
+def pytest_configure(config):
+    """One model cache for the whole run: the built models (tiny Llama, SmolLM2 converted from its
+    GGUF) are built once, by whichever test needs them first, into a folder every test, every
+    xdist worker and every child process (Pipes jobs, `dagster dev`, `vllm serve`, torchrun) reads
+    through `MUSIC_MODEL_CACHE`. It is new for each run, so the builders themselves are tested on
+    every run; set MUSIC_MODEL_CACHE yourself to reuse built models across runs of your own.
+
+    Set here, in the controller's pytest_configure, because xdist starts its workers afterwards
+    and they inherit the environment."""
+    if "MUSIC_MODEL_CACHE" not in os.environ:
+        os.environ["MUSIC_MODEL_CACHE"] = tempfile.mkdtemp(prefix="music-test-models-")
+        config._music_model_cache = os.environ["MUSIC_MODEL_CACHE"]
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_music_model_cache", None)  # only the process that made it removes it
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -19,18 +43,6 @@ def real_data() -> Path:
     if not REAL_DATA.is_dir():
         pytest.fail(f"real test data missing: {REAL_DATA} (tests/data is part of the project: is the checkout complete?)")
     return REAL_DATA
-
-
-def load_settings_in(tmp_path: Path, **config):
-    """Settings whose home (DuckDB file, seeds dir) is a temp directory."""
-    import yaml
-
-    from music_assets.settings import load_settings
-
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    cfg = tmp_path / "music.yaml"
-    cfg.write_text(yaml.safe_dump({"home": str(tmp_path / "home"), **config}))
-    return load_settings(cfg)
 
 
 @pytest.fixture(scope="session", autouse=True)

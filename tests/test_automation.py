@@ -2,7 +2,6 @@
 files (slices of UltraFeedback), its run requests executed as real runs of `seed_chain`, and the
 nightly refresh conditions evaluated tick by tick with `evaluate_automation_conditions`."""
 
-import hashlib
 import json
 from datetime import datetime, timezone
 
@@ -15,20 +14,10 @@ from music_assets.automation import CHANGE_TAG, FINGERPRINT_TAG, with_nightly_re
 from music_assets.definitions import build_definitions
 from music_assets.lineage import latest_materialization
 from music_assets.partitions import seed_partitions
-from tests.conftest import REAL_DATA, load_settings_in
+from tests.helpers import SLICES, TINY_LLAMA, load_settings_in, write_seed
 
-UF = REAL_DATA / "ultrafeedback" / "eval_clean.jsonl"
-# Short UltraFeedback rows (0-based line numbers; line 43 has identical sides and is avoided), so
-# the tiny model's context holds them.
-SLICES = {"a": [122, 152, 97, 49, 57], "b": [111, 189, 147, 3, 187], "c": [22, 80, 18, 180, 58]}
 INGESTION = ["seed_conversations", "seed_quarantine"]
 CHEAP = INGESTION + ["seed_contexts"]  # the chain without the LLM
-
-
-def write_seed(path, lines):
-    rows = UF.read_text().splitlines()
-    path.write_text("".join(rows[i] + "\n" for i in lines))
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def seeded_settings(tmp_path, **config):
@@ -212,8 +201,7 @@ def test_nightly_refresh_runs_a_downstream_asset_once_after_its_due_upstream():
     assert evaluate(new, 3, 11) == {"up": set(), "down": set()}
 
 
-TINY = {"models": {"default": {"backend": "vllm", "model": "builtin:tiny-llama"}},
-        "compute": {"max_model_len": 2048},
+TINY = {**TINY_LLAMA,
         "simulation": {"max_contexts": 2, "turns": 2, "user_sampling": {"max_tokens": 32},
                        "assistant_sampling": {"max_tokens": 32}, "rewrite_sampling": {"max_tokens": 32}}}
 

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +84,7 @@ class Server:
         self.config = tmp / "music.yaml"
         self.prompts = tmp / "prompts"  # MUSIC_PROMPTS_DIR: empty = the packaged templates
         self.log = tmp / "dagster-dev.log"
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.ingest_run_id: str | None = None
@@ -305,12 +304,6 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _settings(server: Server):

@@ -23,7 +23,7 @@ from music_assets.minhash import ShingleConfig, band_keys, normalize, shingle_ha
 from music_assets.partitions import seed_partitions
 from music_assets.seeds import seed_ingestion
 from music_assets.tables import sql
-from tests.conftest import load_settings_in
+from tests.helpers import load_settings_in
 
 
 def words(text: str) -> list[str]:

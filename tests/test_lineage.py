@@ -16,13 +16,10 @@ from music_assets.lineage import latest_materialization
 from music_assets.partitions import seed_partitions
 from music_assets.prompts import PROMPT_VERSION
 from resources.seed_catalog import EMBEDDED_PATH
-from tests.conftest import load_settings_in
-from tests.test_automation import SLICES, write_seed
-from tests.test_reward_asset import TRAINING
+from tests.helpers import MINILM_TRAINING, SLICES, TINY_LLAMA, load_settings_in, write_seed
 
 DATA = ["eval_items", "deduplicated_pairs", "training_splits"]
-TINY = {"models": {"default": {"backend": "vllm", "model": "builtin:tiny-llama"}},
-        "compute": {"max_model_len": 2048},
+TINY = {**TINY_LLAMA,
         "simulation": {"max_contexts": 4, "turns": 2, "user_sampling": {"max_tokens": 32},
                        "assistant_sampling": {"max_tokens": 32}, "rewrite_sampling": {"max_tokens": 32}}}
 
@@ -35,7 +32,7 @@ class Demo:
         home.mkdir()
         (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
         monkeypatch.setenv("DAGSTER_HOME", str(home))
-        self.settings = load_settings_in(tmp_path, training=TRAINING, **config)
+        self.settings = load_settings_in(tmp_path, training=MINILM_TRAINING, **config)
         self.config = str(tmp_path / "music.yaml")
         self.settings.seeds_dir.mkdir(parents=True)
         self.seed_file = self.settings.seeds_dir / "uf_slice.jsonl"
@@ -68,6 +65,7 @@ class Demo:
         return record.asset_materialization.tags["dagster/data_version"]
 
 
+@pytest.mark.slow
 def test_lineage_of_a_baseline_checkpoint(tmp_path, monkeypatch, capsys):
     demo = Demo(tmp_path, monkeypatch)
     demo.seeds(["embedded", "uf_slice"])

@@ -1,4 +1,5 @@
-"""Tests for the default models: built for real, into a cache folder private to this session."""
+"""Tests for the default models: built for real, into the run's model cache (a new folder for each
+pytest run, set up in conftest.py), which every other test then reuses."""
 
 import hashlib
 import json
@@ -14,8 +15,8 @@ import pytest
 from safetensors import safe_open
 
 from music_assets import model_provisioning as mp
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CHAT = [
     {"role": "system", "content": "You are brief."},
     {"role": "user", "content": "What is the capital of France?"},
@@ -45,8 +46,8 @@ EXCHANGES = [
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("model-cache")
+def cache_dir() -> Path:
+    return mp.default_cache_dir()
 
 
 @pytest.fixture(scope="session")
@@ -82,6 +83,7 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 # tiny llama
 
 
+@pytest.mark.slow
 def test_tiny_llama_loads_chats_and_generates(tiny_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -147,6 +149,7 @@ def reply(model, tok, inputs, **generate) -> tuple[bool, str]:
     return new[-1] == tok.eos_token_id, tok.decode(new)
 
 
+@pytest.mark.slow
 def test_tiny_llama_sampled_replies_end_their_turn(tiny_chat):
     """Trained to stop: a reply cut at max_tokens counts as bad in the simulation."""
     import torch
@@ -165,6 +168,7 @@ def test_tiny_llama_sampled_replies_end_their_turn(tiny_chat):
         assert text.replace("<|im_end|>", "").strip() and "<|im_start|>" not in text
 
 
+@pytest.mark.slow
 def test_tiny_llama_greedy_replies_end_their_turn(tiny_chat):
     model, tok, inputs = tiny_chat
     results = [reply(model, tok, x, do_sample=False) for x in inputs]
@@ -172,6 +176,7 @@ def test_tiny_llama_greedy_replies_end_their_turn(tiny_chat):
     assert all(ok for ok, _ in results), results
 
 
+@pytest.mark.slow
 def test_tiny_chats_render_as_chatml_with_short_replies(tiny_dir):
     """The training chats: ChatML token for token, replies of 3-20 words, long user turns."""
     from transformers import AutoTokenizer
@@ -205,6 +210,7 @@ def test_deterministic_torch_restores_the_callers_state():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+@pytest.mark.slow
 def test_tiny_tokenizer_is_byte_level(tiny_dir):
     """Any text round-trips: the simulator may feed it anything the seed data holds."""
     from transformers import AutoTokenizer
@@ -216,6 +222,7 @@ def test_tiny_tokenizer_is_byte_level(tiny_dir):
     assert tok.decode(ids) == text
 
 
+@pytest.mark.slow
 def test_tiny_llama_weights_are_bf16_safetensors(tiny_dir):
     with safe_open(tiny_dir / "model.safetensors", framework="pt") as f:
         dtypes = {str(f.get_tensor(k).dtype) for k in f.keys()}
@@ -223,6 +230,7 @@ def test_tiny_llama_weights_are_bf16_safetensors(tiny_dir):
     assert (tiny_dir / ".complete").exists()
 
 
+@pytest.mark.slow
 def test_tiny_llama_build_is_deterministic(tiny_dir, tmp_path):
     """Built again in another process and folder, every file is byte-identical."""
     run_python(
@@ -235,6 +243,7 @@ def test_tiny_llama_build_is_deterministic(tiny_dir, tmp_path):
     assert file_hashes(again)["model.safetensors"]  # the file the brief cares about most
 
 
+@pytest.mark.slow
 def test_second_call_reuses_the_folder(tiny_dir):
     before = (tiny_dir / "model.safetensors").stat().st_mtime_ns
     assert mp.tiny_llama_dir(tiny_dir.parent) == tiny_dir

@@ -3,7 +3,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,8 +15,7 @@ from dagster import DagsterInstance, materialize
 from music_assets.definitions import SEED_ASSETS, build_resources
 from music_assets.model_provisioning import tiny_llama_dir
 from music_assets.partitions import seed_partitions
-from tests.conftest import REPO, load_settings_in
-from tests.test_simulation_vllm import TINY_SIM, query
+from tests.helpers import REPO, TINY_SIM, free_port, load_settings_in, query
 
 pytestmark = pytest.mark.slow
 
@@ -51,12 +49,6 @@ class VLLMServer:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(settings, key="embedded"):

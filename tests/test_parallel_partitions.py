@@ -15,7 +15,7 @@ from dagster import AssetKey, DagsterInstance
 
 from music_assets.cli import ensure_instance_config
 from music_assets.partitions import seed_partitions
-from tests.conftest import REPO, load_settings_in
+from tests.helpers import REPO, load_settings_in
 
 pytestmark = pytest.mark.slow
 

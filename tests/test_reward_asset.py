@@ -14,16 +14,13 @@ from music_assets.definitions import build_resources
 from music_assets.partitions import seed_partitions
 from music_assets.reward_assets import reward_model
 from music_assets.seeds import seed_ingestion
-from tests.conftest import REAL_DATA, load_settings_in
+from tests.helpers import MINILM_TRAINING, MT_BENCH, TINY_LLAMA, load_settings_in
 
 # Best-of-N on the tiny Llama: small, but every mechanism (N candidates per request, scripted
 # MT-Bench turns, the user simulator, the order-swapped judge) runs for real.
-MODELS = {"default": {"backend": "vllm", "model": "builtin:tiny-llama"}}
 EVALUATION = {"best_of_n": [2, 4], "turns": 2, "contexts_per_source": 3, "agreement_pairs": 4,
               "policy_sampling": {"max_tokens": 32}, "user_sampling": {"max_tokens": 32},
               "judge_sampling": {"max_tokens": 24, "temperature": 0.0, "top_p": 1.0}}
-TRAINING = {"options": {"backbone": "builtin:minilm", "chat_template": "plain", "max_length": 48, "batch_size": 8,
-                        "micro_batch_size": 8, "learning_rate": 1e-4, "max_steps": 3, "eval_every": 0, "log_every": 1}}
 
 
 # A RewardBench-format evaluation file: two known subsets, one unknown subset, one empty response.
@@ -40,11 +37,10 @@ REWARDBENCH_ROWS = [
 def _settings(tmp_path, **training):
     rb = tmp_path / "rewardbench.jsonl"
     rb.write_text("\n".join(json.dumps(r) for r in REWARDBENCH_ROWS) + "\n")
-    mt_bench = REAL_DATA / "mt-bench" / "question.jsonl"
-    return load_settings_in(tmp_path, training={**TRAINING, "options": {**TRAINING["options"], **training}},
-                            models=MODELS, compute={"max_model_len": 2048}, evaluation=EVALUATION,
+    return load_settings_in(tmp_path, training={"options": {**MINILM_TRAINING["options"], **training}},
+                            **TINY_LLAMA, evaluation=EVALUATION,
                             eval_sets={"rb": {"path": str(rb), "format": "prompt_chosen_rejected", "rewardbench": True},
-                                       "mt_bench": {"path": str(mt_bench), "format": "prompts"}})
+                                       "mt_bench": {"path": str(MT_BENCH), "format": "prompts"}})
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +55,23 @@ def prepared(tmp_path_factory):
     return tmp, instance
 
 
-def test_reward_model_asset_trains_through_pipes_and_keeps_checkpoints_safe(prepared):
+@pytest.fixture(scope="module")
+def baseline(prepared):
+    """The baseline reward model, trained once through Pipes; the evaluation below reuses it."""
+    tmp, instance = prepared
+    result = materialize([reward_model], partition_key="baseline", instance=instance,
+                         resources=build_resources(_settings(tmp)), selection=["reward_model"])
+    assert result.success
+    return result.asset_materializations_for_node("reward_model")[0].metadata
+
+
+@pytest.mark.slow
+def test_reward_model_asset_trains_through_pipes_and_keeps_checkpoints_safe(prepared, baseline):
     from transformers import AutoModelForSequenceClassification
 
     tmp, instance = prepared
     settings = _settings(tmp)
-    result = materialize([reward_model], partition_key="baseline", instance=instance,
-                         resources=build_resources(settings), selection=["reward_model"])
-    assert result.success
-    meta = result.asset_materializations_for_node("reward_model")[0].metadata
+    meta = baseline
     folder = meta["checkpoint"].value
     assert meta["steps"].value == 3 and 0 <= meta["test_accuracy"].value <= 1 and meta["test_pairs"].value > 0
     assert "data:image/png;base64," in meta["training_curve"].value
@@ -90,20 +94,23 @@ def test_reward_model_asset_trains_through_pipes_and_keeps_checkpoints_safe(prep
 
 
 @pytest.fixture(scope="module")
-def evaluated(prepared):
-    """Both variants trained and evaluated; returns each rm_evaluation materialization's metadata."""
+def evaluated(prepared, baseline):
+    """Both variants trained (the baseline by its fixture) and evaluated; returns each
+    rm_evaluation materialization's metadata."""
     from music_assets.evaluation_assets import rm_evaluation
 
     tmp, instance = prepared
     resources = build_resources(_settings(tmp))
     metas = {}
-    for variant in ("baseline", "music"):
-        result = materialize([reward_model, rm_evaluation], partition_key=variant, instance=instance, resources=resources)
+    for variant, selection in (("baseline", ["rm_evaluation"]), ("music", ["reward_model", "rm_evaluation"])):
+        result = materialize([reward_model, rm_evaluation], partition_key=variant, instance=instance,
+                             resources=resources, selection=selection)
         assert result.success
         metas[variant] = result.asset_materializations_for_node("rm_evaluation")[0].metadata
     return tmp, instance, metas
 
 
+@pytest.mark.slow
 def test_evaluation_of_both_variants_and_the_report(evaluated):
     """Both variants trained, evaluated on held-out pairs and the RewardBench-format set; the
     report compares them with sample sizes, intervals and a significance verdict."""
@@ -136,7 +143,7 @@ def test_evaluation_of_both_variants_and_the_report(evaluated):
 
 
 MT_BENCH_SECOND_TURNS = {json.loads(line)["turns"][1]
-                         for line in (REAL_DATA / "mt-bench" / "question.jsonl").read_text().splitlines()}
+                         for line in MT_BENCH.read_text().splitlines()}
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from music_assets.splits import assign_splits
 from music_assets.train_rm import load_backbone, run
 from music_assets.trainer import TrainConfig, accuracy, pairwise_scores, train
 from resources.seed_catalog import ResolvedSource
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 # Measured on the HH-RLHF harmless test slice (1847 train / 230 test pairs, grouped split):
 # MiniLM, max_length 64, 40 steps of 16 pairs, lr 1e-4 reaches 0.60-0.64 test accuracy over seeds
@@ -53,14 +53,33 @@ def _job(files, output_dir, train_key="train", **config):
             "data": {"train": str(files[train_key]), "validation": str(files["validation"]), "test": str(files["test"])}}
 
 
+def _run_side_by_side(jobs: dict[str, tuple[dict, int]], tmp_path: Path) -> None:
+    """Runs training jobs at the same time, each under torchrun with `nproc` processes of one
+    thread: independent jobs finish sooner side by side on 2 cores than one after another with 2
+    threads each, and with one thread per process their results do not depend on what else runs."""
+    procs = {}
+    for name, (job, nproc) in jobs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({**job, "threads_per_process": 1}))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "music_assets.train_rm", str(tmp_path / f"{name}.json")]
+        with open(tmp_path / f"{name}.log", "w") as log:  # a file, not a pipe: no job can block on it
+            procs[name] = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for name, proc in procs.items():
+        assert proc.wait(timeout=600) == 0, f"{name}:\n{(tmp_path / f'{name}.log').read_text()[-3000:]}"
+
+
 @pytest.mark.slow
 def test_learns_hh_preferences_and_a_flipped_loss_does_not(hh_splits, tmp_path):
     """Above chance with the right loss; below chance when chosen and rejected trade places (which
     is exactly a flipped loss sign), so this test fails if the sign is wrong."""
     cfg = dict(backbone="builtin:minilm", chat_template="plain", max_length=64, batch_size=16, micro_batch_size=16,
                learning_rate=1e-4, max_steps=40, eval_every=0, log_every=10)  # no validation passes: speed
-    right = run(_job(hh_splits, tmp_path / "right", **cfg))
-    flipped = run(_job(hh_splits, tmp_path / "flipped", train_key="train_swapped", **cfg))
+    _run_side_by_side({"right": (_job(hh_splits, tmp_path / "right", **cfg), 1),
+                       "flipped": (_job(hh_splits, tmp_path / "flipped", train_key="train_swapped", **cfg), 1)},
+                      tmp_path)
+    right, flipped = (json.loads((tmp_path / name / "music_metadata.json").read_text())["metrics"]
+                      for name in ("right", "flipped"))
     print(f"test accuracy: right loss {right['test_accuracy']:.3f}, flipped {flipped['test_accuracy']:.3f} "
           f"on {right['test_pairs']} pairs; {right['samples_per_second']} pairs/s")
     assert right["test_pairs"] == 230
@@ -70,6 +89,7 @@ def test_learns_hh_preferences_and_a_flipped_loss_does_not(hh_splits, tmp_path):
     assert meta["metrics"]["truncation"]["context_truncated"] > 0  # HH turns are long at 64 tokens
 
 
+@pytest.mark.slow
 def test_checkpoint_loads_with_transformers_and_scores_the_same(hh_splits, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -91,6 +111,7 @@ def _small_pairs(files, n=64, split="train"):
     return model, tok, [enc.encode(p["chosen"], p["rejected"], p["pair_id"]) for p in rows]
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_matches_an_uninterrupted_run(hh_splits, tmp_path):
     cfg = TrainConfig(**{**SMALL, "max_steps": 8, "checkpoint_every": 3})
     model_a, tok, pairs = _small_pairs(hh_splits)
@@ -116,15 +137,9 @@ def test_ddp_two_processes_match_single_process(hh_splits, tmp_path):
     files = {**hh_splits, "train": tmp_path / "train64.parquet"}
     small.write_parquet(files["train"])
     config = {**SMALL, "max_steps": 4}
-    for name, nproc in (("single", 1), ("ddp", 2)):
-        job = _job(files, tmp_path / name, **config)
-        job.update(threads_per_process=1, rank_digest_dir=str(tmp_path / f"{name}-digests"))
-        (tmp_path / f"{name}.json").write_text(json.dumps(job))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "music_assets.train_rm", str(tmp_path / f"{name}.json")]
-        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert out.returncode == 0, out.stderr[-3000:]
+    _run_side_by_side({name: ({**_job(files, tmp_path / name, **config),
+                               "rank_digest_dir": str(tmp_path / f"{name}-digests")}, nproc)
+                       for name, nproc in (("single", 1), ("ddp", 2))}, tmp_path)
     digests = [p.read_text() for p in sorted((tmp_path / "ddp-digests").iterdir())]
     assert len(digests) == 2 and digests[0] == digests[1]
     from safetensors.torch import load_file

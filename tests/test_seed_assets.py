@@ -11,7 +11,7 @@ from dagster import DagsterInstance, materialize
 from music_assets.definitions import build_definitions, build_resources
 from music_assets.partitions import seed_partitions
 from music_assets.seeds import seed_ingestion
-from tests.conftest import REPO, load_settings_in
+from tests.helpers import REPO, load_settings_in
 
 
 def _materialize(settings, key, **kw):

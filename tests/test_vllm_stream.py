@@ -6,15 +6,17 @@ import pytest
 
 from resources.compute import ComputeResource
 from resources.llm import Sampling, VLLMEngine
+from tests.helpers import ENGINE_COMPUTE
 
 pytestmark = pytest.mark.slow
 
-MAX_LEN = 512
+MAX_LEN = ENGINE_COMPUTE["max_model_len"]
 
 
 @pytest.fixture(scope="module")
 def engine():
-    return VLLMEngine(model="builtin:tiny-llama", compute=ComputeResource(max_model_len=MAX_LEN))
+    """The suite's shared tiny-Llama engine (same model and engine arguments as the asset tests)."""
+    return VLLMEngine(model="builtin:tiny-llama", compute=ComputeResource(**ENGINE_COMPUTE))
 
 
 def conv(i):

@@ -1,0 +1,78 @@
+"""What several test modules share: paths, scratch settings, small configs, and read-only DuckDB
+queries. Test modules import from here, never from each other (a test module imported by another
+would also have its tests collected twice under some selections, and its fixtures re-bound)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from pathlib import Path
+
+import duckdb
+
+REPO = Path(__file__).resolve().parent.parent
+REAL_DATA = REPO / "tests" / "data"  # slices of public datasets; tests/data/README.md
+UF = REAL_DATA / "ultrafeedback" / "eval_clean.jsonl"
+MT_BENCH = REAL_DATA / "mt-bench" / "question.jsonl"
+
+# Short UltraFeedback rows (0-based line numbers; line 43 has identical sides and is avoided), so
+# the tiny model's context holds them.
+SLICES = {"a": [122, 152, 97, 49, 57], "b": [111, 189, 147, 3, 187], "c": [22, 80, 18, 180, 58]}
+
+# Every in-process vLLM engine of the suite is built from this compute config, so that the tests
+# that load the tiny Llama share one engine per process (resources/llm.py caches engines by model
+# and engine arguments): loading one costs far more than any test that uses it.
+# MUSIC_TEST_VLLM_DTYPE (float32 | bfloat16) overrides `dtype: auto`, to see in one run what the
+# other kind of CPU would generate (vLLM picks bf16 where the CPU has AVX512-BF16, else fp32).
+ENGINE_COMPUTE = {"max_model_len": 2048,
+                  **({"dtype": os.environ["MUSIC_TEST_VLLM_DTYPE"]} if os.environ.get("MUSIC_TEST_VLLM_DTYPE") else {})}
+TINY_LLAMA = {"models": {"default": {"backend": "vllm", "model": "builtin:tiny-llama"}}, "compute": ENGINE_COMPUTE}
+
+# The tiny Llama simulating 8 contexts over 3 turns: every MUSIC mechanism, in seconds.
+TINY_SIM = {
+    "max_contexts": 8,
+    "turns": 3,
+    "user_sampling": {"max_tokens": 48, "temperature": 0.8},
+    "assistant_sampling": {"max_tokens": 64, "temperature": 0.8},
+    "rewrite_sampling": {"max_tokens": 48, "temperature": 0.8},
+}
+
+# A MiniLM reward model in 3 steps: enough to exercise training, checkpoints and evaluation.
+MINILM_TRAINING = {"options": {"backbone": "builtin:minilm", "chat_template": "plain", "max_length": 48,
+                               "batch_size": 8, "micro_batch_size": 8, "learning_rate": 1e-4, "max_steps": 3,
+                               "eval_every": 0, "log_every": 1}}
+
+
+def load_settings_in(tmp_path: Path, **config):
+    """Settings whose home (DuckDB file, seeds dir) is a temp directory."""
+    import yaml
+
+    from music_assets.settings import load_settings
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg = tmp_path / "music.yaml"
+    cfg.write_text(yaml.safe_dump({"home": str(tmp_path / "home"), **config}))
+    return load_settings(cfg)
+
+
+def write_seed(path: Path, lines: list[int]) -> str:
+    """A seed file of the given UltraFeedback rows; returns its sha256."""
+    rows = UF.read_text().splitlines()
+    path.write_text("".join(rows[i] + "\n" for i in lines))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def query(settings, sql: str, params=None) -> list[tuple]:
+    """Rows of `sql` on the settings' DuckDB file, opened read-only and closed again."""
+    con = duckdb.connect(str(settings.duckdb_path), read_only=True)
+    try:
+        return con.execute(sql, params or {}).fetchall()
+    finally:
+        con.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
