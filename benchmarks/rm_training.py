@@ -54,8 +54,13 @@ def _data(setting: dict):
     _, tok = load_backbone(setting["backbone"], 0)
     enc = PairEncoder(tok, setting["max_length"], setting["chat_template"])
     room = setting["max_length"] - 2  # [CLS] and [SEP] for encoders
-    fits = lambda p: max(len(enc.render_ids(p["chosen"])), len(enc.render_ids(p["rejected"]))) <= room
-    split = lambda s: [p for p in df.filter(pl.col("split") == s).select("chosen", "rejected").to_dicts() if fits(p)]
+
+    def fits(p):
+        return max(len(enc.render_ids(p["chosen"])), len(enc.render_ids(p["rejected"]))) <= room
+
+    def split(s):
+        return [p for p in df.filter(pl.col("split") == s).select("chosen", "rejected").to_dicts() if fits(p)]
+
     # neither trainer validates during the run, so both held-out splits measure accuracy (more pairs, less noise)
     return split("train"), split("validation") + split("test")
 

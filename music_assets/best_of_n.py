@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from music_assets.ingest import stable_hash
 from music_assets.judge import Judgment, judge_pairs
@@ -73,7 +73,7 @@ class Conversation:
     n: int
     messages: list[Message]
     picks: list[dict] = field(default_factory=list)  # per turn: the candidates, their rewards, the index kept
-    dropped: Optional[str] = None  # why it could not be finished
+    dropped: str | None = None  # why it could not be finished
 
 
 def run_best_of_n(contexts: list[EvalContext], scorers: dict[str, Scorer], policy: LLMEngine, user: LLMEngine,

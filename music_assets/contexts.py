@@ -20,11 +20,8 @@ def sample_context(pair: dict, min_k: int, max_k: int, seed: int) -> dict | None
     if available < min_k:
         return None
     k = random.Random(f"{seed}:k:{pair['pair_id']}").randint(min_k, min(max_k, available))
-    cut, seen = 0, 0
-    for cut, m in enumerate(messages, start=1):
-        seen += m["role"] == "assistant"
-        if seen == k:
-            break
+    assistant_ends = [i for i, m in enumerate(messages, start=1) if m["role"] == "assistant"]
+    cut = assistant_ends[k - 1] if len(assistant_ends) >= k else len(messages)  # through the k-th answer
     prefix = messages[:cut]
     return {
         "source": pair["source"],

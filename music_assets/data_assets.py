@@ -12,7 +12,6 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-import polars as pl
 from dagster import (
     AssetCheckResult,
     AssetCheckSpec,

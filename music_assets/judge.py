@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 from music_assets.prompts import render
 from resources.llm import Generation, LLMEngine, Sampling
@@ -29,7 +28,7 @@ def judge_prompt(a: list[Message], b: list[Message]) -> list[Message]:
                                                conversation_b=render_transcript(b))}]
 
 
-def parse_verdict(text: str) -> Optional[str]:
+def parse_verdict(text: str) -> str | None:
     """'A', 'B' or 'C' (tie) from the judge's answer: the last bracketed verdict it wrote (a judge
     may quote the format while reasoning), or None when there is none."""
     found = _VERDICT.findall(text or "")
@@ -42,8 +41,8 @@ class Judgment:
 
     raw_forward: str  # first shown as A
     raw_swapped: str  # second shown as A
-    verdict_forward: Optional[str]  # 'A' | 'B' | 'C' | None (unparsed)
-    verdict_swapped: Optional[str]
+    verdict_forward: str | None  # 'A' | 'B' | 'C' | None (unparsed)
+    verdict_swapped: str | None
     preferred: str  # 'first' | 'second' | 'tie'
     reason: str  # consistent | judge_tie | inconsistent | unparsed | judge_error | identical
 
@@ -52,7 +51,7 @@ class Judgment:
         return (self.verdict_forward is None) + (self.verdict_swapped is None) if self.reason != "identical" else 0
 
 
-def combine(forward: Optional[str], swapped: Optional[str]) -> tuple[str, str]:
+def combine(forward: str | None, swapped: str | None) -> tuple[str, str]:
     """(preferred, reason) from the two verdicts; in the swapped call 'A' is the second conversation."""
     if forward is None or swapped is None:
         return "tie", "unparsed"

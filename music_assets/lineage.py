@@ -20,7 +20,7 @@ checkpoint was trained on; otherwise the report says so.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 from dagster import AssetKey, AssetRecordsFilter
@@ -121,7 +121,7 @@ def describe(key: AssetKey, partition: str | None, record, used_by: AssetKey | N
         "data_version": tags.get(DATA_VERSION_TAG),
         "code_version": tags.get(CODE_VERSION_TAG),
         "run_id": record.run_id,
-        "materialized_at": datetime.fromtimestamp(record.timestamp, timezone.utc).isoformat(timespec="seconds"),
+        "materialized_at": datetime.fromtimestamp(record.timestamp, UTC).isoformat(timespec="seconds"),
         "storage_id": record.storage_id,
         "metadata": {k: v.value for k, v in mat.metadata.items()},
     }

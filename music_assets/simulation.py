@@ -33,7 +33,8 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple
+from collections.abc import Callable
 
 from music_assets.ingest import stable_hash
 from music_assets.prompts import PROMPT_VERSION, REWRITE_EXAMPLE, render, user_simulator_messages
@@ -45,7 +46,7 @@ Message = dict[str, str]
 @dataclass(frozen=True)
 class SimulationSettings:
     turns: int = 3  # T: simulated turns after the seed context (paper: 5)
-    contrast_turn: Optional[int] = None  # fixed c (1-based), or None: sampled per context
+    contrast_turn: int | None = None  # fixed c (1-based), or None: sampled per context
     min_contrast_turns: int = 2  # the rejected branch is flawed in at least this many turns
     seed: int = 0
     max_attempts: int = 3  # per generation, including the first
@@ -113,8 +114,8 @@ class _State:
     shared: list[Message] = field(default_factory=list)  # simulated turns before c
     chosen: list[Message] = field(default_factory=list)  # turns from c on, visible
     rejected: list[Message] = field(default_factory=list)
-    original: Optional[str] = None  # the user request at turn c
-    modified: Optional[str] = None  # its private rewrite, in force for the rejected assistant
+    original: str | None = None  # the user request at turn c
+    modified: str | None = None  # its private rewrite, in force for the rejected assistant
     next_turn: int = 1
     dropped: bool = False
 
@@ -211,7 +212,7 @@ class Job:
     conversation: list[Message]
     sampling: Sampling
     seed: int
-    validator: "Validator"
+    validator: Validator
 
 
 class _Outbox:
@@ -220,7 +221,7 @@ class _Outbox:
     def __init__(self, gkey: str):
         self.gkey, self.rows, self.drops = gkey, [], []
 
-    def drop(self, state: _State, turn: int, stage: str, failure: "Failure") -> None:
+    def drop(self, state: _State, turn: int, stage: str, failure: Failure) -> None:
         state.dropped = True
         self.drops.append({"generation_key": self.gkey, "source": state.ctx.source, "context_id": state.ctx.context_id,
                            "turn": turn, "stage": stage, "reason": failure.reason, "last_output": failure.output[:500]})
@@ -281,7 +282,7 @@ def _context_flow(s: _State, settings: SimulationSettings, gkey: str, outbox: _O
             _apply(s, row)
 
 
-def _first_failure(results: list) -> Optional["Failure"]:
+def _first_failure(results: list) -> Failure | None:
     return next((r for r in results if isinstance(r, Failure)), None)
 
 
@@ -427,7 +428,7 @@ class Failure:
     output: str
 
 
-Validator = Callable[[str, str], tuple[Optional[str], str]]  # (text, finish) -> (failure reason, cleaned)
+Validator = Callable[[str, str], tuple[str | None, str]]  # (text, finish) -> (failure reason, cleaned)
 
 
 class BatchGenerator:
@@ -468,7 +469,7 @@ def _attempt_seed(seed: int, attempt: int) -> int:
     return (seed + 7919 * (attempt - 1)) % 2**31
 
 
-def _validated(validator: "Validator", out, attempt: int, tokens: int) -> Ok | Failure:
+def _validated(validator: Validator, out, attempt: int, tokens: int) -> Ok | Failure:
     reason, cleaned = validator(out.text, out.finish_reasons[0])
     return Ok(cleaned, attempt, tokens) if reason is None else Failure(reason, out.error or out.text)
 
@@ -479,7 +480,7 @@ _REWRITE_LABEL = re.compile(r"^\s*(?:rewritten|modified|new)?\s*(?:request|instr
 _TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
-def basic_validator(text: str, finish: str) -> tuple[Optional[str], str]:
+def basic_validator(text: str, finish: str) -> tuple[str | None, str]:
     if finish == "error":  # the engine refused the request (e.g. the prompt outgrew the context)
         return "engine_rejected", text
     if finish == "length":
@@ -517,7 +518,7 @@ def assistant_validator(private_note: bool = False) -> Validator:
     return check
 
 
-def user_validator(history: list[Message], private_rewrite: Optional[tuple[str, str]] = None) -> Validator:
+def user_validator(history: list[Message], private_rewrite: tuple[str, str] | None = None) -> Validator:
     """`private_rewrite`: in the rejected branch after c, (modified request, original request); a
     simulated user must not repeat the modified one (the visible transcript would then show the
     user asking for it)."""

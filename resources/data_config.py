@@ -3,7 +3,6 @@ resource so the YAML config (sections `eval_sets:` and `data:`) sets them in one
 
 from __future__ import annotations
 
-from typing import Optional
 
 from dagster import Config, ConfigurableResource
 
@@ -36,7 +35,7 @@ class DataConfig(ConfigurableResource):
     test_fraction: float = 0.1
     # MUSIC train pairs per seed train pair in the augmented set (the paper: ~31k / 73k = 0.42);
     # None uses every MUSIC pair
-    music_ratio: Optional[float] = None
+    music_ratio: float | None = None
     exports_dir: str = ".music/exports"
 
     def dedup(self) -> DedupConfig:

@@ -4,7 +4,6 @@ Best-of-N with a judge, and judge agreement. The policy and judge models are eng
 
 from __future__ import annotations
 
-from typing import Optional
 
 from dagster import ConfigurableResource
 
@@ -17,7 +16,7 @@ class EvaluationConfig(ConfigurableResource):
     turns: int = 3  # assistant turns per Best-of-N conversation (paper: 3)
     # contexts per source: held-out seed test conversations, and every prompt-only evaluation set
     # (MT-Bench: 80); None takes them all. Chosen by a seeded hash, so runs are comparable.
-    contexts_per_source: Optional[int] = None
+    contexts_per_source: int | None = None
     seed: int = 0
     max_attempts: int = 3
     policy_sampling: SamplingConfig = SamplingConfig(temperature=0.8, max_tokens=256)

@@ -33,7 +33,6 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
-from typing import Optional
 
 from dagster import ConfigurableResource, get_dagster_logger
 
@@ -61,7 +60,7 @@ class Generation:
     finish_reasons: list[str]  # "error" when the engine refused this one request
     completion_tokens: int = 0
     prompt_tokens: int = 0
-    error: Optional[str] = None  # why it was refused (e.g. the prompt exceeds the context length)
+    error: str | None = None  # why it was refused (e.g. the prompt exceeds the context length)
 
     @property
     def text(self) -> str:
@@ -82,7 +81,7 @@ class LLMEngine(ConfigurableResource):
     model: str
 
     def chat(
-        self, conversations: list[list[Message]], sampling: Sampling | list[Sampling], seeds: Optional[list[int]] = None
+        self, conversations: list[list[Message]], sampling: Sampling | list[Sampling], seeds: list[int] | None = None
     ) -> list[Generation]:
         raise NotImplementedError
 
@@ -91,7 +90,7 @@ class LLMEngine(ConfigurableResource):
         Never includes credentials."""
         return {"backend": type(self).__name__, "model": self.model}
 
-    def stream(self) -> "RequestStream":
+    def stream(self) -> RequestStream:
         """A stream of requests for callers whose next request depends on an earlier answer (the
         simulation). This default batches whatever was submitted into one `chat` call per
         `wait`; the vLLM and OpenAI backends override it to hand back each request as it finishes."""
@@ -107,7 +106,7 @@ class RequestStream:
     instead of waiting for the slowest request of a step (or for a retry of one request) while
     the engine runs almost empty."""
 
-    def submit(self, key, conversation: list[Message], sampling: Sampling, seed: Optional[int] = None) -> None:
+    def submit(self, key, conversation: list[Message], sampling: Sampling, seed: int | None = None) -> None:
         raise NotImplementedError
 
     def wait(self) -> list[tuple[object, Generation]]:
@@ -170,7 +169,7 @@ def resolve_model(name: str) -> str:
 # --- vLLM in process ---------------------------------------------------------------------------
 
 _ENGINES: dict[tuple, object] = {}
-_STREAMS: dict[tuple, "_VLLMStream"] = {}
+_STREAMS: dict[tuple, _VLLMStream] = {}
 _ENGINES_LOCK = threading.Lock()
 PROMPT_MARGIN_TOKENS = 8  # vLLM's own count of a rendered prompt may add a special token or two
 
@@ -232,7 +231,7 @@ class VLLMEngine(LLMEngine):
         outputs = dict(zip(sent, llm.chat([conversations[i] for i in sent], [params[i] for i in sent], use_tqdm=False)))
         return [_generation(outputs[i]) if i in outputs else self._refused(n) for i, n in enumerate(lengths)]
 
-    def stream(self) -> "RequestStream":
+    def stream(self) -> RequestStream:
         """One stream per loaded engine: every resource on the same model and hardware shares the
         engine (see `_ENGINES`), so they must share its stream too, or one would step the engine
         and receive the other's finished requests."""
@@ -246,7 +245,7 @@ class VLLMEngine(LLMEngine):
         return {**super().identity(), "dtype": self.compute.resolved_dtype()}
 
 
-def _sampling_params(s: Sampling, seed: Optional[int]):
+def _sampling_params(s: Sampling, seed: int | None):
     from vllm import SamplingParams
 
     return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=seed)
@@ -359,7 +358,7 @@ class OpenAIEngine(LLMEngine):
             stream.close()
         return [results[i] for i in range(len(conversations))]
 
-    def stream(self) -> "RequestStream":
+    def stream(self) -> RequestStream:
         """Each submitted request is posted at once (up to `max_concurrency` in flight), and
         comes back as soon as its response does: the server's own continuous batching then
         sees every request as early as the caller could send it."""

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 from dagster import Config, ConfigurableResource
 
@@ -53,9 +53,9 @@ def source_name_for_file(path: Path) -> str:
 class SeedSourceConfig(Config):
     """One configured source: exactly one of `path` or `hf_dataset`."""
 
-    path: Optional[str] = None
-    hf_dataset: Optional[str] = None
-    hf_config: Optional[str] = None
+    path: str | None = None
+    hf_dataset: str | None = None
+    hf_config: str | None = None
     split: str = "train"
     format: str = "auto"
 
@@ -65,9 +65,9 @@ class ResolvedSource:
     name: str
     location: str  # a file path or 'hf:<id>:<split>'
     format: str
-    path: Optional[Path] = None
-    hf_dataset: Optional[str] = None
-    hf_config: Optional[str] = None
+    path: Path | None = None
+    hf_dataset: str | None = None
+    hf_config: str | None = None
     split: str = "train"
 
     def rows(self) -> Iterator[RawRow]:
@@ -90,7 +90,7 @@ class SeedCatalog(ConfigurableResource):
     """Maps seed source names (partition keys) to their data."""
 
     sources: dict[str, SeedSourceConfig] = {}
-    seeds_dir: Optional[str] = None
+    seeds_dir: str | None = None
     # A message longer than this is "absurdly long" and its row is quarantined.
     max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS
     # The blocking check on seed_conversations fails above this quarantined share of a source.

@@ -3,7 +3,6 @@ sets them in one place for the demo, the UI and schedules alike."""
 
 from __future__ import annotations
 
-from typing import Optional
 
 from dagster import Config, ConfigurableResource
 
@@ -25,11 +24,11 @@ class SimulationConfig(ConfigurableResource):
     # conversation from [min_context_exchanges, max_context_exchanges] (capped by its length)
     min_context_exchanges: int = 1
     max_context_exchanges: int = 3
-    max_contexts: Optional[int] = None  # per seed partition; None: every pair
+    max_contexts: int | None = None  # per seed partition; None: every pair
     seed: int = 0
     # simulation
     turns: int = 3  # T (paper: 5)
-    contrast_turn: Optional[int] = None  # fixed c, or None: sampled in [1, T - min_contrast_turns + 1]
+    contrast_turn: int | None = None  # fixed c, or None: sampled in [1, T - min_contrast_turns + 1]
     min_contrast_turns: int = 2
     max_attempts: int = 3
     user_sampling: SamplingConfig = SamplingConfig(temperature=0.8, max_tokens=96)

@@ -7,7 +7,7 @@ The paper's recipe is `configs/paper-gemma2-9b.yaml`.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from dagster import ConfigurableResource
 
@@ -17,7 +17,7 @@ from music_assets.trainer import TrainConfig
 class RewardTrainingConfig(ConfigurableResource):
     options: dict[str, Any] = {}
     processes: int = 1  # DDP processes (torchrun --nproc_per_node)
-    threads_per_process: Optional[int] = None  # torch CPU threads per process; None: torch's default
+    threads_per_process: int | None = None  # torch CPU threads per process; None: torch's default
 
     def train_config(self) -> TrainConfig:
         try:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The test command from README.md: installs what is missing (scripts/setup.sh), then runs pytest.
-# Extra arguments go to pytest, e.g. `./scripts/test.sh -m "not slow"`.
+# The test command from README.md: installs what is missing (scripts/setup.sh), lints with ruff
+# (configured in pyproject.toml), then runs pytest. Extra arguments go to pytest, e.g.
+# `./scripts/test.sh -m "not slow"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
+.venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

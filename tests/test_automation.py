@@ -3,7 +3,7 @@ files (slices of UltraFeedback), its run requests executed as real runs of `seed
 nightly refresh conditions evaluated tick by tick with `evaluate_automation_conditions`."""
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import duckdb
 import pytest
@@ -114,7 +114,7 @@ def test_nightly_refresh_targets_only_stale_or_missing_partitions(tmp_path):
         nonlocal cursor
         result = evaluate_automation_conditions(
             defs=definitions, instance=instance, cursor=cursor,
-            evaluation_time=datetime(2030, 1, day, hour, minute, tzinfo=timezone.utc))
+            evaluation_time=datetime(2030, 1, day, hour, minute, tzinfo=UTC))
         cursor = result.cursor
         return result
 
@@ -188,7 +188,7 @@ def test_nightly_refresh_runs_a_downstream_asset_once_after_its_due_upstream():
     def evaluate(defs, hour, minute=0):
         nonlocal cursor
         result = evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor,
-                                                evaluation_time=datetime(2030, 1, 1, hour, minute, tzinfo=timezone.utc))
+                                                evaluation_time=datetime(2030, 1, 1, hour, minute, tzinfo=UTC))
         cursor = result.cursor
         return {k: result.get_requested_partitions(AssetKey(k)) for k in ("up", "down")}
 

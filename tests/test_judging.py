@@ -1,7 +1,6 @@
 """Best-of-N bookkeeping against hand-computed values: judge verdict parsing, the order-swap
 consistency rule, bootstrap win rates, the per-N summary, and where Best-of-N contexts start."""
 
-import polars as pl
 import pytest
 
 from music_assets.best_of_n import EvalContext

@@ -202,7 +202,7 @@ def test_best_of_n_with_a_judge_end_to_end(evaluated):
         if a[1] and b[1]:
             assert a[1][0]["candidates"] == b[1][0]["candidates"]
 
-    for cid, n, outcome, reason, vf, vs, raw, dropped in judged:
+    for _cid, _n, outcome, reason, vf, vs, raw, dropped in judged:
         assert (outcome is None) == (dropped is not None)
         if outcome is not None:
             assert outcome in {"win", "tie", "loss"} and reason

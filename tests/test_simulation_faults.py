@@ -85,7 +85,10 @@ def _reset_calls():
     BATCHES.clear()
 
 
-def run(engine, store, settings=SimulationSettings(turns=3, contrast_turn=1)):
+THREE_TURNS = SimulationSettings(turns=3, contrast_turn=1)
+
+
+def run(engine, store, settings=THREE_TURNS):
     return simulate(contexts(), Engines(engine, engine, engine), settings, store, log=lambda _: None)
 
 
