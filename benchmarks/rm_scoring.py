@@ -27,7 +27,7 @@ def main():
     from music_assets.rm_data import PairEncoder
     from music_assets.train_rm import load_backbone
     from music_assets.trainer import pairwise_scores, rewards
-    from resources.seed_catalog import ResolvedSource
+    from music_assets.seed_reader import ResolvedSource
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint")

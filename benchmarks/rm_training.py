@@ -43,7 +43,7 @@ def _data(setting: dict):
     from music_assets.rm_data import PairEncoder
     from music_assets.splits import assign_splits
     from music_assets.train_rm import load_backbone
-    from resources.seed_catalog import ResolvedSource
+    from music_assets.seed_reader import ResolvedSource
 
     import polars as pl
 

@@ -60,11 +60,12 @@ from dagster import (
     sensor,
 )
 
-from music_assets.lineage import latest_materialization
+from music_assets.metadata import latest_materialization
 from music_assets.partitions import seed_partitions
+from music_assets.seed_reader import ResolvedSource
 from music_assets.seeds import seed_ingestion
 from music_assets.simulation_assets import music_pairs, seed_contexts, simulated_branches
-from resources.seed_catalog import ResolvedSource, SeedCatalog
+from resources.seed_catalog import SeedCatalog
 
 # One seed partition's whole chain: ingestion (both outputs and its checks) -> MUSIC pairs.
 seed_chain_job = define_asset_job(

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
+from music_assets.engines import ChatEngine, Message, Sampling
 from music_assets.ingest import stable_hash
 from music_assets.judge import Judgment, judge_pairs
 from music_assets.prompts import user_simulator_messages
 from music_assets.simulation import BatchGenerator, Failure, GenerationStats, basic_validator, user_validator
-from resources.llm import LLMEngine, Sampling
 
-Message = dict[str, str]
 Scorer = Callable[[list[list[Message]]], list[float]]  # conversations -> rewards
 
 
@@ -76,7 +75,7 @@ class Conversation:
     dropped: str | None = None  # why it could not be finished
 
 
-def run_best_of_n(contexts: list[EvalContext], scorers: dict[str, Scorer], policy: LLMEngine, user: LLMEngine,
+def run_best_of_n(contexts: list[EvalContext], scorers: dict[str, Scorer], policy: ChatEngine, user: ChatEngine,
                   settings: BestOfNSettings, log: Callable[[str], None] = print) -> tuple[list[Conversation], GenerationStats]:
     stats = GenerationStats()
     gen = BatchGenerator(settings.max_attempts, stats)
@@ -106,7 +105,7 @@ def _seed(settings: BestOfNSettings, ctx: EvalContext, n: int, turn: int, stage:
     return int(stable_hash([settings.seed, ctx.context_id, n, turn, stage])[:8], 16)
 
 
-def _next_user_messages(live: list[Conversation], turn: int, user: LLMEngine, settings: BestOfNSettings,
+def _next_user_messages(live: list[Conversation], turn: int, user: ChatEngine, settings: BestOfNSettings,
                         gen: BatchGenerator) -> None:
     simulated = []
     for r in live:
@@ -126,7 +125,7 @@ def _next_user_messages(live: list[Conversation], turn: int, user: LLMEngine, se
                 r.messages.append({"role": "user", "content": result.text})
 
 
-def _candidates(live: list[Conversation], turn: int, policy: LLMEngine, settings: BestOfNSettings,
+def _candidates(live: list[Conversation], turn: int, policy: ChatEngine, settings: BestOfNSettings,
                 stats: GenerationStats) -> list[list[tuple[str, str]]]:
     """The usable candidates (text, finish reason) of every live conversation, one batched call per
     attempt. Empty answers, engine refusals and leaked template markers are not candidates; answers
@@ -184,7 +183,7 @@ def _key(messages: list[Message]) -> str:
     return json.dumps(messages, sort_keys=True)
 
 
-def judge_best_of_n(runs: list[Conversation], judge: LLMEngine, settings: BestOfNSettings,
+def judge_best_of_n(runs: list[Conversation], judge: ChatEngine, settings: BestOfNSettings,
                     first: str = "baseline", second: str = "music") -> list[dict]:
     """One row per (context, N): the judge's order-swapped comparison of the two reward models'
     final conversations and the outcome from `second`'s side (win | tie | loss). A context that

@@ -26,10 +26,11 @@ from dagster_duckdb import DuckDBResource
 from music_assets.dedup import DedupResult, deduplicate
 from music_assets.ingest import ingest, stable_hash
 from music_assets.metadata import markdown_preview, table_metadata
+from music_assets.seed_reader import ResolvedSource
 from music_assets.splits import SPLITS, VARIANTS, assign_splits, composition, variants
 from music_assets.tables import frame, replace_rows, sql
 from resources.data_config import DataConfig
-from resources.seed_catalog import ResolvedSource, validate_source_name
+from resources.seed_catalog import validate_source_name
 
 EVAL_VERSION = "eval-items-v1"
 DEDUP_VERSION = "dedup-v1"

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from music_assets.seed_formats import DEFAULT_MAX_MESSAGE_CHARS, RowRejected, normalize, shared_prefix_length
-from resources.seed_catalog import ResolvedSource
+from music_assets.seed_reader import ResolvedSource
 
 
 @dataclass

@@ -12,10 +12,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from music_assets.engines import ChatEngine, Generation, Message, Sampling
 from music_assets.prompts import render
-from resources.llm import Generation, LLMEngine, Sampling
 
-Message = dict[str, str]
 _VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 
 
@@ -62,7 +61,7 @@ def combine(forward: str | None, swapped: str | None) -> tuple[str, str]:
     return "tie", "inconsistent"
 
 
-def judge_pairs(judge: LLMEngine, pairs: list[tuple[list[Message], list[Message]]], sampling: Sampling,
+def judge_pairs(judge: ChatEngine, pairs: list[tuple[list[Message], list[Message]]], sampling: Sampling,
                 seeds: list[int]) -> list[Judgment]:
     """Judges every (first, second) pair in both orders, all in one batched engine call. Identical
     conversations are a tie without asking the judge."""

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from dagster import AssetKey, AssetRecordsFilter
 
+from music_assets.metadata import latest_materialization
 from music_assets.tables import sql
 from music_assets.train_rm import METADATA_FILE
 
@@ -35,17 +36,6 @@ TRAINED_ASSET = AssetKey("reward_model")
 
 class LineageError(Exception):
     """The checkpoint cannot be found or read; the message says which and where."""
-
-
-def latest_materialization(instance, key: AssetKey, partition: str | None = None, before: int | None = None):
-    """The newest materialization record of `key` (of one partition when given), optionally only
-    those stored before event `before`; None when there is none."""
-    records = instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition is not None else None,
-                           before_storage_id=before),
-        limit=1,
-    ).records
-    return records[0] if records else None
 
 
 def resolve_checkpoint(target: str, checkpoints) -> tuple[str, str]:

@@ -1,9 +1,10 @@
-"""Metadata every table asset reports, so the Dagster UI shows what a materialization holds."""
+"""Metadata every table asset reports, so the Dagster UI shows what a materialization holds, and
+the look-up of what a materialization recorded (used by the sensor, the assets and the lineage audit)."""
 
 from __future__ import annotations
 
 import polars as pl
-from dagster import MetadataValue, TableColumn, TableSchema
+from dagster import AssetKey, AssetRecordsFilter, MetadataValue, TableColumn, TableSchema
 
 PREVIEW_ROWS = 5
 PREVIEW_CELL_CHARS = 120
@@ -42,3 +43,14 @@ def render_conversation(messages: list[dict], max_chars: int = 300) -> str:
 def _cell(value) -> str:
     text = str(value).replace("|", "\\|").replace("\n", " ")
     return text if len(text) <= PREVIEW_CELL_CHARS else text[:PREVIEW_CELL_CHARS] + "…"
+
+
+def latest_materialization(instance, key: AssetKey, partition: str | None = None, before: int | None = None):
+    """The newest materialization record of `key` (of one partition when given), optionally only
+    those stored before event `before`; None when there is none."""
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition is not None else None,
+                           before_storage_id=before),
+        limit=1,
+    ).records
+    return records[0] if records else None

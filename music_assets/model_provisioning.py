@@ -22,9 +22,9 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Callable
 
 from filelock import FileLock
 
@@ -423,6 +423,17 @@ def provision_all(cache_dir: Path | str | None = None) -> dict[str, Path]:
     for name, path in paths.items():
         print(f"{name}: {path}")
     return paths
+
+
+def resolve_model(name: str) -> str:
+    """`builtin:smollm2`, `builtin:tiny-llama` and `builtin:minilm` are built (or found) locally on first use (see
+    the builders above); anything else is a local folder or a model hub id."""
+    if not name.startswith("builtin:"):
+        return name
+    builders = {"smollm2": smollm2_dir, "tiny-llama": tiny_llama_dir, "minilm": minilm_dir}
+    if name[len("builtin:"):] not in builders:
+        raise ValueError(f"unknown built-in model {name!r}; expected one of {sorted('builtin:' + b for b in builders)}")
+    return str(builders[name[len("builtin:"):]]())
 
 
 if __name__ == "__main__":

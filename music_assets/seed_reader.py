@@ -11,11 +11,12 @@ that the normalizer can detect per row (and quarantine) instead of failing the w
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterator
 
 
 class SeedFileError(Exception):
@@ -120,3 +121,31 @@ def read_hf_dataset(dataset_id: str, split: str, config_name: str | None = None)
         raise SeedFileError(f"hf:{dataset_id} (split {split}): cannot load: {exc}") from exc
     for number, record in enumerate(ds, start=1):
         yield RawRow(number, record=record, raw=_excerpt(json.dumps(record, ensure_ascii=False, default=str)))
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A seed source resolved from the config: where its rows come from and in which format."""
+
+    name: str
+    location: str  # a file path or 'hf:<id>:<split>'
+    format: str
+    path: Path | None = None
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    split: str = "train"
+
+    def rows(self) -> Iterator[RawRow]:
+        if self.path is not None:
+            return read_rows(self.path)
+        return read_hf_dataset(self.hf_dataset, self.split, self.hf_config)
+
+    def fingerprint(self) -> str:
+        """sha256 of the file's bytes (the source's data version); for a dataset id, of the id."""
+        if self.path is None:
+            return hashlib.sha256(self.location.encode()).hexdigest()
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()

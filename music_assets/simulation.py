@@ -32,15 +32,13 @@ import random
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
-from collections.abc import Callable
 
+from music_assets.engines import ChatEngine, Message, Sampling
 from music_assets.ingest import stable_hash
 from music_assets.prompts import PROMPT_VERSION, REWRITE_EXAMPLE, render, user_simulator_messages
-from resources.llm import LLMEngine, Sampling
-
-Message = dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -87,9 +85,9 @@ class SimulationSettings:
 
 @dataclass(frozen=True)
 class Engines:
-    user: LLMEngine
-    assistant: LLMEngine
-    rewriter: LLMEngine
+    user: ChatEngine
+    assistant: ChatEngine
+    rewriter: ChatEngine
 
     def identity(self) -> dict:
         return {"user": self.user.identity(), "assistant": self.assistant.identity(), "rewriter": self.rewriter.identity()}

@@ -26,7 +26,7 @@ _DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "atten
 def resolve_backbone(name: str) -> str:
     """A local folder for `name`, or a clear error: builtin models are built/found locally, a
     path must exist, and a hub id only works when the hub is reachable."""
-    from resources.llm import resolve_model
+    from music_assets.model_provisioning import resolve_model
 
     path = resolve_model(name)
     if Path(path).expanduser().is_dir():

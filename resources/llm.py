@@ -1,4 +1,4 @@
-"""LLM engines: one interface, two backends.
+"""LLM engines as Dagster resources: one interface (`music_assets.engines`), two backends.
 
 `chat(conversations, sampling, seeds)` takes a whole batch of conversations and returns one
 `Generation` per conversation (with `sampling.n` candidates each). `sampling` is one `Sampling`
@@ -36,43 +36,9 @@ from dataclasses import dataclass, field
 
 from dagster import ConfigurableResource, get_dagster_logger
 
+from music_assets.engines import BatchedStream, EngineError, Generation, Message, RequestStream, Sampling, per_request
+from music_assets.model_provisioning import resolve_model
 from resources.compute import ComputeResource
-
-Message = dict[str, str]
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_tokens: int = 256
-    n: int = 1
-
-    def as_dict(self) -> dict:
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens, "n": self.n}
-
-
-@dataclass
-class Generation:
-    """The candidates for one conversation. `finish_reasons[i]` is 'stop' or 'length' (cut)."""
-
-    texts: list[str]
-    finish_reasons: list[str]  # "error" when the engine refused this one request
-    completion_tokens: int = 0
-    prompt_tokens: int = 0
-    error: str | None = None  # why it was refused (e.g. the prompt exceeds the context length)
-
-    @property
-    def text(self) -> str:
-        return self.texts[0]
-
-    @property
-    def truncated(self) -> bool:
-        return self.finish_reasons[0] == "length"
-
-
-class EngineError(RuntimeError):
-    """The engine could not produce a generation (after retries, where retrying makes sense)."""
 
 
 class LLMEngine(ConfigurableResource):
@@ -95,75 +61,6 @@ class LLMEngine(ConfigurableResource):
         simulation). This default batches whatever was submitted into one `chat` call per
         `wait`; the vLLM and OpenAI backends override it to hand back each request as it finishes."""
         return BatchedStream(self)
-
-
-class RequestStream:
-    """Takes requests at any time and hands each generation back when it is finished.
-
-    `submit` queues one request under a caller-chosen key; `wait` blocks until at least one
-    queued request is finished and returns `(key, Generation)` for all that are. A caller that
-    submits a request as soon as the answer it depends on arrives keeps the engine's batch full,
-    instead of waiting for the slowest request of a step (or for a retry of one request) while
-    the engine runs almost empty."""
-
-    def submit(self, key, conversation: list[Message], sampling: Sampling, seed: int | None = None) -> None:
-        raise NotImplementedError
-
-    def wait(self) -> list[tuple[object, Generation]]:
-        raise NotImplementedError
-
-    @property
-    def pending(self) -> int:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Gives up on what is still in flight (the caller failed midway)."""
-
-
-class BatchedStream(RequestStream):
-    """For any `chat` engine: everything submitted since the last `wait` goes out as one batched call."""
-
-    def __init__(self, engine: LLMEngine):
-        self.engine, self.queue = engine, []
-
-    def submit(self, key, conversation, sampling, seed=None):
-        self.queue.append((key, conversation, sampling, seed))
-
-    def wait(self):
-        batch, self.queue = self.queue, []
-        if not batch:
-            return []
-        keys, conversations, samplings, seeds = zip(*batch)
-        return list(zip(keys, self.engine.chat(list(conversations), list(samplings), list(seeds))))
-
-    @property
-    def pending(self) -> int:
-        return len(self.queue)
-
-    def close(self) -> None:
-        self.queue = []
-
-
-def per_request(sampling: Sampling | list[Sampling], count: int) -> list[Sampling]:
-    if isinstance(sampling, Sampling):
-        return [sampling] * count
-    if len(sampling) != count:
-        raise ValueError(f"{len(sampling)} sampling settings for {count} conversations")
-    return list(sampling)
-
-
-def resolve_model(name: str) -> str:
-    """`builtin:smollm2`, `builtin:tiny-llama` and `builtin:minilm` are built (or found) locally on first use (see
-    music_assets/model_provisioning.py); anything else is a local folder or a model hub id."""
-    if not name.startswith("builtin:"):
-        return name
-    from music_assets import model_provisioning
-
-    builders = {"smollm2": model_provisioning.smollm2_dir, "tiny-llama": model_provisioning.tiny_llama_dir,
-                "minilm": model_provisioning.minilm_dir}
-    if name[len("builtin:"):] not in builders:
-        raise ValueError(f"unknown built-in model {name!r}; expected one of {sorted('builtin:' + b for b in builders)}")
-    return str(builders[name[len("builtin:"):]]())
 
 
 # --- vLLM in process ---------------------------------------------------------------------------

@@ -10,17 +10,14 @@ name, and this resource turns the name into a location. Three kinds of location:
 
 from __future__ import annotations
 
-import hashlib
 import re
-from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from collections.abc import Iterator
 
 from dagster import Config, ConfigurableResource
 
 from music_assets.seed_formats import DEFAULT_MAX_MESSAGE_CHARS
-from music_assets.seed_reader import RawRow, read_hf_dataset, read_rows
+from music_assets.seed_reader import ResolvedSource
 
 EMBEDDED = "embedded"
 EMBEDDED_PATH = Path(str(files("music_assets") / "data" / "embedded_seeds.jsonl"))
@@ -58,32 +55,6 @@ class SeedSourceConfig(Config):
     hf_config: str | None = None
     split: str = "train"
     format: str = "auto"
-
-
-@dataclass(frozen=True)
-class ResolvedSource:
-    name: str
-    location: str  # a file path or 'hf:<id>:<split>'
-    format: str
-    path: Path | None = None
-    hf_dataset: str | None = None
-    hf_config: str | None = None
-    split: str = "train"
-
-    def rows(self) -> Iterator[RawRow]:
-        if self.path is not None:
-            return read_rows(self.path)
-        return read_hf_dataset(self.hf_dataset, self.split, self.hf_config)
-
-    def fingerprint(self) -> str:
-        """sha256 of the file's bytes (the source's data version); for a dataset id, of the id."""
-        if self.path is None:
-            return hashlib.sha256(self.location.encode()).hexdigest()
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
 
 
 class SeedCatalog(ConfigurableResource):

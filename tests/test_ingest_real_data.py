@@ -10,7 +10,7 @@ import json
 import pytest
 
 from music_assets.ingest import ingest
-from resources.seed_catalog import ResolvedSource
+from music_assets.seed_reader import ResolvedSource
 
 
 def source(name, path, fmt="auto"):

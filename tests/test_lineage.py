@@ -12,7 +12,7 @@ from dagster import AssetKey, DagsterInstance, materialize
 
 from music_assets import cli
 from music_assets.definitions import build_definitions
-from music_assets.lineage import latest_materialization
+from music_assets.metadata import latest_materialization
 from music_assets.partitions import seed_partitions
 from music_assets.prompts import PROMPT_VERSION
 from resources.seed_catalog import EMBEDDED_PATH

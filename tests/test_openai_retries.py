@@ -9,7 +9,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from resources.llm import EngineError, OpenAIEngine, Sampling
+from music_assets.engines import EngineError, Sampling
+from resources.llm import OpenAIEngine
 
 
 class FaultServer:

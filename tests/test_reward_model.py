@@ -13,10 +13,10 @@ import torch
 
 from music_assets.ingest import ingest
 from music_assets.rm_data import DataError, PairEncoder
+from music_assets.seed_reader import ResolvedSource
 from music_assets.splits import assign_splits
 from music_assets.train_rm import load_backbone, run
 from music_assets.trainer import TrainConfig, accuracy, pairwise_scores, train
-from resources.seed_catalog import ResolvedSource
 from tests.helpers import REPO
 
 # Measured on the HH-RLHF harmless test slice (1847 train / 230 test pairs, grouped split):

@@ -7,9 +7,10 @@ between commits). Real vLLM runs the same loop in test_simulation_vllm.py.
 
 import pytest
 
+from music_assets.engines import Generation
 from music_assets.pairs import assemble_pairs, assistant_turns_differing
 from music_assets.simulation import Context, Engines, SimulationSettings, TurnStore, simulate, word_jaccard
-from resources.llm import Generation, LLMEngine
+from resources.llm import LLMEngine
 
 from music_assets.prompts import render
 

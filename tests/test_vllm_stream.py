@@ -4,8 +4,9 @@ others run comes back without waiting for them, refusals per request, and clean 
 
 import pytest
 
+from music_assets.engines import Sampling
 from resources.compute import ComputeResource
-from resources.llm import Sampling, VLLMEngine
+from resources.llm import VLLMEngine
 from tests.helpers import ENGINE_COMPUTE
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,122 @@
+"""What the simulation, Best-of-N and the judge need from an LLM engine, with no Dagster in it:
+the request and answer types, the `ChatEngine` protocol, and request streams.
+
+`chat(conversations, sampling, seeds)` takes a whole batch of conversations and returns one
+`Generation` per conversation (with `sampling.n` candidates each). `sampling` is one `Sampling`
+for the whole batch or one per conversation (Best-of-N sends N = 2, 4 and 8 in one call).
+`stream()` is for callers whose requests depend on earlier answers (the simulation): requests are
+submitted one by one and come back as each finishes.
+
+The engines themselves (vLLM in process, any OpenAI-compatible server) are Dagster resources in
+`resources/llm.py`; they implement this protocol, and the logic here never imports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 256
+    n: int = 1
+
+    def as_dict(self) -> dict:
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens, "n": self.n}
+
+
+@dataclass
+class Generation:
+    """The candidates for one conversation. `finish_reasons[i]` is 'stop' or 'length' (cut)."""
+
+    texts: list[str]
+    finish_reasons: list[str]  # "error" when the engine refused this one request
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    error: str | None = None  # why it was refused (e.g. the prompt exceeds the context length)
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reasons[0] == "length"
+
+
+class EngineError(RuntimeError):
+    """The engine could not produce a generation (after retries, where retrying makes sense)."""
+
+
+class ChatEngine(Protocol):
+    """An engine as the logic sees it (`resources.llm.LLMEngine` and its backends implement it)."""
+
+    model: str
+
+    def chat(
+        self, conversations: list[list[Message]], sampling: Sampling | list[Sampling], seeds: list[int] | None = None
+    ) -> list[Generation]: ...
+
+    def identity(self) -> dict: ...
+
+    def stream(self) -> RequestStream: ...
+
+
+class RequestStream:
+    """Takes requests at any time and hands each generation back when it is finished.
+
+    `submit` queues one request under a caller-chosen key; `wait` blocks until at least one
+    queued request is finished and returns `(key, Generation)` for all that are. A caller that
+    submits a request as soon as the answer it depends on arrives keeps the engine's batch full,
+    instead of waiting for the slowest request of a step (or for a retry of one request) while
+    the engine runs almost empty."""
+
+    def submit(self, key, conversation: list[Message], sampling: Sampling, seed: int | None = None) -> None:
+        raise NotImplementedError
+
+    def wait(self) -> list[tuple[object, Generation]]:
+        raise NotImplementedError
+
+    @property
+    def pending(self) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Gives up on what is still in flight (the caller failed midway)."""
+
+
+class BatchedStream(RequestStream):
+    """For any `chat` engine: everything submitted since the last `wait` goes out as one batched call."""
+
+    def __init__(self, engine: ChatEngine):
+        self.engine, self.queue = engine, []
+
+    def submit(self, key, conversation, sampling, seed=None):
+        self.queue.append((key, conversation, sampling, seed))
+
+    def wait(self):
+        batch, self.queue = self.queue, []
+        if not batch:
+            return []
+        keys, conversations, samplings, seeds = zip(*batch)
+        return list(zip(keys, self.engine.chat(list(conversations), list(samplings), list(seeds))))
+
+    @property
+    def pending(self) -> int:
+        return len(self.queue)
+
+    def close(self) -> None:
+        self.queue = []
+
+
+def per_request(sampling: Sampling | list[Sampling], count: int) -> list[Sampling]:
+    if isinstance(sampling, Sampling):
+        return [sampling] * count
+    if len(sampling) != count:
+        raise ValueError(f"{len(sampling)} sampling settings for {count} conversations")
+    return list(sampling)
