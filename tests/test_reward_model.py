@@ -66,8 +66,14 @@ def _run_side_by_side(jobs: dict[str, tuple[dict, int]], tmp_path: Path) -> None
         with open(tmp_path / f"{name}.log", "w") as log:  # a file, not a pipe: no job can block on it
             procs[name] = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for name, proc in procs.items():
-        assert proc.wait(timeout=600) == 0, f"{name}:\n{(tmp_path / f'{name}.log').read_text()[-3000:]}"
+    try:
+        for name, proc in procs.items():
+            assert proc.wait(timeout=600) == 0, f"{name}:\n{(tmp_path / f'{name}.log').read_text()[-3000:]}"
+    finally:  # one failed or timed out: the others must not outlive the test
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.mark.slow
