@@ -3,6 +3,7 @@ through Pipes, checkpoints that transformers loads, resume, and the bad-input pa
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -65,14 +66,15 @@ def _run_side_by_side(jobs: dict[str, tuple[dict, int]], tmp_path: Path) -> None
                "-m", "music_assets.train_rm", str(tmp_path / f"{name}.json")]
         with open(tmp_path / f"{name}.log", "w") as log:  # a file, not a pipe: no job can block on it
             procs[name] = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                           env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                           start_new_session=True)  # its own group: torchrun and its ranks
     try:
         for name, proc in procs.items():
             assert proc.wait(timeout=600) == 0, f"{name}:\n{(tmp_path / f'{name}.log').read_text()[-3000:]}"
-    finally:  # one failed or timed out: the others must not outlive the test
+    finally:  # one failed or timed out: the others (launcher and ranks) must not outlive the test
         for proc in procs.values():
             if proc.poll() is None:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
 
