@@ -135,7 +135,7 @@ def score(truth: pl.DataFrame, removed: pl.DataFrame) -> dict:
 def child_ours(db: Path) -> dict:
     import duckdb
 
-    from music_assets.dedup import DedupConfig, deduplicate
+    from music_assets.curation.dedup import DedupConfig, deduplicate
 
     con = duckdb.connect(str(db), read_only=True)
     con.execute("SET memory_limit = '3GB'")

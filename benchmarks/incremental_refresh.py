@@ -75,7 +75,7 @@ def child(phase: str, config: Path) -> dict:
 
     from music_assets.definitions import (DATA_ASSETS, EVALUATION_ASSETS, SEED_ASSETS, TRAINING_ASSETS,
                                           build_assets, build_definitions, build_resources)
-    from music_assets.reward_assets import reward_variants
+    from music_assets.training.assets import reward_variants
     from music_assets.settings import load_settings
 
     settings = load_settings(config)

@@ -23,11 +23,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def main():
-    from music_assets.ingest import ingest
-    from music_assets.rm_data import PairEncoder
-    from music_assets.train_rm import load_backbone
-    from music_assets.trainer import pairwise_scores, rewards
-    from music_assets.seed_reader import ResolvedSource
+    from music_assets.seeds.ingest import ingest
+    from music_assets.training.rm_data import PairEncoder
+    from music_assets.training.train_rm import load_backbone
+    from music_assets.training.trainer import pairwise_scores, rewards
+    from music_assets.seeds.reader import ResolvedSource
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint")
@@ -36,7 +36,7 @@ def main():
     parser.add_argument("--max-length", type=int, default=256)
     args = parser.parse_args()
     if args.checkpoint:
-        from music_assets.evaluation import load_checkpoint
+        from music_assets.evaluation.scorers import load_checkpoint
 
         model, tok, enc = load_checkpoint(args.checkpoint)
     else:

@@ -39,11 +39,11 @@ WARMUP = 0.05  # share of steps; both trainers round it to the same whole number
 
 def _data(setting: dict):
     """(train pairs, test pairs) as message lists that fit max_length untruncated."""
-    from music_assets.ingest import ingest
-    from music_assets.rm_data import PairEncoder
-    from music_assets.splits import assign_splits
-    from music_assets.train_rm import load_backbone
-    from music_assets.seed_reader import ResolvedSource
+    from music_assets.seeds.ingest import ingest
+    from music_assets.training.rm_data import PairEncoder
+    from music_assets.curation.splits import assign_splits
+    from music_assets.training.train_rm import load_backbone
+    from music_assets.seeds.reader import ResolvedSource
 
     import polars as pl
 
@@ -66,17 +66,17 @@ def _data(setting: dict):
 
 
 def _evaluate(model, tok, setting, test) -> float:
-    from music_assets.rm_data import PairEncoder
-    from music_assets.trainer import accuracy, pairwise_scores
+    from music_assets.training.rm_data import PairEncoder
+    from music_assets.training.trainer import accuracy, pairwise_scores
 
     enc = PairEncoder(tok, setting["max_length"], setting["chat_template"])
     return accuracy(pairwise_scores(model, [enc.encode(p["chosen"], p["rejected"]) for p in test], tok.pad_token_id))
 
 
 def child_ours(setting: dict) -> dict:
-    from music_assets.rm_data import PairEncoder
-    from music_assets.train_rm import load_backbone
-    from music_assets.trainer import TrainConfig, train
+    from music_assets.training.rm_data import PairEncoder
+    from music_assets.training.train_rm import load_backbone
+    from music_assets.training.trainer import TrainConfig, train
 
     train_pairs, test = _data(setting)
     model, tok = load_backbone(setting["backbone"], setting["seed"])
@@ -98,8 +98,8 @@ def child_trl(setting: dict) -> dict:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from music_assets.rm_data import PLAIN_TEMPLATE
-    from music_assets.train_rm import load_backbone
+    from music_assets.training.rm_data import PLAIN_TEMPLATE
+    from music_assets.training.train_rm import load_backbone
 
     train_pairs, test = _data(setting)
     model, tok = load_backbone(setting["backbone"], setting["seed"])

@@ -27,10 +27,10 @@ from pathlib import Path
 
 from dagster_duckdb import DuckDBResource
 
-from music_assets.contexts import sample_context
-from music_assets.engines import RequestStream, Sampling, per_request
-from music_assets.simulation import Context, Engines, SimulationSettings, simulate
-from music_assets.simulation_assets import DuckDBTurnStore
+from music_assets.simulation.contexts import sample_context
+from music_assets.common.engines import RequestStream, Sampling, per_request
+from music_assets.simulation.simulate import Context, Engines, SimulationSettings, simulate
+from music_assets.simulation.assets import DuckDBTurnStore
 from resources.compute import ComputeResource
 from resources.llm import LLMEngine, VLLMEngine
 from resources.seed_catalog import EMBEDDED_PATH

@@ -60,11 +60,11 @@ from dagster import (
     sensor,
 )
 
-from music_assets.metadata import latest_materialization
-from music_assets.partitions import seed_partitions
-from music_assets.seed_reader import ResolvedSource
-from music_assets.seeds import seed_ingestion
-from music_assets.simulation_assets import music_pairs, seed_contexts, simulated_branches
+from music_assets.common.metadata import latest_materialization
+from music_assets.common.partitions import seed_partitions
+from music_assets.seeds.reader import ResolvedSource
+from music_assets.seeds.assets import seed_ingestion
+from music_assets.simulation.assets import music_pairs, seed_contexts, simulated_branches
 from resources.seed_catalog import SeedCatalog
 
 # One seed partition's whole chain: ingestion (both outputs and its checks) -> MUSIC pairs.

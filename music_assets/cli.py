@@ -46,7 +46,7 @@ def _instance(settings):
 
 def register_sources(instance, catalog) -> list[str]:
     """Adds every source the catalog knows as a dynamic partition; returns the new ones."""
-    from music_assets.partitions import seed_partitions
+    from music_assets.common.partitions import seed_partitions
 
     known = set(instance.get_dynamic_partitions(seed_partitions.name))
     new = [name for name in catalog.names() if name not in known]
@@ -71,7 +71,7 @@ DEMO_EVALUATION = {"best_of_n": [2, 4, 8], "turns": 2, "contexts_per_source": 4,
 def cmd_demo(args) -> int:
     from music_assets.definitions import (DATA_ASSETS, EVALUATION_ASSETS, JUDGED_ASSETS, REPORT_ASSETS, SEED_ASSETS,
                                           TRAINING_ASSETS, build_assets, build_resources)
-    from music_assets.reward_assets import reward_variants
+    from music_assets.training.assets import reward_variants
 
     settings = load_settings(args.config)
     # The demo keeps a CPU run to minutes: a few contexts and T=2 unless the config says otherwise

@@ -10,14 +10,14 @@ from dagster_duckdb import DuckDBResource
 from dagster_duckdb_polars import DuckDBPolarsIOManager
 
 from music_assets.automation import nightly_refresh_sensor, seed_chain_job, seed_folder_sensor, with_nightly_refresh
-from music_assets.best_of_n_assets import best_of_n, judge_agreement
-from music_assets.data_assets import deduplicated_pairs, eval_items, training_splits
-from music_assets.evaluation_assets import evaluation_report, rm_evaluation
-from music_assets.reward_assets import reward_model, training_code_version
-from music_assets.seeds import seed_ingestion
+from music_assets.evaluation.best_of_n_assets import best_of_n, judge_agreement
+from music_assets.curation.assets import deduplicated_pairs, eval_items, training_splits
+from music_assets.evaluation.assets import evaluation_report, rm_evaluation
+from music_assets.training.assets import reward_model, training_code_version
+from music_assets.seeds.assets import seed_ingestion
 from music_assets.settings import ENGINE_ROLES, Settings, load_settings
-from music_assets.simulation_assets import music_pairs, seed_contexts, simulated_branches
-from music_assets.tables import SCHEMA
+from music_assets.simulation.assets import music_pairs, seed_contexts, simulated_branches
+from music_assets.common.tables import SCHEMA
 from resources.checkpoints import CheckpointStore
 from resources.compute import ComputeResource
 from resources.data_config import DataConfig, EvalSetConfig

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from dagster import AssetKey, AssetRecordsFilter
 
-from music_assets.metadata import latest_materialization
-from music_assets.tables import sql
-from music_assets.train_rm import METADATA_FILE
+from music_assets.common.metadata import latest_materialization
+from music_assets.common.tables import sql
+from music_assets.training.train_rm import METADATA_FILE
 
 DATA_VERSION_TAG = "dagster/data_version"
 CODE_VERSION_TAG = "dagster/code_version"
@@ -40,7 +40,7 @@ class LineageError(Exception):
 
 def resolve_checkpoint(target: str, checkpoints) -> tuple[str, str]:
     """(location, variant) for a checkpoint folder or URL, or for a variant name (its LATEST)."""
-    from music_assets.reward_assets import reward_variants
+    from music_assets.training.assets import reward_variants
 
     variants = reward_variants.get_partition_keys()
     if target in variants:
@@ -131,13 +131,13 @@ def _duckdb_pairs(duckdb_path: Path, variant: str) -> tuple[list[dict], list[dic
 
     con = duckdb.connect(str(duckdb_path), read_only=True)
     try:
-        tables = {name for name, in con.execute(sql("lineage_tables")).fetchall()}
+        tables = {name for name, in con.execute(sql("lineage/lineage_tables")).fetchall()}
         if "training_splits" not in tables:  # the instance says otherwise: another or a replaced file
             raise LookupError("no music.training_splits table")
-        per_source = con.execute(sql("lineage_pairs_per_source"), {"variant": variant}).pl().to_dicts()
+        per_source = con.execute(sql("lineage/lineage_pairs_per_source"), {"variant": variant}).pl().to_dicts()
         generations = []
         if "music_pairs" in tables:
-            generations = con.execute(sql("lineage_music_generations"), {"variant": variant}).pl().to_dicts()
+            generations = con.execute(sql("lineage/lineage_music_generations"), {"variant": variant}).pl().to_dicts()
         for g in generations:
             g["models"], g["sampling"] = json.loads(g["models"]), json.loads(g["sampling"])
         return per_source, generations

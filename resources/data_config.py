@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dagster import Config, ConfigurableResource
 
-from music_assets.dedup import DedupConfig
-from music_assets.minhash import ShingleConfig
+from music_assets.curation.dedup import DedupConfig
+from music_assets.curation.minhash import ShingleConfig
 
 
 class EvalSetConfig(Config):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dagster import ConfigurableResource
 
-from music_assets.best_of_n import BestOfNSettings
+from music_assets.evaluation.best_of_n import BestOfNSettings
 from resources.simulation_config import SamplingConfig
 
 

@@ -1,4 +1,4 @@
-"""LLM engines as Dagster resources: one interface (`music_assets.engines`), two backends.
+"""LLM engines as Dagster resources: one interface (`music_assets.common.engines`), two backends.
 
 `chat(conversations, sampling, seeds)` takes a whole batch of conversations and returns one
 `Generation` per conversation (with `sampling.n` candidates each). `sampling` is one `Sampling`
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from dagster import ConfigurableResource, get_dagster_logger
 
-from music_assets.engines import BatchedStream, EngineError, Generation, Message, RequestStream, Sampling, per_request
+from music_assets.common.engines import BatchedStream, EngineError, Generation, Message, RequestStream, Sampling, per_request
 from music_assets.model_provisioning import resolve_model
 from resources.compute import ComputeResource
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from dagster import Config, ConfigurableResource
 
-from music_assets.seed_formats import DEFAULT_MAX_MESSAGE_CHARS
-from music_assets.seed_reader import ResolvedSource
+from music_assets.seeds.formats import DEFAULT_MAX_MESSAGE_CHARS
+from music_assets.seeds.reader import ResolvedSource
 
 EMBEDDED = "embedded"
 EMBEDDED_PATH = Path(str(files("music_assets") / "data" / "embedded_seeds.jsonl"))

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dagster import Config, ConfigurableResource
 
-from music_assets.engines import Sampling
-from music_assets.simulation import SimulationSettings
+from music_assets.common.engines import Sampling
+from music_assets.simulation.simulate import SimulationSettings
 
 
 class SamplingConfig(Config):

@@ -11,7 +11,7 @@ from typing import Any
 
 from dagster import ConfigurableResource
 
-from music_assets.trainer import TrainConfig
+from music_assets.training.trainer import TrainConfig
 
 
 class RewardTrainingConfig(ConfigurableResource):

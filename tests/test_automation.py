@@ -12,8 +12,8 @@ from dagster import (AssetKey, AssetRecordsFilter, DagsterInstance, DataVersion,
 
 from music_assets.automation import CHANGE_TAG, FINGERPRINT_TAG, with_nightly_refresh
 from music_assets.definitions import build_definitions
-from music_assets.metadata import latest_materialization
-from music_assets.partitions import seed_partitions
+from music_assets.common.metadata import latest_materialization
+from music_assets.common.partitions import seed_partitions
 from tests.helpers import SLICES, TINY_LLAMA, load_settings_in, write_seed
 
 INGESTION = ["seed_conversations", "seed_quarantine"]

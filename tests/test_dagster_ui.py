@@ -318,7 +318,7 @@ def _materialize_rest_in_process(server: Server) -> None:
     from dagster import DagsterInstance, materialize
 
     from music_assets import definitions as d
-    from music_assets.reward_assets import reward_variants
+    from music_assets.training.assets import reward_variants
 
     settings = _settings(server)
     resources = d.build_resources(settings)
@@ -360,7 +360,7 @@ def materialized(server):
     """The ingestion launched over GraphQL, then the rest of the graph in this process."""
     started = time.time()
     repo = {"repositoryName": REPOSITORY, "repositoryLocationName": LOCATION}
-    from music_assets.partitions import seed_partitions
+    from music_assets.common.partitions import seed_partitions
 
     added = server.gql(ADD_PARTITION, key=SEED, defName=seed_partitions.name, repo=repo)["addDynamicPartition"]
     assert added["__typename"] == "AddDynamicPartitionSuccess", added
@@ -451,7 +451,7 @@ def test_daemon_is_healthy_and_instigators_match_the_definitions(materialized):
 
 def test_prompt_edit_marks_simulation_and_downstream_unsynced_per_partition(materialized):
     server = materialized
-    from music_assets.prompts import TEMPLATES
+    from music_assets.simulation.prompts import TEMPLATES
 
     before = server.code_versions()
     edited = server.prompts / "contrastive_assistant.txt"

@@ -16,13 +16,13 @@ import polars as pl
 import pytest
 from dagster import DagsterInstance, materialize
 
-from music_assets.data_assets import deduplicated_pairs, eval_items, training_splits
-from music_assets.dedup import DedupConfig, deduplicate
+from music_assets.curation.assets import deduplicated_pairs, eval_items, training_splits
+from music_assets.curation.dedup import DedupConfig, deduplicate
 from music_assets.definitions import build_resources
-from music_assets.minhash import ShingleConfig, band_keys, normalize, shingle_hashes, signatures
-from music_assets.partitions import seed_partitions
-from music_assets.seeds import seed_ingestion
-from music_assets.tables import sql
+from music_assets.curation.minhash import ShingleConfig, band_keys, normalize, shingle_hashes, signatures
+from music_assets.common.partitions import seed_partitions
+from music_assets.seeds.assets import seed_ingestion
+from music_assets.common.tables import create_schema, sql
 from tests.helpers import load_settings_in
 
 
@@ -84,7 +84,7 @@ def built(tmp_path_factory, real_data):
 
     # MUSIC pairs: one continuing uf/3 (its group), one duplicating seed pair uf/4
     con = duckdb.connect(str(settings.duckdb_path))
-    con.execute(sql("schema"))
+    create_schema(con)
     seeds = {r[0]: (r[1], r[2]) for r in con.execute("SELECT pair_id, chosen, rejected FROM music.seed_conversations "
                                                      "WHERE pair_id IN ('uf/3', 'uf/4')").fetchall()}
     music = [
@@ -209,7 +209,7 @@ def test_bad_rows_are_quarantined_with_reasons():
 def test_leak_check_finds_a_train_pair_duplicating_a_test_pair():
     """The split check is not vacuous: plant a near-duplicate across splits and it is reported."""
     con = duckdb.connect()
-    con.execute(sql("schema"))
+    create_schema(con)
     rng = np.random.default_rng(1)
     base = " ".join(f"w{i}" for i in rng.integers(0, 3000, 200))
     near = base.replace(base.split()[100], "baker", 1)  # one word of 200: Jaccard ~0.95
@@ -218,9 +218,9 @@ def test_leak_check_finds_a_train_pair_duplicating_a_test_pair():
         c = conv("question " + pid, text)
         con.execute("INSERT INTO music.deduplicated_pairs VALUES ('seed', 's', $p, $p, 1, $c, $c)", {"p": pid, "c": c})
         con.execute("INSERT INTO music.training_splits VALUES ('music', $s, $p, 'seed', 's', $p, 1)", {"p": pid, "s": split})
-    con.execute(sql("split_leak_source"))
-    deduplicate(con, con.execute(sql("eval_user_messages")).pl(), DedupConfig())
-    leaks = con.execute(sql("split_leaks")).fetchall()
+    con.execute(sql("curation/split_leak_source"))
+    deduplicate(con, con.execute(sql("curation/eval_user_messages")).pl(), DedupConfig())
+    leaks = con.execute(sql("curation/split_leaks")).fetchall()
     assert [(r[0], r[1], r[3], r[4]) for r in leaks] == [("tr1", "train", "t1", "test")]
 
 
@@ -249,7 +249,7 @@ def test_one_permutation_signatures_estimate_jaccard():
 
 
 def test_music_ratio_caps_music_train_pairs_and_keeps_held_out_ones():
-    from music_assets.splits import assign_splits, variants
+    from music_assets.curation.splits import assign_splits, variants
 
     rows = [{"origin": "seed", "source": "s", "pair_id": f"s{i}", "group_id": f"g{i}", "user_turns": 1} for i in range(100)]
     rows += [{"origin": "music", "source": "s", "pair_id": f"m{i}", "group_id": f"g{i % 100}", "user_turns": 3}

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from music_assets.ingest import ingest
-from music_assets.seed_reader import ResolvedSource
+from music_assets.seeds.ingest import ingest
+from music_assets.seeds.reader import ResolvedSource
 
 
 def source(name, path, fmt="auto"):
@@ -113,7 +113,7 @@ def test_corrupted_copy_quarantines_bad_rows_and_keeps_every_good_one(real_data,
 
 
 def test_unreadable_file_fails_naming_the_file(tmp_path):
-    from music_assets.seed_reader import SeedFileError
+    from music_assets.seeds.reader import SeedFileError
 
     broken = tmp_path / "broken.json"
     broken.write_text('[{"prompt": "q", ')

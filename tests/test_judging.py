@@ -3,11 +3,11 @@ consistency rule, bootstrap win rates, the per-N summary, and where Best-of-N co
 
 import pytest
 
-from music_assets.best_of_n import EvalContext
-from music_assets.best_of_n_assets import bon_summary, eval_contexts, sample_ids
-from music_assets.judge import combine, judge_prompt, parse_verdict
-from music_assets.scoring import win_rate
-from music_assets.tables import frame
+from music_assets.evaluation.best_of_n import EvalContext
+from music_assets.evaluation.best_of_n_assets import bon_summary, eval_contexts, sample_ids
+from music_assets.evaluation.judge import combine, judge_prompt, parse_verdict
+from music_assets.evaluation.scoring import win_rate
+from music_assets.common.tables import frame
 
 
 def test_parse_verdict_takes_the_last_bracketed_verdict_and_reports_none():

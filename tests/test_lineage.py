@@ -12,9 +12,9 @@ from dagster import AssetKey, DagsterInstance, materialize
 
 from music_assets import cli
 from music_assets.definitions import build_definitions
-from music_assets.metadata import latest_materialization
-from music_assets.partitions import seed_partitions
-from music_assets.prompts import PROMPT_VERSION
+from music_assets.common.metadata import latest_materialization
+from music_assets.common.partitions import seed_partitions
+from music_assets.simulation.prompts import PROMPT_VERSION
 from resources.seed_catalog import EMBEDDED_PATH
 from tests.helpers import MINILM_TRAINING, SLICES, TINY_LLAMA, load_settings_in, write_seed
 

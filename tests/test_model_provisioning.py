@@ -115,7 +115,7 @@ def test_tiny_llama_loads_chats_and_generates(tiny_dir):
 def user_simulator_prompt(k: int) -> list[dict]:
     """The simulation's real user-simulator prompt (instructions, then the role-swapped
     conversation) on 1-3 exchanges."""
-    from music_assets.prompts import user_simulator_messages
+    from music_assets.simulation.prompts import user_simulator_messages
 
     pairs = (EXCHANGES[k % 4 :] + EXCHANGES[: k % 4])[: 1 + k % 3]
     msgs = [{"role": r, "content": t} for u, a in pairs for r, t in (("user", u), ("assistant", a))]

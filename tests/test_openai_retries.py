@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from music_assets.engines import EngineError, Sampling
+from music_assets.common.engines import EngineError, Sampling
 from resources.llm import OpenAIEngine
 
 

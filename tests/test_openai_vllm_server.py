@@ -14,7 +14,7 @@ from dagster import DagsterInstance, materialize
 
 from music_assets.definitions import SEED_ASSETS, build_resources
 from music_assets.model_provisioning import tiny_llama_dir
-from music_assets.partitions import seed_partitions
+from music_assets.common.partitions import seed_partitions
 from tests.helpers import REPO, TINY_SIM, free_port, load_settings_in, query
 
 pytestmark = pytest.mark.slow

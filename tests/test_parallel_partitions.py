@@ -14,7 +14,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance
 
 from music_assets.cli import ensure_instance_config
-from music_assets.partitions import seed_partitions
+from music_assets.common.partitions import seed_partitions
 from tests.helpers import REPO, load_settings_in
 
 pytestmark = pytest.mark.slow

@@ -9,11 +9,11 @@ import json
 import pytest
 from dagster import DagsterInstance, materialize
 
-from music_assets.data_assets import deduplicated_pairs, eval_items, training_splits
+from music_assets.curation.assets import deduplicated_pairs, eval_items, training_splits
 from music_assets.definitions import build_resources
-from music_assets.partitions import seed_partitions
-from music_assets.reward_assets import reward_model
-from music_assets.seeds import seed_ingestion
+from music_assets.common.partitions import seed_partitions
+from music_assets.training.assets import reward_model
+from music_assets.seeds.assets import seed_ingestion
 from tests.helpers import MINILM_TRAINING, MT_BENCH, TINY_LLAMA, load_settings_in
 
 # Best-of-N on the tiny Llama: small, but every mechanism (N candidates per request, scripted
@@ -97,7 +97,7 @@ def test_reward_model_asset_trains_through_pipes_and_keeps_checkpoints_safe(prep
 def evaluated(prepared, baseline):
     """Both variants trained (the baseline by its fixture) and evaluated; returns each
     rm_evaluation materialization's metadata."""
-    from music_assets.evaluation_assets import rm_evaluation
+    from music_assets.evaluation.assets import rm_evaluation
 
     tmp, instance = prepared
     resources = build_resources(_settings(tmp))
@@ -116,7 +116,7 @@ def test_evaluation_of_both_variants_and_the_report(evaluated):
     report compares them with sample sizes, intervals and a significance verdict."""
     import duckdb
 
-    from music_assets.evaluation_assets import evaluation_report, mcnemar_p
+    from music_assets.evaluation.assets import evaluation_report, mcnemar_p
 
     tmp, instance, metas = evaluated
     settings = _settings(tmp)
@@ -153,9 +153,9 @@ def test_best_of_n_with_a_judge_end_to_end(evaluated):
     judge's verdicts, its unparsed outputs and the drops all add up; the report shows win rates."""
     import duckdb
 
-    from music_assets.best_of_n_assets import best_of_n, judge_agreement
-    from music_assets.evaluation import conversation_scorer
-    from music_assets.evaluation_assets import evaluation_report
+    from music_assets.evaluation.best_of_n_assets import best_of_n, judge_agreement
+    from music_assets.evaluation.scorers import conversation_scorer
+    from music_assets.evaluation.assets import evaluation_report
 
     tmp, instance, _ = evaluated
     settings = _settings(tmp)
@@ -222,7 +222,7 @@ def test_best_of_n_with_a_judge_end_to_end(evaluated):
 
 
 def test_best_of_n_without_a_checkpoint_names_the_variant(tmp_path):
-    from music_assets.best_of_n_assets import best_of_n
+    from music_assets.evaluation.best_of_n_assets import best_of_n
 
     settings = _settings(tmp_path)
     result = materialize([best_of_n], instance=DagsterInstance.ephemeral(), resources=build_resources(settings),

@@ -12,12 +12,12 @@ import polars as pl
 import pytest
 import torch
 
-from music_assets.ingest import ingest
-from music_assets.rm_data import DataError, PairEncoder
-from music_assets.seed_reader import ResolvedSource
-from music_assets.splits import assign_splits
-from music_assets.train_rm import load_backbone, run
-from music_assets.trainer import TrainConfig, accuracy, pairwise_scores, train
+from music_assets.seeds.ingest import ingest
+from music_assets.training.rm_data import DataError, PairEncoder
+from music_assets.seeds.reader import ResolvedSource
+from music_assets.curation.splits import assign_splits
+from music_assets.training.train_rm import load_backbone, run
+from music_assets.training.trainer import TrainConfig, accuracy, pairwise_scores, train
 from tests.helpers import REPO
 
 # Measured on the HH-RLHF harmless test slice (1847 train / 230 test pairs, grouped split):
@@ -63,7 +63,7 @@ def _run_side_by_side(jobs: dict[str, tuple[dict, int]], tmp_path: Path) -> None
     for name, (job, nproc) in jobs.items():
         (tmp_path / f"{name}.json").write_text(json.dumps({**job, "threads_per_process": 1}))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "music_assets.train_rm", str(tmp_path / f"{name}.json")]
+               "-m", "music_assets.training.train_rm", str(tmp_path / f"{name}.json")]
         with open(tmp_path / f"{name}.log", "w") as log:  # a file, not a pipe: no job can block on it
             procs[name] = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                            env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -162,7 +162,7 @@ def test_bad_training_input_is_reported_clearly(hh_splits):
     from transformers import AutoTokenizer
 
     from music_assets.model_provisioning import minilm_dir
-    from music_assets.train_rm import resolve_backbone
+    from music_assets.training.train_rm import resolve_backbone
 
     with pytest.raises(DataError, match="no chat template"):
         PairEncoder(AutoTokenizer.from_pretrained(minilm_dir()), 64, None)

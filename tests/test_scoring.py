@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from music_assets.scoring import pairwise_accuracy, rewardbench_scores, rewardbench_spec, wilson
+from music_assets.evaluation.scoring import pairwise_accuracy, rewardbench_scores, rewardbench_spec, wilson
 
 
 def test_pairwise_accuracy_counts_ties_and_gives_a_wilson_interval():

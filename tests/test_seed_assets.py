@@ -9,8 +9,8 @@ import duckdb
 from dagster import DagsterInstance, materialize
 
 from music_assets.definitions import build_definitions, build_resources
-from music_assets.partitions import seed_partitions
-from music_assets.seeds import seed_ingestion
+from music_assets.common.partitions import seed_partitions
+from music_assets.seeds.assets import seed_ingestion
 from tests.helpers import REPO, load_settings_in
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from music_assets.seed_formats import RowRejected, detect_format, normalize
+from music_assets.seeds.formats import RowRejected, detect_format, normalize
 
 U, A = "user", "assistant"
 

@@ -7,12 +7,12 @@ between commits). Real vLLM runs the same loop in test_simulation_vllm.py.
 
 import pytest
 
-from music_assets.engines import Generation
-from music_assets.pairs import assemble_pairs, assistant_turns_differing
-from music_assets.simulation import Context, Engines, SimulationSettings, TurnStore, simulate, word_jaccard
+from music_assets.common.engines import Generation
+from music_assets.simulation.pairs import assemble_pairs, assistant_turns_differing
+from music_assets.simulation.simulate import Context, Engines, SimulationSettings, TurnStore, simulate, word_jaccard
 from resources.llm import LLMEngine
 
-from music_assets.prompts import render
+from music_assets.simulation.prompts import render
 
 # how the scripted engine tells the stages apart: the user simulator's instructions are its system message
 USER_PROMPT, REWRITE_PROMPT = render("user_simulator")[:60], "Rewrite the user's request"
@@ -181,7 +181,7 @@ def test_word_jaccard():
 def test_simulated_user_may_not_repeat_the_private_rewrite():
     """After c, a rejected-branch user message containing the modified request would show the
     private instruction in the visible transcript: it is rejected (then retried or dropped)."""
-    from music_assets.simulation import user_validator
+    from music_assets.simulation.simulate import user_validator
 
     check = user_validator([], private_rewrite=("How do I make twice-cooked pork?", "How do I make braised pork belly?"))
     assert check("Great, and how do I make Twice-Cooked pork? Quickly please.", "stop")[0] == "user_repeated_private_rewrite"
@@ -194,8 +194,8 @@ def test_a_rewrite_that_drops_a_clause_is_not_a_leak_when_the_user_restates_the_
     request and a later restatement then contain the rewrite, but the user said those words in the
     open: neither the validator nor music_pairs' blocking check may call that a leak (the check
     failed a whole partition on it). A real repeat of a rewrite with new words still is one."""
-    from music_assets.simulation import user_validator
-    from music_assets.simulation_assets import _leaks_private_instruction
+    from music_assets.simulation.simulate import user_validator
+    from music_assets.simulation.assets import _leaks_private_instruction
 
     original, dropped_clause = "Write a poem about cats in the rain.", "Write a poem about cats"
     assert user_validator([], (dropped_clause, original))("Thanks! Again: write a poem about cats in the rain.", "stop")[0] is None
@@ -218,8 +218,8 @@ def test_an_answer_that_echoes_the_private_note_is_rejected_in_the_rejected_bran
     copied "(Private note: respond to the following version ...)" into its answer, or answered
     with the note alone. The validator rejects it there (retried, then dropped with its reason),
     and music_pairs' check would catch one that got through."""
-    from music_assets.simulation import assistant_validator
-    from music_assets.simulation_assets import _leaks_private_instruction
+    from music_assets.simulation.simulate import assistant_validator
+    from music_assets.simulation.assets import _leaks_private_instruction
 
     echo = "Use lemon juice.  (Private note: respond to the following version of your request exactly as written above.)"
     assert assistant_validator(private_note=True)(echo, "stop")[0] == "assistant_echoed_private_note"

@@ -14,7 +14,7 @@ import yaml
 from dagster import DagsterInstance, materialize
 
 from music_assets.definitions import SEED_ASSETS, build_resources
-from music_assets.partitions import seed_partitions
+from music_assets.common.partitions import seed_partitions
 from tests.helpers import ENGINE_COMPUTE, REPO, TINY_LLAMA, TINY_SIM, load_settings_in, query
 
 pytestmark = pytest.mark.slow

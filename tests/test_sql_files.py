@@ -5,7 +5,7 @@ literal (the test fails on a call it cannot read, so a computed name cannot slip
 
 import re
 
-from music_assets.tables import sql, sql_dir
+from music_assets.common.tables import sql, sql_dir
 from tests.helpers import REPO
 
 CALL = re.compile(r"\bsql\((?P<arg>[^)]*)\)")

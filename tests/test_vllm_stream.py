@@ -4,7 +4,7 @@ others run comes back without waiting for them, refusals per request, and clean 
 
 import pytest
 
-from music_assets.engines import Sampling
+from music_assets.common.engines import Sampling
 from resources.compute import ComputeResource
 from resources.llm import VLLMEngine
 from tests.helpers import ENGINE_COMPUTE

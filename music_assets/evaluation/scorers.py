@@ -7,10 +7,10 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from music_assets.rm_data import PairEncoder
-from music_assets.scoring import section_of
-from music_assets.trainer import pairwise_scores, sequence_scores
-from music_assets.train_rm import METADATA_FILE
+from music_assets.training.rm_data import PairEncoder
+from music_assets.evaluation.scoring import section_of
+from music_assets.training.trainer import pairwise_scores, sequence_scores
+from music_assets.training.train_rm import METADATA_FILE
 
 
 def latest_local_checkpoint(checkpoints, variant: str) -> str:

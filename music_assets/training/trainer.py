@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from music_assets.rm_data import DataError, EncodedPair
+from music_assets.training.rm_data import DataError, EncodedPair
 
 
 @dataclass

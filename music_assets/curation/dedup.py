@@ -30,8 +30,8 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from music_assets.minhash import ShingleConfig, band_keys, jaccard, normalize, shingle_hashes, shingle_sets, signatures
-from music_assets.tables import sql
+from music_assets.curation.minhash import ShingleConfig, band_keys, jaccard, normalize, shingle_hashes, shingle_sets, signatures
+from music_assets.common.tables import sql
 
 QUARANTINE_REASONS = {
     "missing_id": "pair_id is missing or blank",
@@ -122,12 +122,12 @@ def deduplicate(con: duckdb.DuckDBPyConnection, eval_items: pl.DataFrame | None,
     """Runs the whole dedup on `dedup_source`; leaves `dedup_removed`, `dedup_quarantine`,
     `dedup_kept(doc, pair_id)` and `dedup_kept_bands(doc, key)` as temp tables on `con`."""
     result = DedupResult()
-    con.execute(sql("dedup_work_tables"))
+    con.execute(sql("curation/dedup_work_tables"))
     eval_index = EvalIndex(eval_items if eval_items is not None else pl.DataFrame(schema={"item_id": pl.String, "text": pl.String}), cfg.shingles)
 
     started = time.perf_counter()
     docs, bands, flags = [], [], []
-    reader = con.execute(sql("dedup_stream")).to_arrow_reader(cfg.chunk_pairs)
+    reader = con.execute(sql("curation/dedup_stream")).to_arrow_reader(cfg.chunk_pairs)
     offset = 0
     for batch in reader:
         chunk = pl.from_arrow(batch)
@@ -141,8 +141,8 @@ def deduplicate(con: duckdb.DuckDBPyConnection, eval_items: pl.DataFrame | None,
     _insert(con, "dedup_docs", pl.concat(docs) if docs else None)
     _insert(con, "dedup_bands", pl.concat(bands) if bands else None)
     _insert(con, "dedup_flags", pl.concat(flags, how="vertical_relaxed") if flags else None)
-    con.execute(sql("dedup_exact"))
-    candidates = con.execute(sql("dedup_candidates")).pl()
+    con.execute(sql("curation/dedup_exact"))
+    candidates = con.execute(sql("curation/dedup_candidates")).pl()
     result.seconds["sql"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -151,7 +151,7 @@ def deduplicate(con: duckdb.DuckDBPyConnection, eval_items: pl.DataFrame | None,
     _insert(con, "dedup_flags", near)
     result.seconds["verify"] = time.perf_counter() - started
 
-    con.execute(sql("dedup_results"))
+    con.execute(sql("curation/dedup_results"))
     for rule, n in con.execute("SELECT rule, count(*) FROM dedup_removed GROUP BY rule").fetchall():
         result.removed[rule] = n
     for rule, n in con.execute("SELECT rule, count(*) FROM dedup_quarantine GROUP BY rule").fetchall():
@@ -218,7 +218,7 @@ def _verify(con: duckdb.DuckDBPyConnection, candidates: pl.DataFrame, cfg: Dedup
     shingles: dict[int, np.ndarray] = {}
     for start in range(0, len(wanted), cfg.chunk_pairs):
         con.register("wanted_docs", pl.DataFrame({"doc": wanted[start : start + cfg.chunk_pairs]}))
-        texts = con.execute(sql("dedup_texts_for_docs")).pl()
+        texts = con.execute(sql("curation/dedup_texts_for_docs")).pl()
         shingles.update(zip(texts["doc"].to_list(), shingle_sets(texts["text"], cfg.shingles)))
     con.unregister("wanted_docs")
 

@@ -1,4 +1,4 @@
-"""The reward-model training job: `python -m music_assets.train_rm JOB.json` (or under torchrun).
+"""The reward-model training job: `python -m music_assets.training.train_rm JOB.json` (or under torchrun).
 
 Launched by the `reward_model` asset through Dagster Pipes (`PipesSubprocessClient`), so its
 progress logs and final metrics flow back into the materialization; it also runs by hand. The
@@ -69,8 +69,8 @@ def run(job: dict, report=None) -> dict:
     """Trains, evaluates and (rank 0) writes the HF folder; returns the metrics."""
     import torch
 
-    from music_assets.rm_data import PairEncoder
-    from music_assets.trainer import TrainConfig, accuracy, pairwise_scores, train
+    from music_assets.training.rm_data import PairEncoder
+    from music_assets.training.trainer import TrainConfig, accuracy, pairwise_scores, train
 
     cfg = TrainConfig(**job["config"])
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -134,7 +134,7 @@ def weights_digest(model) -> str:
 
 
 def _plot(history: list[dict], path: Path) -> None:
-    from music_assets.plots import figure
+    from music_assets.common.plots import figure
 
     with figure(path) as (fig, ax):
         steps = [h["step"] for h in history if "loss" in h]

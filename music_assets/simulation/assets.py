@@ -22,14 +22,14 @@ from dagster import (
 )
 from dagster_duckdb import DuckDBResource
 
-from music_assets.contexts import sample_context
-from music_assets.ingest import stable_hash
-from music_assets.metadata import render_conversation, table_metadata
-from music_assets.pairs import assemble_pairs, assistant_turns_differing
-from music_assets.partitions import seed_partitions
-from music_assets.prompts import PROMPT_VERSION
-from music_assets.simulation import Context, Engines, TurnStore, generation_key, shows_private_note, shows_private_rewrite, simulate
-from music_assets.tables import frame, sql
+from music_assets.simulation.contexts import sample_context
+from music_assets.common.hashing import stable_hash
+from music_assets.common.metadata import render_conversation, table_metadata
+from music_assets.simulation.pairs import assemble_pairs, assistant_turns_differing
+from music_assets.common.partitions import seed_partitions
+from music_assets.simulation.prompts import PROMPT_VERSION
+from music_assets.simulation.simulate import Context, Engines, TurnStore, generation_key, shows_private_note, shows_private_rewrite, simulate
+from music_assets.common.tables import create_schema, frame, sql
 from resources.llm import LLMEngine
 from resources.simulation_config import SimulationConfig
 
@@ -76,13 +76,13 @@ class DuckDBTurnStore(TurnStore):
     def __init__(self, duckdb: DuckDBResource, source: str, gkey: str):
         self.duckdb, self.source, self.gkey = duckdb, source, gkey
         with duckdb.get_connection() as con:
-            con.execute(sql("simulation"))
+            create_schema(con)
 
     def load(self):
         params = {"source": self.source, "generation_key": self.gkey}
         with self.duckdb.get_connection() as con:
-            rows = con.execute(sql("simulation_committed"), params).pl().to_dicts()
-            drops = con.execute(sql("simulation_dropped"), params).pl().to_dicts()
+            rows = con.execute(sql("simulation/simulation_committed"), params).pl().to_dicts()
+            drops = con.execute(sql("simulation/simulation_dropped"), params).pl().to_dicts()
         return rows, drops
 
     def commit(self, rows, drops):
@@ -90,10 +90,10 @@ class DuckDBTurnStore(TurnStore):
             con.execute("BEGIN TRANSACTION")
             if rows:
                 con.register("new_turns", pl.DataFrame(rows))
-                con.execute(sql("simulation_insert_turns"))
+                con.execute(sql("simulation/simulation_insert_turns"))
             if drops:
                 con.register("new_drops", pl.DataFrame(drops))
-                con.execute(sql("simulation_insert_drops"))
+                con.execute(sql("simulation/simulation_insert_drops"))
             con.execute("COMMIT")
 
 
@@ -118,7 +118,7 @@ def simulated_branches(
     engines = Engines(user=user_simulator, assistant=assistant, rewriter=rewriter)
     gkey = generation_key(settings, engines)
     with duckdb.get_connection() as con:
-        contexts = con.execute(sql("seed_contexts_for_source"), {"source": source}).pl()
+        contexts = con.execute(sql("simulation/seed_contexts_for_source"), {"source": source}).pl()
     ctx_objs = [Context(r["context_id"], r["source"], r["messages"]) for r in contexts.iter_rows(named=True)]
     store = DuckDBTurnStore(duckdb, source, gkey)
     stats = simulate(ctx_objs, engines, settings, store, log=context.log.info)
@@ -126,11 +126,11 @@ def simulated_branches(
     models, settings_json = json.dumps(engines.identity(), sort_keys=True), json.dumps(settings.as_dict(), sort_keys=True)
     with duckdb.get_connection() as con:
         con.execute(
-            sql("simulation_record_run"),
+            sql("simulation/simulation_record_run"),
             {"source": source, "generation_key": gkey, "prompt_version": PROMPT_VERSION,
              "models": models, "settings": settings_json},
         )
-        table = con.execute(sql("simulation_turns_of_run"), {"source": source, "generation_key": gkey}).pl()
+        table = con.execute(sql("simulation/simulation_turns_of_run"), {"source": source, "generation_key": gkey}).pl()
     turns = table.height
     yield MaterializeResult(
         data_version=DataVersion(f"{gkey}:{stats.completed}:{turns}"),
@@ -177,8 +177,8 @@ def simulated_branches(
 def music_pairs(context: AssetExecutionContext, seed_contexts: pl.DataFrame, simulation: SimulationConfig, duckdb: DuckDBResource):
     """One row per MUSIC pair: full chosen and rejected conversations with contrast metadata."""
     with duckdb.get_connection() as con:
-        con.execute(sql("simulation"))
-        rows = con.execute(sql("simulation_rows_for_pairs"), {"source": context.partition_key}).pl().to_dicts()
+        create_schema(con)
+        rows = con.execute(sql("simulation/simulation_rows_for_pairs"), {"source": context.partition_key}).pl().to_dicts()
     pairs = assemble_pairs(seed_contexts.to_dicts(), rows, simulation.turns)
     df = frame("music_pairs", pairs)
 

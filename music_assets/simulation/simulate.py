@@ -36,9 +36,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from music_assets.engines import ChatEngine, Message, Sampling
-from music_assets.ingest import stable_hash
-from music_assets.prompts import PROMPT_VERSION, REWRITE_EXAMPLE, render, user_simulator_messages
+from music_assets.common.engines import ChatEngine, Message, Sampling
+from music_assets.common.hashing import stable_hash
+from music_assets.simulation.prompts import PROMPT_VERSION, REWRITE_EXAMPLE, render, user_simulator_messages
 
 
 @dataclass(frozen=True)

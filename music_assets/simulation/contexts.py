@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from music_assets.ingest import stable_hash
+from music_assets.common.hashing import stable_hash
 
 
 def exchanges(messages: list[dict]) -> int:

@@ -6,7 +6,7 @@ conversation and keeps the best one, and the next user message comes from the da
 has one (MT-Bench's second question) or else from the user simulator. The baseline and the MUSIC
 reward models run from the same contexts with the same sampling seeds, so as long as they pick
 the same candidates their conversations stay identical; a judge then compares the two final
-conversations (music_assets/judge.py).
+conversations (music_assets/evaluation/judge.py).
 
 Speed: at every turn all live conversations (every context, N and reward model) go to the policy
 engine in one batched call with `n` samples per request; requests that are identical (both reward
@@ -21,11 +21,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from music_assets.engines import ChatEngine, Message, Sampling
-from music_assets.ingest import stable_hash
-from music_assets.judge import Judgment, judge_pairs
-from music_assets.prompts import user_simulator_messages
-from music_assets.simulation import BatchGenerator, Failure, GenerationStats, basic_validator, user_validator
+from music_assets.common.engines import ChatEngine, Message, Sampling
+from music_assets.common.hashing import stable_hash
+from music_assets.evaluation.judge import Judgment, judge_pairs
+from music_assets.simulation.prompts import user_simulator_messages
+from music_assets.simulation.simulate import BatchGenerator, Failure, GenerationStats, basic_validator, user_validator
 
 Scorer = Callable[[list[list[Message]]], list[float]]  # conversations -> rewards
 

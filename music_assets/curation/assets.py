@@ -23,12 +23,13 @@ from dagster import (
 )
 from dagster_duckdb import DuckDBResource
 
-from music_assets.dedup import DedupResult, deduplicate
-from music_assets.ingest import ingest, stable_hash
-from music_assets.metadata import markdown_preview, table_metadata
-from music_assets.seed_reader import ResolvedSource
-from music_assets.splits import SPLITS, VARIANTS, assign_splits, composition, variants
-from music_assets.tables import frame, replace_rows, sql
+from music_assets.curation.dedup import DedupResult, deduplicate
+from music_assets.common.hashing import stable_hash
+from music_assets.seeds.ingest import ingest
+from music_assets.common.metadata import markdown_preview, table_metadata
+from music_assets.seeds.reader import ResolvedSource
+from music_assets.curation.splits import SPLITS, VARIANTS, assign_splits, composition, variants
+from music_assets.common.tables import create_schema, frame, replace_rows, sql
 from resources.data_config import DataConfig
 from resources.seed_catalog import validate_source_name
 
@@ -58,7 +59,7 @@ def eval_items(context: AssetExecutionContext, data: DataConfig, duckdb: DuckDBR
         context.log.info(f"eval set {name}: {len(result.pairs)} items, {len(result.quarantine)} quarantined")
     df, bad = frame("eval_items", items), frame("eval_quarantine", quarantine)
     with duckdb.get_connection() as con:
-        con.execute(sql("schema"))
+        create_schema(con)
         replace_rows(con, {"eval_items": df, "eval_quarantine": bad})
     return MaterializeResult(
         data_version=DataVersion(stable_hash(fingerprints)),
@@ -82,16 +83,16 @@ def deduplicated_pairs(context: AssetExecutionContext, data: DataConfig, duckdb:
     """Seed and MUSIC pairs without exact duplicates, near-duplicates (MinHash LSH, verified with
     exact Jaccard) or evaluation leaks; each removed pair is in dedup_removed with its reason."""
     with duckdb.get_connection() as con:
-        con.execute(sql("schema"))
-        con.execute(sql("dedup_training_source"))
-        eval_messages = con.execute(sql("eval_user_messages")).pl()
+        create_schema(con)
+        con.execute(sql("curation/dedup_training_source"))
+        eval_messages = con.execute(sql("curation/eval_user_messages")).pl()
         result = deduplicate(con, eval_messages, data.dedup())
-        con.execute(sql("dedup_persist"))
-        counts = dict(zip(("input_pairs", "kept", "removed", "quarantined"), con.execute(sql("dedup_counts")).fetchone()))
+        con.execute(sql("curation/dedup_persist"))
+        counts = dict(zip(("input_pairs", "kept", "removed", "quarantined"), con.execute(sql("curation/dedup_counts")).fetchone()))
         kept = con.execute("SELECT origin, source, pair_id, group_id, user_turns FROM music.deduplicated_pairs").pl()
         removed = con.execute("SELECT * FROM music.dedup_removed ORDER BY rule, pair_id").pl()
         quarantined = con.execute("SELECT * FROM music.dedup_quarantine").pl()
-        content_version = con.execute(sql("pairs_content_version")).fetchone()[0]
+        content_version = con.execute(sql("curation/pairs_content_version")).fetchone()[0]
     context.log.info(f"dedup: {result.as_dict()}")
     yield MaterializeResult(
         data_version=DataVersion(content_version),
@@ -129,19 +130,19 @@ def training_splits(context: AssetExecutionContext, data: DataConfig, duckdb: Du
     """Baseline (D) and MUSIC (D + D_MUSIC) train/validation/test splits, grouped by seed
     conversation, plus TRL-compatible JSONL and Parquet exports of every split."""
     with duckdb.get_connection() as con:
-        con.execute(sql("schema"))
+        create_schema(con)
         pairs = con.execute("SELECT origin, source, pair_id, group_id, user_turns FROM music.deduplicated_pairs").pl()
         rows = variants(assign_splits(pairs, data.split_seed, data.validation_fraction, data.test_fraction),
                         data.split_seed, data.music_ratio)
         table = frame("training_splits", rows.to_dicts())
         replace_rows(con, {"training_splits": table})
         exported = _export(con, Path(data.exports_dir))
-        overlaps = con.execute(sql("split_overlaps")).pl()
-        con.execute(sql("split_leak_source"))
-        eval_messages = con.execute(sql("eval_user_messages")).pl()
+        overlaps = con.execute(sql("curation/split_overlaps")).pl()
+        con.execute(sql("curation/split_leak_source"))
+        eval_messages = con.execute(sql("curation/eval_user_messages")).pl()
         recheck = deduplicate(con, eval_messages, data.dedup())
-        leaks = con.execute(sql("split_leaks")).pl()
-        content_version = con.execute(sql("pairs_content_version")).fetchone()[0]
+        leaks = con.execute(sql("curation/split_leaks")).pl()
+        content_version = con.execute(sql("curation/pairs_content_version")).fetchone()[0]
 
     comp = composition(table)
     context.log.info(f"splits: {json.dumps(comp)}")
@@ -186,7 +187,7 @@ def _export(con, exports_dir: Path) -> dict:
         tmp = Path(tempfile.mkdtemp(prefix=f".{variant}-", dir=exports_dir))
         counts[variant] = {}
         for split in SPLITS:
-            df = con.execute(sql("training_split_pairs"), {"variant": variant, "split": split}).pl()
+            df = con.execute(sql("curation/training_split_pairs"), {"variant": variant, "split": split}).pl()
             df.write_ndjson(tmp / f"{split}.jsonl")
             df.write_parquet(tmp / f"{split}.parquet")
             counts[variant][split] = df.height

@@ -21,10 +21,11 @@ from dagster import (
 )
 from dagster_duckdb import DuckDBResource
 
-from music_assets.ingest import ingest, stable_hash
-from music_assets.metadata import markdown_preview, render_conversation, table_metadata
-from music_assets.partitions import seed_partitions
-from music_assets.tables import frame, sql
+from music_assets.common.hashing import stable_hash
+from music_assets.seeds.ingest import ingest
+from music_assets.common.metadata import markdown_preview, render_conversation, table_metadata
+from music_assets.common.partitions import seed_partitions
+from music_assets.common.tables import create_schema, frame
 from resources.seed_catalog import SeedCatalog
 
 # Bump when normalization rules change: the new version marks every seed partition stale.
@@ -69,7 +70,7 @@ def seed_ingestion(context: AssetExecutionContext, seed_catalog: SeedCatalog, du
     with duckdb.get_connection() as con:
         # Creates both tables with the declared types even when this partition's quarantine is
         # empty (the IO manager writes nothing for an empty frame).
-        con.execute(sql("schema"))
+        create_schema(con)
 
     share = result.quarantine_share
     reasons = result.reasons()

@@ -6,13 +6,13 @@ Kept free of Dagster so the rules can be tested directly and reused by the CLI. 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-from music_assets.seed_formats import DEFAULT_MAX_MESSAGE_CHARS, RowRejected, normalize, shared_prefix_length
-from music_assets.seed_reader import ResolvedSource
+from music_assets.common.hashing import stable_hash
+from music_assets.seeds.formats import DEFAULT_MAX_MESSAGE_CHARS, RowRejected, normalize, shared_prefix_length
+from music_assets.seeds.reader import ResolvedSource
 
 
 @dataclass
@@ -69,12 +69,6 @@ def ingest(source: ResolvedSource, max_message_chars: int = DEFAULT_MAX_MESSAGE_
             }
         )
     return result
-
-
-def stable_hash(value) -> str:
-    """A content hash that does not depend on dict key order, process or platform."""
-    text = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()[:32]
 
 
 def _quarantine(source: str, row_number: int, rule: str, field_name: str, reason: str, raw: str) -> dict:

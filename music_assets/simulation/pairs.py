@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from music_assets.ingest import stable_hash
+from music_assets.common.hashing import stable_hash
 
 
 def assemble_pairs(contexts: list[dict], rows: list[dict], turns: int) -> list[dict]:

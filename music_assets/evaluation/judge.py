@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from music_assets.engines import ChatEngine, Generation, Message, Sampling
-from music_assets.prompts import render
+from music_assets.common.engines import ChatEngine, Generation, Message, Sampling
+from music_assets.simulation.prompts import render
 
 _VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 

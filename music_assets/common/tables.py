@@ -1,7 +1,7 @@
 """Where our SQL lives and what our tables look like.
 
-SQL is kept in `sql/*.sql` files (one statement file per purpose). The Polars schema of each table
-we write is derived from `sql/schema.sql` by running the DDL in an in-memory DuckDB, so Python and
+SQL is kept in `sql/<stage>/*.sql` files (one statement file per purpose). The Polars schema of each table
+we write is derived from the stages' `sql/<stage>/schema.sql` by running the DDL in an in-memory DuckDB, so Python and
 the database can never disagree about column order or types.
 """
 
@@ -20,21 +20,32 @@ SCHEMA = "music"
 @cache
 def sql_dir() -> Path:
     """`sql/` at the repository root (editable install) or `music_assets/_sql` (wheel install)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_sql", here.parent / "sql"):
-        if (candidate / "schema.sql").is_file():
+    package = Path(__file__).resolve().parent.parent  # music_assets/
+    for candidate in (package / "_sql", package.parent / "sql"):
+        if (candidate / "seeds" / "schema.sql").is_file():
             return candidate
-    raise FileNotFoundError(f"cannot find the sql/ directory next to {here}")
+    raise FileNotFoundError(f"cannot find the sql/ directory next to {package}")
 
 
 def sql(name: str) -> str:
+    """The text of `sql/<name>.sql`; names are `<stage>/<file>`, e.g. `simulation/schema`."""
     return (sql_dir() / f"{name}.sql").read_text()
+
+
+def schema_ddl() -> str:
+    """The warehouse's DDL: each stage's schema file, in the order of the stages (all idempotent)."""
+    return "\n".join((sql("seeds/schema"), sql("simulation/schema"), sql("curation/schema"), sql("evaluation/schema")))
+
+
+def create_schema(con) -> None:
+    """Creates whatever tables of the warehouse do not exist yet."""
+    con.execute(schema_ddl())
 
 
 @cache
 def polars_schema(table: str) -> pl.Schema:
     con = duckdb.connect(":memory:")
-    con.execute(sql("schema"))
+    create_schema(con)
     return con.execute(f"SELECT * FROM {SCHEMA}.{table} LIMIT 0").pl().schema
 
 

@@ -1,6 +1,40 @@
--- Tables the MUSIC simulation writes as it goes (not through the IO manager): every finished turn
--- is committed when it is produced, so a crashed run resumes instead of starting over.
+-- Tables of the simulation stage: the seed contexts and the MUSIC pairs (written by the IO
+-- manager), and the simulated turns, drops and runs that the simulation commits as it goes (not
+-- through the IO manager), so that a crashed run resumes instead of starting over.
+-- The DuckDB Polars IO manager inserts DataFrames positionally, and music_assets/common/tables.py
+-- derives each DataFrame's Polars schema from these statements, so the schema files are the one
+-- definition of the columns. music_assets/common/tables.py runs them all, in stage order.
 CREATE SCHEMA IF NOT EXISTS music;
+
+-- The prefixes the simulation continues: the first k exchanges of a seed pair's chosen side.
+CREATE TABLE IF NOT EXISTS music.seed_contexts (
+    source     VARCHAR NOT NULL,
+    context_id VARCHAR NOT NULL,   -- hash(pair_id, k, prefix)
+    pair_id    VARCHAR NOT NULL,   -- the seed pair it was cut from
+    k          INTEGER NOT NULL,   -- exchanges in the prefix
+    messages   STRUCT(role VARCHAR, content VARCHAR)[] NOT NULL
+);
+
+-- One row per MUSIC pair: the chosen and rejected conversations with their contrast metadata.
+CREATE TABLE IF NOT EXISTS music.music_pairs (
+    source               VARCHAR NOT NULL,
+    pair_id              VARCHAR NOT NULL,   -- 'music/<context_id>'
+    context_id           VARCHAR NOT NULL,
+    seed_pair_id         VARCHAR NOT NULL,
+    k                    INTEGER NOT NULL,   -- exchanges of seed context
+    turns                INTEGER NOT NULL,   -- T
+    contrast_turn        INTEGER NOT NULL,   -- c
+    chosen               STRUCT(role VARCHAR, content VARCHAR)[] NOT NULL,
+    rejected             STRUCT(role VARCHAR, content VARCHAR)[] NOT NULL,
+    prefix_messages      INTEGER NOT NULL,   -- messages both conversations share
+    original_instruction VARCHAR NOT NULL,   -- the user request at turn c
+    modified_instruction VARCHAR NOT NULL,   -- its private rewrite, seen only by the rejected assistant
+    generation_key       VARCHAR NOT NULL,
+    prompt_version       VARCHAR NOT NULL,
+    models               VARCHAR NOT NULL,   -- JSON: user simulator, assistant, rewriter identities
+    sampling             VARCHAR NOT NULL,   -- JSON: simulation settings incl. sampling parameters
+    content_hash         VARCHAR NOT NULL
+);
 
 -- One row per finished simulated turn (a user message and the assistant's answer) of one branch.
 -- Turns before the contrast turn are shared by both branches (branch = 'shared'); from the contrast

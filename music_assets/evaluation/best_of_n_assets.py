@@ -1,7 +1,7 @@
 """best_of_n and judge_agreement: the evaluation that needs generation and a judge.
 
 `best_of_n` continues every evaluation context under the baseline and the MUSIC reward model for
-each N (music_assets/best_of_n.py), and the judge compares the two final conversations in both
+each N (music_assets/evaluation/best_of_n.py), and the judge compares the two final conversations in both
 orders. `judge_agreement` asks the same judge about evaluation pairs, to see how often each reward
 model's preference matches it. Results go to music.bon_conversations, music.bon_judgments and
 music.judge_verdicts; evaluation_report turns them into win rates with bootstrap intervals.
@@ -14,14 +14,14 @@ import polars as pl
 from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
 from dagster_duckdb import DuckDBResource
 
-from music_assets.best_of_n import EvalContext, judge_best_of_n, run_best_of_n
-from music_assets.evaluation import conversation_scorer, latest_local_checkpoint
-from music_assets.ingest import stable_hash
-from music_assets.judge import judge_pairs
-from music_assets.metadata import render_conversation, table_metadata
-from music_assets.prompts import JUDGE_PROMPT_VERSION
-from music_assets.scoring import win_rate
-from music_assets.tables import frame, replace_rows, sql
+from music_assets.evaluation.best_of_n import EvalContext, judge_best_of_n, run_best_of_n
+from music_assets.evaluation.scorers import conversation_scorer, latest_local_checkpoint
+from music_assets.common.hashing import stable_hash
+from music_assets.evaluation.judge import judge_pairs
+from music_assets.common.metadata import render_conversation, table_metadata
+from music_assets.simulation.prompts import JUDGE_PROMPT_VERSION
+from music_assets.evaluation.scoring import win_rate
+from music_assets.common.tables import create_schema, frame, replace_rows, sql
 from resources.checkpoints import CheckpointStore
 from resources.evaluation_config import EvaluationConfig
 from resources.llm import LLMEngine
@@ -64,8 +64,8 @@ def best_of_n(context: AssetExecutionContext, evaluation: EvaluationConfig, chec
     settings = evaluation.settings()
     folders = {v: latest_local_checkpoint(checkpoints, v) for v in (FIRST, SECOND)}
     with duckdb.get_connection() as con:
-        con.execute(sql("schema"))
-        rows = con.execute(sql("bon_contexts")).pl().to_dicts()
+        create_schema(con)
+        rows = con.execute(sql("evaluation/bon_contexts")).pl().to_dicts()
     contexts = eval_contexts(rows, evaluation.contexts_per_source, settings.seed)
     if not contexts:
         raise ValueError("no Best-of-N contexts: no held-out seed test conversations and no prompt-only evaluation set")
@@ -134,8 +134,8 @@ def judge_agreement(context: AssetExecutionContext, evaluation: EvaluationConfig
     """The judge's order-swapped preference on up to `evaluation.agreement_pairs` pairs per
     evaluation set, and how often each reward model's preference agrees with it."""
     with duckdb.get_connection() as con:
-        con.execute(sql("schema"))
-        rows = con.execute(sql("evaluation_rows")).pl().to_dicts()
+        create_schema(con)
+        rows = con.execute(sql("evaluation/evaluation_rows")).pl().to_dicts()
     picked = []
     for eval_set in sorted({r["eval_set"] for r in rows}):
         mine = [r for r in rows if r["eval_set"] == eval_set]
@@ -151,7 +151,7 @@ def judge_agreement(context: AssetExecutionContext, evaluation: EvaluationConfig
          "raw_forward": j.raw_forward, "raw_swapped": j.raw_swapped} for r, j in zip(picked, judgments)])
     with duckdb.get_connection() as con:
         replace_rows(con, {"judge_verdicts": verdicts})
-        agreement = con.execute(sql("judge_agreement")).pl()
+        agreement = con.execute(sql("evaluation/judge_agreement")).pl()
     unparsed = sum(j.unparsed_outputs for j in judgments)
     return MaterializeResult(
         data_version=DataVersion(stable_hash([verdicts["item_id"].to_list(), verdicts["preferred"].to_list()])),

@@ -10,14 +10,14 @@ import polars as pl
 from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
 from dagster_duckdb import DuckDBResource
 
-from music_assets.best_of_n_assets import agreement_markdown, bon_summary
-from music_assets.evaluation import latest_local_checkpoint, load_checkpoint, score_rows
-from music_assets.ingest import stable_hash
-from music_assets.metadata import table_metadata
-from music_assets.plots import figure
-from music_assets.reward_assets import reward_variants
-from music_assets.scoring import pairwise_accuracy, rewardbench_scores, rewardbench_spec
-from music_assets.tables import sql
+from music_assets.evaluation.best_of_n_assets import agreement_markdown, bon_summary
+from music_assets.evaluation.scorers import latest_local_checkpoint, load_checkpoint, score_rows
+from music_assets.common.hashing import stable_hash
+from music_assets.common.metadata import table_metadata
+from music_assets.common.plots import figure
+from music_assets.training.assets import reward_variants
+from music_assets.evaluation.scoring import pairwise_accuracy, rewardbench_scores, rewardbench_spec
+from music_assets.common.tables import create_schema, sql
 from resources.checkpoints import CheckpointStore
 from resources.data_config import DataConfig
 from resources.evaluation_config import EvaluationConfig
@@ -37,8 +37,8 @@ def rm_evaluation(context: AssetExecutionContext, checkpoints: CheckpointStore, 
     model, tok, encoder = load_checkpoint(folder)
     rewardbench_sets = {name for name, cfg in data.eval_sets.items() if cfg.rewardbench}
     with duckdb.get_connection() as con:
-        con.execute(sql("schema"))
-        rows = con.execute(sql("evaluation_rows")).pl().to_dicts()
+        create_schema(con)
+        rows = con.execute(sql("evaluation/evaluation_rows")).pl().to_dicts()
     for row in rows:
         row["rewardbench"] = row["eval_set"] in rewardbench_sets
     scored, skipped = score_rows(model, tok, encoder, rows)
@@ -48,7 +48,7 @@ def rm_evaluation(context: AssetExecutionContext, checkpoints: CheckpointStore, 
     with duckdb.get_connection() as con:
         con.register("new_scores", frame)
         con.execute("BEGIN TRANSACTION")
-        con.execute(sql("rm_scores_replace"), {"variant": variant})
+        con.execute(sql("evaluation/rm_scores_replace"), {"variant": variant})
         con.execute("INSERT INTO music.rm_scores BY NAME SELECT * FROM new_scores")
         con.execute("COMMIT")
     summary = {name: pairwise_accuracy(list(zip(g["r_chosen"], g["r_rejected"]))).as_dict()
@@ -69,10 +69,10 @@ def evaluation_report(context: AssetExecutionContext, data: DataConfig, evaluati
     multi-turn Best-of-N win rates by N and judge agreement.
     Written to <exports_dir>/../reports/evaluation_report.md with its PNG plots."""
     with duckdb.get_connection() as con:
-        con.execute(sql("schema"))
+        create_schema(con)
         scores = con.execute("SELECT * FROM music.rm_scores").pl()
         judgments = con.execute("SELECT * FROM music.bon_judgments").pl()
-        agreement = con.execute(sql("judge_agreement")).pl()
+        agreement = con.execute(sql("evaluation/judge_agreement")).pl()
         judged_pairs = con.execute("SELECT count(*) FROM music.judge_verdicts").fetchone()[0]
     out_dir = Path(data.exports_dir).parent / "reports"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Versioned prompt templates for the MUSIC simulation.
 
-The templates are files in `music_assets/prompts/` so they can be read, reviewed and edited
+The templates are files in `music_assets/simulation/prompts/` so they can be read, reviewed and edited
 without touching code. `PROMPT_VERSION` hashes their content (with the simulation algorithm's
 version), and the simulation asset's `code_version` includes it: editing a prompt makes exactly
 that asset and its descendants stale, and keys new generations apart from old ones.
@@ -32,7 +32,7 @@ PROMPTS_DIR_ENV = "MUSIC_PROMPTS_DIR"
 
 def _load() -> dict[str, str]:
     """The templates: each from $MUSIC_PROMPTS_DIR if that folder has it, else the packaged one."""
-    root = files("music_assets") / "prompts"
+    root = files("music_assets.simulation") / "prompts"
     override = os.environ.get(PROMPTS_DIR_ENV)
     folder = Path(override).expanduser() if override else None
     if folder is not None and not folder.is_dir():  # a typo must not silently mean "the defaults"

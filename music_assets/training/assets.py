@@ -1,6 +1,6 @@
 """The `reward_model` asset: one Bradley-Terry reward model per variant (baseline | music).
 
-Training runs in a child process (`python -m music_assets.train_rm`, or torchrun for DDP)
+Training runs in a child process (`python -m music_assets.training.train_rm`, or torchrun for DDP)
 launched through Dagster Pipes, so its log lines and metrics arrive in this materialization. On
 Kubernetes the same call becomes a GPU pod by swapping `PipesSubprocessClient` for
 `PipesK8sClient` (see the README). The finished Hugging Face folder is committed to the
@@ -28,10 +28,10 @@ from dagster import (
     asset,
 )
 
-from music_assets.rm_data import DataError
-from music_assets.splits import SPLITS, VARIANTS
-from music_assets.train_rm import CURVE_FILE, METADATA_FILE, curve_markdown, data_version, resolve_backbone
-from music_assets.trainer import TrainConfig
+from music_assets.training.rm_data import DataError
+from music_assets.curation.splits import SPLITS, VARIANTS
+from music_assets.training.train_rm import CURVE_FILE, METADATA_FILE, curve_markdown, data_version, resolve_backbone
+from music_assets.training.trainer import TrainConfig
 from resources.checkpoints import CheckpointStore
 from resources.compute import ComputeResource
 from resources.data_config import DataConfig
@@ -94,10 +94,10 @@ def reward_model(
         job["state_dir"] = str(Path(checkpoints._local_root() if checkpoints._is_local() else work).parent
                                / "training_state" / variant / version)
         (work / "job.json").write_text(json.dumps(job))
-        command = [sys.executable, "-m", "music_assets.train_rm", str(work / "job.json")]
+        command = [sys.executable, "-m", "music_assets.training.train_rm", str(work / "job.json")]
         if training.processes > 1:
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                       f"--nproc_per_node={training.processes}", "-m", "music_assets.train_rm", str(work / "job.json")]
+                       f"--nproc_per_node={training.processes}", "-m", "music_assets.training.train_rm", str(work / "job.json")]
         context.log.info(f"training {variant} reward model: {' '.join(command)}")
         try:
             result = pipes_subprocess_client.run(command=command, context=context).get_materialize_result()

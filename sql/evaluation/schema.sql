@@ -1,0 +1,61 @@
+-- Tables of the evaluation stage: reward-model scores, Best-of-N conversations and judgments.
+-- The DuckDB Polars IO manager inserts DataFrames positionally, and music_assets/common/tables.py
+-- derives each DataFrame's Polars schema from these statements, so the schema files are the one
+-- definition of the columns. music_assets/common/tables.py runs them all, in stage order.
+CREATE SCHEMA IF NOT EXISTS music;
+
+-- Rewards a checkpoint gives to evaluation pairs: held-out seed and MUSIC test pairs, and the
+-- pairs of registered evaluation sets. One row per (variant, eval_set, item).
+CREATE TABLE IF NOT EXISTS music.rm_scores (
+    variant    VARCHAR NOT NULL,
+    checkpoint VARCHAR NOT NULL,
+    eval_set   VARCHAR NOT NULL,   -- 'heldout_seed', 'heldout_music', or a registered eval set
+    item_id    VARCHAR NOT NULL,
+    subset     VARCHAR,
+    user_turns INTEGER NOT NULL,
+    r_chosen   DOUBLE  NOT NULL,
+    r_rejected DOUBLE  NOT NULL
+);
+
+-- Multi-turn Best-of-N: each evaluation context continued under each reward model with each N.
+-- One row per (context, n, variant); `picks` holds every turn's candidates, their rewards and the pick.
+CREATE TABLE IF NOT EXISTS music.bon_conversations (
+    run_key     VARCHAR NOT NULL,   -- hash of settings, engines, checkpoints and prompt versions
+    source      VARCHAR NOT NULL,   -- 'heldout_seed' or an evaluation set
+    context_id  VARCHAR NOT NULL,
+    n           INTEGER NOT NULL,
+    variant     VARCHAR NOT NULL,
+    checkpoint  VARCHAR NOT NULL,
+    messages    STRUCT(role VARCHAR, content VARCHAR)[] NOT NULL,
+    picks       VARCHAR NOT NULL,   -- JSON: [{turn, candidates: [...], rewards: [...], picked, cut}]
+    drop_reason VARCHAR             -- NULL when all turns were generated
+);
+
+-- The judge's order-swapped verdict on the baseline vs MUSIC conversations of a (context, n).
+-- outcome is from MUSIC's side; NULL when either conversation was dropped (drop_reason says why).
+CREATE TABLE IF NOT EXISTS music.bon_judgments (
+    run_key         VARCHAR NOT NULL,
+    source          VARCHAR NOT NULL,
+    context_id      VARCHAR NOT NULL,
+    n               INTEGER NOT NULL,
+    outcome         VARCHAR,        -- 'win' | 'tie' | 'loss'
+    reason          VARCHAR,        -- consistent | judge_tie | inconsistent | unparsed | judge_error | identical
+    verdict_forward VARCHAR,        -- baseline shown as A: 'A' | 'B' | 'C' | NULL (unparsed)
+    verdict_swapped VARCHAR,        -- MUSIC shown as A
+    raw_forward     VARCHAR,
+    raw_swapped     VARCHAR,
+    drop_reason     VARCHAR
+);
+
+-- The judge's order-swapped preference on evaluation pairs (chosen shown first, then swapped),
+-- to measure how often each reward model agrees with the judge.
+CREATE TABLE IF NOT EXISTS music.judge_verdicts (
+    eval_set        VARCHAR NOT NULL,
+    item_id         VARCHAR NOT NULL,
+    preferred       VARCHAR NOT NULL,   -- 'chosen' | 'rejected' | 'tie'
+    reason          VARCHAR NOT NULL,
+    verdict_forward VARCHAR,
+    verdict_swapped VARCHAR,
+    raw_forward     VARCHAR NOT NULL,
+    raw_swapped     VARCHAR NOT NULL
+);
