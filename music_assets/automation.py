@@ -27,7 +27,7 @@ job for fixed partitions and cannot tell which partitions are stale, so it would
 every seed partition's LLM generation and both reward models every night, or need our own
 staleness bookkeeping. Automation conditions are evaluated per asset partition against the
 instance's records, which is what "stale" means in Dagster, and `dagster.evaluate_automation_conditions`
-tests them tick by tick at chosen times (tests/test_automation.py). Conditions are attached in
+tests them tick by tick at chosen times (tests/end_to_end/test_automation.py). Conditions are attached in
 `with_nightly_refresh` (to every asset that does not set its own), so the asset modules stay as
 they are; the UI shows the condition and each evaluation on the asset's Automation tab.
 

@@ -5,7 +5,7 @@ edited prompt, which changes `simulated_branches`' code version and those of eve
 it) shows as a diff of tests/snapshots/definitions.json in review.
 
 After an intended change, write the snapshot again and commit the diff with the change:
-    MUSIC_UPDATE_SNAPSHOT=1 ./scripts/test.sh tests/test_definitions_snapshot.py
+    MUSIC_UPDATE_SNAPSHOT=1 ./scripts/test.sh tests/structure/test_definitions_snapshot.py
 """
 
 import json

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-SEEDS_PATH = Path(__file__).resolve().parents[1] / "music_assets" / "data" / "embedded_seeds.jsonl"
+from tests.helpers import REPO
+
+SEEDS_PATH = REPO / "music_assets" / "data" / "embedded_seeds.jsonl"
 
 MIN_ROWS = 64
 MIN_DOMAINS = 8
