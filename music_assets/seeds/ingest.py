@@ -1,7 +1,7 @@
 """Turns one seed source into normalized rows and quarantine rows (no Dagster, no database).
 
 Kept free of Dagster so the rules can be tested directly and reused by the CLI. The asset in
-`assets/seeds.py` wraps this and writes the two tables.
+`music_assets/seeds/assets.py` wraps this and writes the two tables.
 """
 
 from __future__ import annotations
