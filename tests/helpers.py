@@ -38,6 +38,15 @@ TINY_SIM = {
     "rewrite_sampling": {"max_tokens": 48, "temperature": 0.8},
 }
 
+
+
+def short_tiny_simulation(max_contexts: int) -> dict:
+    """Config for the tiny Llama simulating `max_contexts` contexts for 2 turns of at most 32 tokens
+    per message: the cheapest run that still exercises every stage of a partition's chain."""
+    short = {f"{role}_sampling": {"max_tokens": 32} for role in ("user", "assistant", "rewrite")}
+    return {**TINY_LLAMA, "simulation": {"max_contexts": max_contexts, "turns": 2, **short}}
+
+
 # A MiniLM reward model in 3 steps: enough to exercise training, checkpoints and evaluation.
 MINILM_TRAINING = {"options": {"backbone": "builtin:minilm", "chat_template": "plain", "max_length": 48,
                                "batch_size": 8, "micro_batch_size": 8, "learning_rate": 1e-4, "max_steps": 3,

@@ -14,7 +14,7 @@ from music_assets.automation import CHANGE_TAG, FINGERPRINT_TAG, with_nightly_re
 from music_assets.definitions import build_definitions
 from music_assets.common.metadata import latest_materialization
 from music_assets.common.partitions import seed_partitions
-from tests.helpers import SLICES, TINY_LLAMA, load_settings_in, write_seed
+from tests.helpers import SLICES, load_settings_in, short_tiny_simulation, write_seed
 
 INGESTION = ["seed_conversations", "seed_quarantine"]
 CHEAP = INGESTION + ["seed_contexts"]  # the chain without the LLM
@@ -201,9 +201,7 @@ def test_nightly_refresh_runs_a_downstream_asset_once_after_its_due_upstream():
     assert evaluate(new, 3, 11) == {"up": set(), "down": set()}
 
 
-TINY = {**TINY_LLAMA,
-        "simulation": {"max_contexts": 2, "turns": 2, "user_sampling": {"max_tokens": 32},
-                       "assistant_sampling": {"max_tokens": 32}, "rewrite_sampling": {"max_tokens": 32}}}
+TINY = short_tiny_simulation(max_contexts=2)
 
 
 def engine_work(instance, partition):

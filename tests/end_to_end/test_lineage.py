@@ -16,12 +16,10 @@ from music_assets.common.metadata import latest_materialization
 from music_assets.common.partitions import seed_partitions
 from music_assets.simulation.prompts import PROMPT_VERSION
 from resources.seed_catalog import EMBEDDED_PATH
-from tests.helpers import MINILM_TRAINING, SLICES, TINY_LLAMA, load_settings_in, write_seed
+from tests.helpers import MINILM_TRAINING, SLICES, load_settings_in, short_tiny_simulation, write_seed
 
 DATA = ["eval_items", "deduplicated_pairs", "training_splits"]
-TINY = {**TINY_LLAMA,
-        "simulation": {"max_contexts": 4, "turns": 2, "user_sampling": {"max_tokens": 32},
-                       "assistant_sampling": {"max_tokens": 32}, "rewrite_sampling": {"max_tokens": 32}}}
+TINY = short_tiny_simulation(max_contexts=4)
 
 
 class Demo:
