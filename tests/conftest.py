@@ -20,13 +20,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def pytest_configure(config):
     """One model cache for the whole run: the built models (tiny Llama, SmolLM2 converted from its
-    GGUF) are built once, by whichever test needs them first, into a folder every test, every
-    xdist worker and every child process (Pipes jobs, `dagster dev`, `vllm serve`, torchrun) reads
-    through `MUSIC_MODEL_CACHE`. It is new for each run, so the builders themselves are tested on
-    every run; set MUSIC_MODEL_CACHE yourself to reuse built models across runs of your own.
-
-    Set here, in the controller's pytest_configure, because xdist starts its workers afterwards
-    and they inherit the environment."""
+    GGUF) are built once, by whichever test needs them first, into a folder that every test and
+    every child process (Pipes jobs, `dagster dev`, `vllm serve`, torchrun) reads through
+    `MUSIC_MODEL_CACHE`, set here before any of them starts. It is new for each run, so the
+    builders themselves are tested on every run; set MUSIC_MODEL_CACHE yourself to reuse built
+    models across runs of your own."""
     if "MUSIC_MODEL_CACHE" not in os.environ:
         os.environ["MUSIC_MODEL_CACHE"] = tempfile.mkdtemp(prefix="music-test-models-")
         config._music_model_cache = os.environ["MUSIC_MODEL_CACHE"]
