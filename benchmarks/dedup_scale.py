@@ -135,14 +135,15 @@ def score(truth: pl.DataFrame, removed: pl.DataFrame) -> dict:
 def child_ours(db: Path) -> dict:
     import duckdb
 
-    from music_assets.curation.dedup import DedupConfig, deduplicate
+    from music_assets.curation.config import CurationConfig
+    from music_assets.curation.dedup import deduplicate
 
     con = duckdb.connect(str(db), read_only=True)
     con.execute("SET memory_limit = '3GB'")
     con.execute(f"SET temp_directory = '{db.parent / 'duckdb_tmp'}'")
     con.execute("CREATE TEMP VIEW dedup_source AS SELECT pair_id, priority, chosen, rejected FROM pairs")
     started = time.perf_counter()
-    result = deduplicate(con, None, DedupConfig(threshold=THRESHOLD))
+    result = deduplicate(con, None, CurationConfig(near_duplicate_threshold=THRESHOLD))
     seconds = time.perf_counter() - started
     removed = con.execute("SELECT pair_id, duplicate_of FROM dedup_removed").pl()
     truth = con.execute("SELECT pair_id, family, kind FROM pairs").pl()

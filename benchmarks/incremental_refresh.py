@@ -73,8 +73,8 @@ def child(phase: str, config: Path) -> dict:
     started = time.perf_counter()
     from dagster import DagsterInstance, build_sensor_context, materialize
 
-    from music_assets.definitions import (DATA_ASSETS, EVALUATION_ASSETS, SEED_ASSETS, TRAINING_ASSETS,
-                                          build_assets, build_definitions, build_resources)
+    from music_assets.assembly import (DATA_ASSETS, EVALUATION_ASSETS, SEED_ASSETS, TRAINING_ASSETS,
+                                       build_assets, build_definitions, build_resources)
     from music_assets.training.assets import reward_variants
     from music_assets.settings import load_settings
 

@@ -23,18 +23,23 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from dagster_duckdb import DuckDBResource
 
 from music_assets.simulation.contexts import sample_context
 from music_assets.common.engines import RequestStream, Sampling, per_request
-from music_assets.simulation.simulate import Context, Engines, SimulationSettings, simulate
+from music_assets.simulation.config import SimulationConfig
+from music_assets.simulation.driver import Engines
+from music_assets.simulation.simulate import simulate
+from music_assets.simulation.state import Context
+from music_assets.common.tables import create_schema
 from music_assets.simulation.assets import DuckDBTurnStore
 from resources.compute import ComputeResource
-from resources.llm import LLMEngine, VLLMEngine
+from resources.llm import LLMEngine
+from resources.vllm_engine import VLLMEngine
 from resources.seed_catalog import EMBEDDED_PATH
-from resources.simulation_config import SimulationConfig
 
 
 class RecordingEngine(LLMEngine):
@@ -95,7 +100,10 @@ def load_contexts(n: int) -> list[Context]:
 
 
 def run_simulation(engine, contexts, settings, db: Path, label: str):
-    store = DuckDBTurnStore(DuckDBResource(database=str(db)), label, label)
+    warehouse = DuckDBResource(database=str(db))
+    with warehouse.get_connection() as con:  # outside Dagster: no resource set-up creates the schema
+        create_schema(con)
+    store = DuckDBTurnStore(warehouse, label, label)
     started = time.perf_counter()
     stats = simulate(contexts, Engines(engine, engine, engine), settings, store, log=lambda m: print(f"  [{label}] {m}", flush=True))
     return stats.completion_tokens, time.perf_counter() - started, stats
@@ -118,12 +126,9 @@ def main():
         lengths = {"user": 64, "assistant": 128, "rewrite": 64}
     else:
         lengths = {r: getattr(defaults, f"{r}_sampling").max_tokens for r in ("user", "assistant", "rewrite")}
-    settings = SimulationSettings(
-        turns=args.turns, contrast_turn=1, min_contrast_turns=min(2, args.turns),
-        user_sampling=Sampling(temperature=0.8, max_tokens=lengths["user"]),
-        assistant_sampling=Sampling(temperature=0.7, max_tokens=lengths["assistant"]),
-        rewrite_sampling=Sampling(temperature=0.8, max_tokens=lengths["rewrite"]),
-    )
+    settings = replace(defaults, turns=args.turns, contrast_turn=1, min_contrast_turns=min(2, args.turns),
+                       **{f"{r}_sampling": replace(getattr(defaults, f"{r}_sampling"), max_tokens=n)
+                          for r, n in lengths.items()})
     print(f"max tokens: {lengths}, turns {args.turns}, CPU KV cache {args.kv_cache_gib} GiB")
     engine = VLLMEngine(model=args.model, compute=ComputeResource(cpu_threads_bind=args.threads_bind,
                                                                   cpu_kv_cache_gib=args.kv_cache_gib))

@@ -7,12 +7,14 @@ its runs, materializations and checks show up afterwards in `dagster dev -w work
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
 from pathlib import Path
 
-from music_assets.settings import load_settings
+from music_assets.common.config import ConfigError
+from music_assets.settings import DEMO_CONFIG, load_settings
 
 
 # DuckDB allows one writer process per file: every step that writes it is in the pool
@@ -55,57 +57,41 @@ def register_sources(instance, catalog) -> list[str]:
     return new
 
 
-# The demo's reward models, unless the config has a `training:` section: the MiniLM encoder (fast
-# on a CPU) with the plain "User: / Assistant:" rendering, a couple of epochs over the tiny set.
-DEMO_TRAINING = {"backbone": "builtin:minilm", "chat_template": "plain", "max_length": 256, "batch_size": 8,
-                 "micro_batch_size": 8, "learning_rate": 5e-5, "epochs": 2, "eval_every": 4, "log_every": 2}
-
-
-# The demo's Best-of-N, for every key the config's `evaluation:` section leaves out: the paper's three N
-# on a few contexts, two turns, short answers, so SmolLM2 on a CPU finishes in minutes.
-DEMO_EVALUATION = {"best_of_n": [2, 4, 8], "turns": 2, "contexts_per_source": 4, "agreement_pairs": 8,
-                   "policy_sampling": {"temperature": 0.8, "max_tokens": 96},
-                   "judge_sampling": {"temperature": 0.0, "top_p": 1.0, "max_tokens": 128}}
+def demo_settings(args):
+    """The demo's settings: configs/demo.yaml (a CPU run in minutes) under the given config, with
+    `--max-contexts` over both."""
+    flags = {"simulation.max_contexts": args.max_contexts} if args.max_contexts is not None else {}
+    return load_settings(args.config, base_files=(DEMO_CONFIG,), flags=flags)
 
 
 def cmd_demo(args) -> int:
-    from music_assets.definitions import (DATA_ASSETS, EVALUATION_ASSETS, JUDGED_ASSETS, REPORT_ASSETS, SEED_ASSETS,
-                                          TRAINING_ASSETS, build_assets, build_resources)
+    from music_assets.assembly import build_resources, run_groups
     from music_assets.training.assets import reward_variants
 
-    settings = load_settings(args.config)
-    # The demo keeps a CPU run to minutes: a few contexts and T=2 unless the config says otherwise
-    # (SmolLM2-135M often runs past max_tokens; each extra turn is another chance to drop a context).
-    settings.simulation.setdefault("max_contexts", args.max_contexts)
-    settings.simulation.setdefault("turns", 2)
-    settings.training.setdefault("options", DEMO_TRAINING)
-    for key, value in DEMO_EVALUATION.items():
-        settings.evaluation.setdefault(key, value)
+    settings = demo_settings(args)
     resources = build_resources(settings)
     # the code versions these settings give (the demo's training options are part of reward_model's)
-    SEED_ASSETS, DATA_ASSETS, TRAINING_ASSETS, EVALUATION_ASSETS, JUDGED_ASSETS, REPORT_ASSETS = (
-        build_assets(settings, stage) for stage in (SEED_ASSETS, DATA_ASSETS, TRAINING_ASSETS, EVALUATION_ASSETS,
-                                                    JUDGED_ASSETS, REPORT_ASSETS))
+    seed_assets, data_assets, training_assets, evaluation_assets, judged_assets, report_assets = run_groups(settings)
     instance = _instance(settings)
     register_sources(instance, resources["seed_catalog"])
     for key in args.source or ["embedded"]:
         print(f"demo: seed source {key!r}: ingestion, contexts, simulation, MUSIC pairs")
-        if not _run(SEED_ASSETS, key, instance, resources):
+        if not _run(seed_assets, key, instance, resources):
             return 1
     if args.skip_training:
         return _done(settings)
     print("demo: evaluation sets, deduplication, training splits and exports")
-    if not _run(DATA_ASSETS, None, instance, resources):
+    if not _run(data_assets, None, instance, resources):
         return 1
     for variant in reward_variants.get_partition_keys():
         print(f"demo: reward model {variant!r}: training and evaluation")
-        if not _run(TRAINING_ASSETS + EVALUATION_ASSETS, variant, instance, resources):
+        if not _run(training_assets + evaluation_assets, variant, instance, resources):
             return 1
     print("demo: multi-turn Best-of-N with the judge, judge agreement, evaluation report")
-    if not _run(JUDGED_ASSETS + REPORT_ASSETS, None, instance, resources):
+    if not _run(judged_assets + report_assets, None, instance, resources):
         return 1
 
-    print(f"demo: report: {Path(settings.data['exports_dir']).parent / 'reports' / 'evaluation_report.md'}")
+    print(f"demo: report: {Path(settings.data.exports_dir).parent / 'reports' / 'evaluation_report.md'}")
     return _done(settings)
 
 
@@ -131,8 +117,21 @@ def _done(settings) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    """Every setting with its value and the source that set it (default, a file, the environment,
+    a flag); with --demo, as the demo resolves it."""
+    settings = demo_settings(args) if args.demo else load_settings(args.config)
+    rows = settings.resolved()
+    width = max(len(path) for path, *_ in rows)
+    for path, value, origin, help_ in rows:
+        if args.help_text and help_:
+            print(f"# {help_}")
+        print(f"{path:<{width}}  {json.dumps(value, default=str)}  [{origin}]")
+    return 0
+
+
 def cmd_sources(args) -> int:
-    from music_assets.definitions import build_resources
+    from music_assets.assembly import build_resources
 
     settings = load_settings(args.config)
     catalog = build_resources(settings)["seed_catalog"]
@@ -146,8 +145,6 @@ def cmd_sources(args) -> int:
 
 def cmd_lineage(args) -> int:
     """What produced a checkpoint's training data (see music_assets/lineage.py)."""
-    import json
-
     from music_assets.lineage import LineageError, checkpoint_lineage, render
 
     settings = load_settings(args.config)
@@ -171,11 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="materialize the asset graph on the embedded defaults")
     demo.add_argument("--source", action="append", help="seed source(s) to run (default: embedded)")
-    demo.add_argument("--max-contexts", type=int, default=8,
-                      help="seed contexts simulated per source, unless the config sets simulation.max_contexts")
+    demo.add_argument("--max-contexts", type=int, default=None,
+                      help="seed contexts simulated per source (over simulation.max_contexts; configs/demo.yaml: 8)")
     demo.add_argument("--skip-training", action="store_true",
                       help="stop after the MUSIC pairs (no dedup, splits or reward models)")
     demo.set_defaults(func=cmd_demo)
+    config = sub.add_parser("config", help="print every setting, its value and where it came from")
+    config.add_argument("--demo", action="store_true", help="as `demo` resolves it (configs/demo.yaml underneath)")
+    config.add_argument("--max-contexts", type=int, default=None, help=argparse.SUPPRESS)
+    config.add_argument("--help-text", action="store_true", help="print each setting's description above it")
+    config.set_defaults(func=cmd_config)
     sources = sub.add_parser("sources", help="register every known seed source as a partition and list them")
     sources.set_defaults(func=cmd_sources)
     lineage = sub.add_parser("lineage", help="seed sources, prompts, models and upstream data versions behind a checkpoint")
@@ -184,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     lineage.add_argument("--json", action="store_true", help="print the report as JSON")
     lineage.set_defaults(func=cmd_lineage)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ConfigError as exc:  # a bad config is the user's to fix: its path and source, no traceback
+        print(f"music-assets: config: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def _duckdb_pairs(duckdb_path: Path, variant: str) -> tuple[list[dict], list[dic
 
 def checkpoint_lineage(target: str, settings, instance) -> dict:
     """The lineage report of a checkpoint (folder or variant name) as a JSON-ready dict."""
-    from music_assets.definitions import build_definitions
+    from music_assets.assembly import build_definitions
     from resources.checkpoints import CheckpointStore
 
     location, variant = resolve_checkpoint(target, CheckpointStore(root=settings.checkpoints))

@@ -47,6 +47,6 @@ def real_data() -> Path:
 def _shut_down_engines():
     """In-process vLLM engines are shared across tests; shut them down before pytest exits."""
     yield
-    from resources.llm import release_vllm_engines
+    from resources.vllm_engine import release_vllm_engines
 
     release_vllm_engines()

@@ -21,7 +21,7 @@ MT_BENCH = REAL_DATA / "mt-bench" / "question.jsonl"
 SLICES = {"a": [122, 152, 97, 49, 57], "b": [111, 189, 147, 3, 187], "c": [22, 80, 18, 180, 58]}
 
 # Every in-process vLLM engine of the suite is built from this compute config, so that the tests
-# that load the tiny Llama share one engine per process (resources/llm.py caches engines by model
+# that load the tiny Llama share one engine per process (resources/vllm_engine.py caches engines by model
 # and engine arguments): loading one costs far more than any test that uses it.
 # MUSIC_TEST_VLLM_DTYPE (float32 | bfloat16) overrides `dtype: auto`, to see in one run what the
 # other kind of CPU would generate (vLLM picks bf16 where the CPU has AVX512-BF16, else fp32).
@@ -43,7 +43,7 @@ TINY_SIM = {
 def short_tiny_simulation(max_contexts: int) -> dict:
     """Config for the tiny Llama simulating `max_contexts` contexts for 2 turns of at most 32 tokens
     per message: the cheapest run that still exercises every stage of a partition's chain."""
-    short = {f"{role}_sampling": {"max_tokens": 32} for role in ("user", "assistant", "rewrite")}
+    short = {f"{role}_sampling": {"max_tokens": 32, "temperature": 0.7} for role in ("user", "assistant", "rewrite")}
     return {**TINY_LLAMA, "simulation": {"max_contexts": max_contexts, "turns": 2, **short}}
 
 

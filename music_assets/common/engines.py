@@ -7,8 +7,9 @@ for the whole batch or one per conversation (Best-of-N sends N = 2, 4 and 8 in o
 `stream()` is for callers whose requests depend on earlier answers (the simulation): requests are
 submitted one by one and come back as each finishes.
 
-The engines themselves (vLLM in process, any OpenAI-compatible server) are Dagster resources in
-`resources/llm.py`; they implement this protocol, and the logic here never imports them.
+The engines themselves are Dagster resources (`resources/llm.py`: the base class;
+`resources/vllm_engine.py`: vLLM in process; `resources/openai_engine.py`: any OpenAI-compatible
+server); they implement this protocol, and the logic here never imports them.
 """
 
 from __future__ import annotations
@@ -16,16 +17,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from music_assets.common.config import setting
+
 
 Message = dict[str, str]
 
 
 @dataclass(frozen=True)
 class Sampling:
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_tokens: int = 256
-    n: int = 1
+    """How one request is sampled; also the type of every `*_sampling` config setting."""
+
+    temperature: float = setting(0.7, help="softmax temperature (0: greedy)")
+    top_p: float = setting(0.95, help="nucleus sampling: the smallest token set with this probability mass")
+    max_tokens: int = setting(256, help="longest answer in tokens; a longer one is cut and retried")
+    n: int = setting(1, help="candidates per request (Best-of-N sets it per N)")
 
     def as_dict(self) -> dict:
         return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens, "n": self.n}

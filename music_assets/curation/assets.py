@@ -29,8 +29,8 @@ from music_assets.seeds.ingest import ingest
 from music_assets.common.metadata import markdown_preview, table_metadata
 from music_assets.seeds.reader import ResolvedSource
 from music_assets.curation.splits import SPLITS, VARIANTS, assign_splits, composition, variants
-from music_assets.common.tables import create_schema, frame, replace_rows, sql
-from resources.data_config import DataConfig
+from music_assets.common.tables import frame, replace_rows, sql
+from resources.stage_config import CurationResource
 from resources.seed_catalog import validate_source_name
 
 EVAL_VERSION = "eval-items-v1"
@@ -38,12 +38,12 @@ DEDUP_VERSION = "dedup-v1"
 SPLITS_VERSION = "splits-v1"
 
 
-@asset(code_version=EVAL_VERSION, group_name="data", pool="duckdb_writers")
-def eval_items(context: AssetExecutionContext, data: DataConfig, duckdb: DuckDBResource) -> MaterializeResult:
+@asset(code_version=EVAL_VERSION, group_name="curation", pool="duckdb_writers")
+def eval_items(context: AssetExecutionContext, data: CurationResource, duckdb: DuckDBResource) -> MaterializeResult:
     """Registered evaluation sets, normalized like the seeds; bad rows go to eval_quarantine."""
     items, quarantine, fingerprints = [], [], {}
-    for name, cfg in sorted(data.eval_sets.items()):
-        source = ResolvedSource(validate_source_name(name), cfg.path, cfg.format, path=Path(cfg.path).expanduser())
+    for name, spec in sorted(data.settings().eval_sets.items()):
+        source = ResolvedSource(validate_source_name(name), spec.path, spec.format, path=Path(spec.path).expanduser())
         fingerprints[name] = source.fingerprint()
         result = ingest(source)
         for row in result.pairs:
@@ -59,7 +59,6 @@ def eval_items(context: AssetExecutionContext, data: DataConfig, duckdb: DuckDBR
         context.log.info(f"eval set {name}: {len(result.pairs)} items, {len(result.quarantine)} quarantined")
     df, bad = frame("eval_items", items), frame("eval_quarantine", quarantine)
     with duckdb.get_connection() as con:
-        create_schema(con)
         replace_rows(con, {"eval_items": df, "eval_quarantine": bad})
     return MaterializeResult(
         data_version=DataVersion(stable_hash(fingerprints)),
@@ -75,18 +74,17 @@ def eval_items(context: AssetExecutionContext, data: DataConfig, duckdb: DuckDBR
 @asset(
     deps=["seed_conversations", "music_pairs", "eval_items"],
     code_version=DEDUP_VERSION,
-    group_name="data",
+    group_name="curation",
     pool="duckdb_writers",
     check_specs=[AssetCheckSpec("removal_counts_add_up", asset="deduplicated_pairs", blocking=True)],
 )
-def deduplicated_pairs(context: AssetExecutionContext, data: DataConfig, duckdb: DuckDBResource):
+def deduplicated_pairs(context: AssetExecutionContext, data: CurationResource, duckdb: DuckDBResource):
     """Seed and MUSIC pairs without exact duplicates, near-duplicates (MinHash LSH, verified with
     exact Jaccard) or evaluation leaks; each removed pair is in dedup_removed with its reason."""
     with duckdb.get_connection() as con:
-        create_schema(con)
         con.execute(sql("curation/dedup_training_source"))
         eval_messages = con.execute(sql("curation/eval_user_messages")).pl()
-        result = deduplicate(con, eval_messages, data.dedup())
+        result = deduplicate(con, eval_messages, data.settings())
         con.execute(sql("curation/dedup_persist"))
         counts = dict(zip(("input_pairs", "kept", "removed", "quarantined"), con.execute(sql("curation/dedup_counts")).fetchone()))
         kept = con.execute("SELECT origin, source, pair_id, group_id, user_turns FROM music.deduplicated_pairs").pl()
@@ -119,28 +117,30 @@ def deduplicated_pairs(context: AssetExecutionContext, data: DataConfig, duckdb:
 @asset(
     deps=["deduplicated_pairs"],
     code_version=SPLITS_VERSION,
-    group_name="data",
+    group_name="curation",
     pool="duckdb_writers",
     check_specs=[
         AssetCheckSpec("no_pair_in_two_splits", asset="training_splits", blocking=True),
         AssetCheckSpec("no_held_out_or_eval_duplicate_in_train", asset="training_splits", blocking=True),
     ],
 )
-def training_splits(context: AssetExecutionContext, data: DataConfig, duckdb: DuckDBResource):
+def training_splits(context: AssetExecutionContext, data: CurationResource, duckdb: DuckDBResource):
     """Baseline (D) and MUSIC (D + D_MUSIC) train/validation/test splits, grouped by seed
     conversation, plus TRL-compatible JSONL and Parquet exports of every split."""
+    cfg = data.settings()
+    if cfg.exports_dir is None:
+        raise ValueError("data.exports_dir is not set (the settings loader sets it to <home>/exports)")
     with duckdb.get_connection() as con:
-        create_schema(con)
         pairs = con.execute("SELECT origin, source, pair_id, group_id, user_turns FROM music.deduplicated_pairs").pl()
-        rows = variants(assign_splits(pairs, data.split_seed, data.validation_fraction, data.test_fraction),
-                        data.split_seed, data.music_ratio)
+        rows = variants(assign_splits(pairs, cfg.split_seed, cfg.validation_fraction, cfg.test_fraction),
+                        cfg.split_seed, cfg.music_ratio)
         table = frame("training_splits", rows.to_dicts())
         replace_rows(con, {"training_splits": table})
-        exported = _export(con, Path(data.exports_dir))
+        exported = _export(con, Path(cfg.exports_dir))
         overlaps = con.execute(sql("curation/split_overlaps")).pl()
         con.execute(sql("curation/split_leak_source"))
         eval_messages = con.execute(sql("curation/eval_user_messages")).pl()
-        recheck = deduplicate(con, eval_messages, data.dedup())
+        recheck = deduplicate(con, eval_messages, cfg)
         leaks = con.execute(sql("curation/split_leaks")).pl()
         content_version = con.execute(sql("curation/pairs_content_version")).fetchone()[0]
 
@@ -154,9 +154,9 @@ def training_splits(context: AssetExecutionContext, data: DataConfig, duckdb: Du
             **table_metadata(table, table.select("variant", "split", "pair_id", "origin", "user_turns")),
             "composition": MetadataValue.json(comp),
             "exports": MetadataValue.json(exported),
-            "exports_dir": MetadataValue.path(str(Path(data.exports_dir).resolve())),
-            "split_seed": data.split_seed,
-            "music_ratio": data.music_ratio if data.music_ratio is not None else "all",
+            "exports_dir": MetadataValue.path(str(Path(cfg.exports_dir).resolve())),
+            "split_seed": cfg.split_seed,
+            "music_ratio": cfg.music_ratio if cfg.music_ratio is not None else "all",
         },
     )
     yield AssetCheckResult(

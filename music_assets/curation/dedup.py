@@ -30,6 +30,7 @@ import duckdb
 import numpy as np
 import polars as pl
 
+from music_assets.curation.config import CurationConfig
 from music_assets.curation.minhash import ShingleConfig, band_keys, jaccard, normalize, shingle_hashes, shingle_sets, signatures
 from music_assets.common.tables import sql
 
@@ -39,19 +40,6 @@ QUARANTINE_REASONS = {
     "non_string_content": "a message, role or content is missing or not a string",
     "empty_text": "no words left after normalization",
 }
-
-
-@dataclass(frozen=True)
-class DedupConfig:
-    threshold: float = 0.8  # Jaccard similarity of word shingles above which two pairs are near-duplicates
-    eval_threshold: float = 0.8  # share of an eval message's shingles found in one pair message
-    shingles: ShingleConfig = ShingleConfig()
-    chunk_pairs: int = 20_000  # pairs per streaming chunk: bounds memory, not results
-
-    def __post_init__(self):
-        for name in ("threshold", "eval_threshold"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
 
 
 @dataclass
@@ -118,16 +106,16 @@ class EvalIndex:
         )
 
 
-def deduplicate(con: duckdb.DuckDBPyConnection, eval_items: pl.DataFrame | None, cfg: DedupConfig) -> DedupResult:
+def deduplicate(con: duckdb.DuckDBPyConnection, eval_items: pl.DataFrame | None, cfg: CurationConfig) -> DedupResult:
     """Runs the whole dedup on `dedup_source`; leaves `dedup_removed`, `dedup_quarantine`,
     `dedup_kept(doc, pair_id)` and `dedup_kept_bands(doc, key)` as temp tables on `con`."""
     result = DedupResult()
     con.execute(sql("curation/dedup_work_tables"))
-    eval_index = EvalIndex(eval_items if eval_items is not None else pl.DataFrame(schema={"item_id": pl.String, "text": pl.String}), cfg.shingles)
+    eval_index = EvalIndex(eval_items if eval_items is not None else pl.DataFrame(schema={"item_id": pl.String, "text": pl.String}), cfg.shingles())
 
     started = time.perf_counter()
     docs, bands, flags = [], [], []
-    reader = con.execute(sql("curation/dedup_stream")).to_arrow_reader(cfg.chunk_pairs)
+    reader = con.execute(sql("curation/dedup_stream")).to_arrow_reader(cfg.dedup_chunk_pairs)
     offset = 0
     for batch in reader:
         chunk = pl.from_arrow(batch)
@@ -160,7 +148,7 @@ def deduplicate(con: duckdb.DuckDBPyConnection, eval_items: pl.DataFrame | None,
     return result
 
 
-def _process_chunk(chunk: pl.DataFrame, offset: int, eval_index: EvalIndex, cfg: DedupConfig):
+def _process_chunk(chunk: pl.DataFrame, offset: int, eval_index: EvalIndex, cfg: CurationConfig):
     n = chunk.height
     doc = np.arange(offset, offset + n, dtype=np.int64)
     norm = normalize(chunk["text"].fill_null(""))
@@ -182,7 +170,7 @@ def _process_chunk(chunk: pl.DataFrame, offset: int, eval_index: EvalIndex, cfg:
     if len(eval_index):
         messages = chunk.select(pl.Series("doc", doc), "user_messages").filter(pl.Series(~bad)).explode("user_messages", empty_as_null=True)
         messages = messages.filter(pl.col("user_messages").is_not_null())
-        leaks = eval_index.leaks(messages["doc"].to_numpy(), messages["user_messages"], cfg.eval_threshold)
+        leaks = eval_index.leaks(messages["doc"].to_numpy(), messages["user_messages"], cfg.eval_leak_threshold)
         flags.append(
             leaks.select(
                 pl.col("doc").cast(pl.UInt32),
@@ -193,22 +181,23 @@ def _process_chunk(chunk: pl.DataFrame, offset: int, eval_index: EvalIndex, cfg:
             )
         )
 
-    s_doc, hashes = shingle_hashes(norm, cfg.shingles)
-    sig = signatures(s_doc, hashes, n, cfg.shingles)
-    keys = band_keys(sig, cfg.shingles)[~bad]
+    shingles = cfg.shingles()
+    s_doc, hashes = shingle_hashes(norm, shingles)
+    sig = signatures(s_doc, hashes, n, shingles)
+    keys = band_keys(sig, shingles)[~bad]
     live_doc = doc[~bad]
     band_frame = pl.DataFrame(
         {"doc": np.repeat(live_doc, keys.shape[1]).astype(np.uint32), "key": keys.reshape(-1)},
         schema={"doc": pl.UInt32, "key": pl.UInt64},
     )
     doc_frame = pl.DataFrame(
-        {"doc": doc.astype(np.uint32), "pair_id": chunk["pair_id"], "exact_hash": norm.hash(seed=cfg.shingles.seed + 7)},
+        {"doc": doc.astype(np.uint32), "pair_id": chunk["pair_id"], "exact_hash": norm.hash(seed=shingles.seed + 7)},
         schema={"doc": pl.UInt32, "pair_id": pl.String, "exact_hash": pl.UInt64},
     )
     return doc_frame, band_frame, pl.concat(flags, how="vertical_relaxed")
 
 
-def _verify(con: duckdb.DuckDBPyConnection, candidates: pl.DataFrame, cfg: DedupConfig) -> pl.DataFrame:
+def _verify(con: duckdb.DuckDBPyConnection, candidates: pl.DataFrame, cfg: CurationConfig) -> pl.DataFrame:
     """Exact Jaccard on candidate edges, then greedy removal in keep-order."""
     empty = pl.DataFrame(schema={"doc": pl.UInt32, "rule": pl.String, "detail": pl.String,
                                  "duplicate_of": pl.String, "similarity": pl.Float64})
@@ -216,10 +205,10 @@ def _verify(con: duckdb.DuckDBPyConnection, candidates: pl.DataFrame, cfg: Dedup
         return empty
     wanted = np.unique(np.concatenate([candidates["doc"].to_numpy(), candidates["leader"].to_numpy()]))
     shingles: dict[int, np.ndarray] = {}
-    for start in range(0, len(wanted), cfg.chunk_pairs):
-        con.register("wanted_docs", pl.DataFrame({"doc": wanted[start : start + cfg.chunk_pairs]}))
+    for start in range(0, len(wanted), cfg.dedup_chunk_pairs):
+        con.register("wanted_docs", pl.DataFrame({"doc": wanted[start : start + cfg.dedup_chunk_pairs]}))
         texts = con.execute(sql("curation/dedup_texts_for_docs")).pl()
-        shingles.update(zip(texts["doc"].to_list(), shingle_sets(texts["text"], cfg.shingles)))
+        shingles.update(zip(texts["doc"].to_list(), shingle_sets(texts["text"], cfg.shingles())))
     con.unregister("wanted_docs")
 
     removed: dict[int, tuple[int, float]] = {}
@@ -227,7 +216,7 @@ def _verify(con: duckdb.DuckDBPyConnection, candidates: pl.DataFrame, cfg: Dedup
         if doc in removed and removed[doc][1] >= 1.0 or leader in removed:
             continue
         sim = jaccard(shingles[doc], shingles[leader])
-        if sim >= cfg.threshold and (doc not in removed or sim > removed[doc][1]):
+        if sim >= cfg.near_duplicate_threshold and (doc not in removed or sim > removed[doc][1]):
             removed[doc] = (leader, sim)
     if not removed:
         return empty
@@ -237,7 +226,7 @@ def _verify(con: duckdb.DuckDBPyConnection, candidates: pl.DataFrame, cfg: Dedup
         {
             "doc": list(removed),
             "rule": "near",
-            "detail": f"word-shingle Jaccard >= {cfg.threshold}",
+            "detail": f"word-shingle Jaccard >= {cfg.near_duplicate_threshold}",
             "duplicate_of": [pair_ids[v[0]] for v in removed.values()],
             "similarity": [v[1] for v in removed.values()],
         },

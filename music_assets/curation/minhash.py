@@ -32,10 +32,12 @@ _EMPTY = np.iinfo(np.uint64).max
 
 @dataclass(frozen=True)
 class ShingleConfig:
-    words: int = 5  # words per shingle (short texts use their whole text as one shingle)
-    bins: int = 128  # signature length (one-permutation MinHash bins); a power of two
-    bands: int = 32  # LSH bands; bins = bands x rows
-    seed: int = 1
+    """MinHash parameters; the values come from the curation config (`CurationConfig.shingles()`)."""
+
+    words: int  # words per shingle (short texts use their whole text as one shingle)
+    bins: int  # signature length (one-permutation MinHash bins); a power of two
+    bands: int  # LSH bands; bins = bands x rows
+    seed: int = 1  # part of the algorithm, not a setting: changing it changes every signature
 
     def __post_init__(self):
         if self.bins & (self.bins - 1) or not 8 <= self.bins <= 1024:

@@ -17,10 +17,9 @@ from music_assets.common.metadata import table_metadata
 from music_assets.common.plots import figure
 from music_assets.training.assets import reward_variants
 from music_assets.evaluation.scoring import pairwise_accuracy, rewardbench_scores, rewardbench_spec
-from music_assets.common.tables import create_schema, sql
+from music_assets.common.tables import sql
 from resources.checkpoints import CheckpointStore
-from resources.data_config import DataConfig
-from resources.evaluation_config import EvaluationConfig
+from resources.stage_config import CurationResource, EvaluationResource
 
 EVALUATION_VERSION = "rm-eval-v1"
 SMALL_SAMPLE = 30  # below this many items the report says its figures are mechanics, not evidence
@@ -28,16 +27,15 @@ SMALL_SAMPLE = 30  # below this many items the report says its figures are mecha
 
 @asset(partitions_def=reward_variants, deps=["reward_model", "training_splits", "eval_items"],
        code_version=EVALUATION_VERSION, group_name="evaluation", pool="duckdb_writers")
-def rm_evaluation(context: AssetExecutionContext, checkpoints: CheckpointStore, data: DataConfig,
+def rm_evaluation(context: AssetExecutionContext, checkpoints: CheckpointStore, data: CurationResource,
                   duckdb: DuckDBResource) -> MaterializeResult:
     """Rewards of this variant's latest checkpoint on held-out seed and MUSIC pairs and on every
     registered evaluation set; pairwise accuracy with 95% intervals and ties."""
     variant = context.partition_key
     folder = latest_local_checkpoint(checkpoints, variant)
     model, tok, encoder = load_checkpoint(folder)
-    rewardbench_sets = {name for name, cfg in data.eval_sets.items() if cfg.rewardbench}
+    rewardbench_sets = {name for name, spec in data.settings().eval_sets.items() if spec.rewardbench}
     with duckdb.get_connection() as con:
-        create_schema(con)
         rows = con.execute(sql("evaluation/evaluation_rows")).pl().to_dicts()
     for row in rows:
         row["rewardbench"] = row["eval_set"] in rewardbench_sets
@@ -62,23 +60,23 @@ def rm_evaluation(context: AssetExecutionContext, checkpoints: CheckpointStore, 
 
 
 @asset(deps=["rm_evaluation", "best_of_n", "judge_agreement"], code_version=EVALUATION_VERSION, group_name="evaluation")
-def evaluation_report(context: AssetExecutionContext, data: DataConfig, evaluation: EvaluationConfig,
+def evaluation_report(context: AssetExecutionContext, data: CurationResource, evaluation: EvaluationResource,
                       duckdb: DuckDBResource) -> MaterializeResult:
     """Baseline vs MUSIC: accuracy per evaluation set (with 95% intervals and a paired exact
     McNemar test), accuracy by number of user turns, RewardBench sections where available,
     multi-turn Best-of-N win rates by N and judge agreement.
     Written to <exports_dir>/../reports/evaluation_report.md with its PNG plots."""
     with duckdb.get_connection() as con:
-        create_schema(con)
         scores = con.execute("SELECT * FROM music.rm_scores").pl()
         judgments = con.execute("SELECT * FROM music.bon_judgments").pl()
         agreement = con.execute(sql("evaluation/judge_agreement")).pl()
         judged_pairs = con.execute("SELECT count(*) FROM music.judge_verdicts").fetchone()[0]
-    out_dir = Path(data.exports_dir).parent / "reports"
+    out_dir = Path(data.settings().exports_dir).parent / "reports"
     out_dir.mkdir(parents=True, exist_ok=True)
     report, plots = build_report(scores, out_dir)
+    settings = evaluation.settings()
     bon_text, bon_plots = best_of_n_section(judgments, agreement, judged_pairs, out_dir,
-                                            evaluation.bootstrap_samples, evaluation.seed)
+                                            settings.bootstrap_samples, settings.seed)
     report, plots = report + bon_text, plots + bon_plots
     (out_dir / "evaluation_report.md").write_text(report)
     inline = report

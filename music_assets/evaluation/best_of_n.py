@@ -21,34 +21,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from music_assets.common.engines import ChatEngine, Message, Sampling
+from music_assets.common.engines import ChatEngine, Message
 from music_assets.common.hashing import stable_hash
+from music_assets.evaluation.config import EvaluationConfig
 from music_assets.evaluation.judge import Judgment, judge_pairs
-from music_assets.simulation.prompts import user_simulator_messages
-from music_assets.simulation.simulate import BatchGenerator, Failure, GenerationStats, basic_validator, user_validator
+from music_assets.simulation.prompts import PACKAGED, Prompts
+from music_assets.common.generation import BatchGenerator, Failure, GenerationStats, basic_validator
+from music_assets.simulation.validators import user_validator
 
 Scorer = Callable[[list[list[Message]]], list[float]]  # conversations -> rewards
-
-
-@dataclass(frozen=True)
-class BestOfNSettings:
-    ns: tuple[int, ...] = (2, 4, 8)  # paper: 2, 4, 8
-    turns: int = 3  # assistant turns per conversation (paper: 3)
-    seed: int = 0
-    max_attempts: int = 3  # per user message or candidate set, including the first
-    policy_sampling: Sampling = Sampling(temperature=0.8, top_p=0.95, max_tokens=256)
-    user_sampling: Sampling = Sampling(temperature=0.8, top_p=0.95, max_tokens=96)
-    judge_sampling: Sampling = Sampling(temperature=0.0, top_p=1.0, max_tokens=256)
-
-    def __post_init__(self):
-        if not self.ns or any(n < 1 for n in self.ns):
-            raise ValueError(f"best_of_n: every N must be >= 1, got {list(self.ns)}")
-        if self.turns < 1:
-            raise ValueError("best_of_n: turns must be >= 1")
-
-    def as_dict(self) -> dict:
-        return {"ns": list(self.ns), "turns": self.turns, "seed": self.seed, "max_attempts": self.max_attempts,
-                **{k: getattr(self, k).as_dict() for k in ("policy_sampling", "user_sampling", "judge_sampling")}}
 
 
 @dataclass(frozen=True)
@@ -76,13 +57,14 @@ class Conversation:
 
 
 def run_best_of_n(contexts: list[EvalContext], scorers: dict[str, Scorer], policy: ChatEngine, user: ChatEngine,
-                  settings: BestOfNSettings, log: Callable[[str], None] = print) -> tuple[list[Conversation], GenerationStats]:
+                  settings: EvaluationConfig, log: Callable[[str], None] = print,
+                  prompts: Prompts = PACKAGED) -> tuple[list[Conversation], GenerationStats]:
     stats = GenerationStats()
     gen = BatchGenerator(settings.max_attempts, stats)
-    runs = [Conversation(ctx, v, n, list(ctx.messages)) for ctx in contexts for n in settings.ns for v in scorers]
+    runs = [Conversation(ctx, v, n, list(ctx.messages)) for ctx in contexts for n in settings.best_of_n for v in scorers]
     for turn in range(1, settings.turns + 1):
         if turn > 1:
-            _next_user_messages([r for r in runs if r.dropped is None], turn, user, settings, gen)
+            _next_user_messages([r for r in runs if r.dropped is None], turn, user, settings, gen, prompts)
         live = [r for r in runs if r.dropped is None]
         candidates = _candidates(live, turn, policy, settings, stats)
         for variant, scorer in scorers.items():
@@ -100,13 +82,13 @@ def run_best_of_n(contexts: list[EvalContext], scorers: dict[str, Scorer], polic
     return runs, stats
 
 
-def _seed(settings: BestOfNSettings, ctx: EvalContext, n: int, turn: int, stage: str) -> int:
+def _seed(settings: EvaluationConfig, ctx: EvalContext, n: int, turn: int, stage: str) -> int:
     """The same for every reward model: identical conversations get identical samples."""
     return int(stable_hash([settings.seed, ctx.context_id, n, turn, stage])[:8], 16)
 
 
-def _next_user_messages(live: list[Conversation], turn: int, user: ChatEngine, settings: BestOfNSettings,
-                        gen: BatchGenerator) -> None:
+def _next_user_messages(live: list[Conversation], turn: int, user: ChatEngine, settings: EvaluationConfig,
+                        gen: BatchGenerator, prompts: Prompts) -> None:
     simulated = []
     for r in live:
         if turn - 2 < len(r.ctx.scripted_users):
@@ -114,7 +96,7 @@ def _next_user_messages(live: list[Conversation], turn: int, user: ChatEngine, s
         else:
             simulated.append(r)
     unique = _unique(simulated, lambda r: (r.ctx.context_id, r.n, _key(r.messages)))
-    results = gen.run(user, [user_simulator_messages(group[0].messages) for group in unique],
+    results = gen.run(user, [prompts.user_simulator_messages(group[0].messages) for group in unique],
                       settings.user_sampling, [_seed(settings, g[0].ctx, g[0].n, turn, "user") for g in unique],
                       [user_validator(g[0].messages) for g in unique])
     for group, result in zip(unique, results):
@@ -125,7 +107,7 @@ def _next_user_messages(live: list[Conversation], turn: int, user: ChatEngine, s
                 r.messages.append({"role": "user", "content": result.text})
 
 
-def _candidates(live: list[Conversation], turn: int, policy: ChatEngine, settings: BestOfNSettings,
+def _candidates(live: list[Conversation], turn: int, policy: ChatEngine, settings: EvaluationConfig,
                 stats: GenerationStats) -> list[list[tuple[str, str]]]:
     """The usable candidates (text, finish reason) of every live conversation, one batched call per
     attempt. Empty answers, engine refusals and leaked template markers are not candidates; answers
@@ -183,8 +165,8 @@ def _key(messages: list[Message]) -> str:
     return json.dumps(messages, sort_keys=True)
 
 
-def judge_best_of_n(runs: list[Conversation], judge: ChatEngine, settings: BestOfNSettings,
-                    first: str = "baseline", second: str = "music") -> list[dict]:
+def judge_best_of_n(runs: list[Conversation], judge: ChatEngine, settings: EvaluationConfig,
+                    first: str = "baseline", second: str = "music", prompts: Prompts = PACKAGED) -> list[dict]:
     """One row per (context, N): the judge's order-swapped comparison of the two reward models'
     final conversations and the outcome from `second`'s side (win | tie | loss). A context that
     either model could not finish gets no outcome, only its drop reason."""
@@ -201,7 +183,7 @@ def judge_best_of_n(runs: list[Conversation], judge: ChatEngine, settings: BestO
             judged.append((row, a, b))
     verdicts: list[Judgment] = judge_pairs(
         judge, [(a.messages, b.messages) for _, a, b in judged], settings.judge_sampling,
-        [_seed(settings, a.ctx, a.n, 0, "judge") for _, a, _ in judged])
+        [_seed(settings, a.ctx, a.n, 0, "judge") for _, a, _ in judged], prompts)
     for (row, _, _), j in zip(judged, verdicts):
         row.update(outcome={"second": "win", "first": "loss", "tie": "tie"}[j.preferred], reason=j.reason,
                    verdict_forward=j.verdict_forward, verdict_swapped=j.verdict_swapped,

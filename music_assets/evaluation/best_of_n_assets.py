@@ -19,14 +19,17 @@ from music_assets.evaluation.scorers import conversation_scorer, latest_local_ch
 from music_assets.common.hashing import stable_hash
 from music_assets.evaluation.judge import judge_pairs
 from music_assets.common.metadata import render_conversation, table_metadata
-from music_assets.simulation.prompts import JUDGE_PROMPT_VERSION
+from music_assets.simulation.prompts import PACKAGED, Prompts
 from music_assets.evaluation.scoring import win_rate
-from music_assets.common.tables import create_schema, frame, replace_rows, sql
+from music_assets.common.tables import frame, replace_rows, sql
 from resources.checkpoints import CheckpointStore
-from resources.evaluation_config import EvaluationConfig
+from resources.stage_config import EvaluationResource, SimulationResource
 from resources.llm import LLMEngine
 
-BEST_OF_N_VERSION = f"bon-{JUDGE_PROMPT_VERSION}"
+def best_of_n_code_version(prompts: Prompts) -> str:
+    """The code version of `best_of_n` and `judge_agreement` under a set of prompt templates (the
+    decorated assets have the packaged ones'; the Definitions use the configured `prompts_dir`'s)."""
+    return f"bon-{prompts.judge_version}"
 FIRST, SECOND = "baseline", "music"  # outcomes are reported from MUSIC's side
 
 
@@ -55,26 +58,29 @@ def eval_contexts(rows: list[dict], limit: int | None, seed: int) -> list[EvalCo
     return contexts
 
 
-@asset(deps=["reward_model", "training_splits", "eval_items"], code_version=BEST_OF_N_VERSION, group_name="evaluation")
-def best_of_n(context: AssetExecutionContext, evaluation: EvaluationConfig, checkpoints: CheckpointStore,
-              policy: LLMEngine, user_simulator: LLMEngine, judge: LLMEngine, duckdb: DuckDBResource) -> MaterializeResult:
+@asset(deps=["reward_model", "training_splits", "eval_items"], code_version=best_of_n_code_version(PACKAGED),
+       group_name="evaluation")
+def best_of_n(context: AssetExecutionContext, evaluation: EvaluationResource, simulation: SimulationResource,
+              checkpoints: CheckpointStore, policy: LLMEngine, user_simulator: LLMEngine, judge: LLMEngine,
+              duckdb: DuckDBResource) -> MaterializeResult:
     """Multi-turn Best-of-N for N in `evaluation.best_of_n`: each reward model picks among the
     policy's N candidates at every turn; the judge compares baseline and MUSIC conversations in
     both orders. Win/tie/loss per N with a bootstrap interval, and the judge's unparsed share."""
     settings = evaluation.settings()
+    prompts = simulation.settings().prompts()  # the user simulator's and the judge's templates
     folders = {v: latest_local_checkpoint(checkpoints, v) for v in (FIRST, SECOND)}
     with duckdb.get_connection() as con:
-        create_schema(con)
         rows = con.execute(sql("evaluation/bon_contexts")).pl().to_dicts()
-    contexts = eval_contexts(rows, evaluation.contexts_per_source, settings.seed)
+    contexts = eval_contexts(rows, settings.contexts_per_source, settings.seed)
     if not contexts:
         raise ValueError("no Best-of-N contexts: no held-out seed test conversations and no prompt-only evaluation set")
-    run_key = stable_hash({"settings": settings.as_dict(), "checkpoints": folders, "prompts": JUDGE_PROMPT_VERSION,
+    run_key = stable_hash({"settings": settings.run_settings(), "checkpoints": folders, "prompts": prompts.judge_version,
                            "engines": [e.identity() for e in (policy, user_simulator, judge)]})
-    context.log.info(f"best-of-n: {len(contexts)} contexts x N {list(settings.ns)} x 2 reward models")
+    context.log.info(f"best-of-n: {len(contexts)} contexts x N {settings.best_of_n} x 2 reward models")
     scorers = {v: conversation_scorer(f) for v, f in folders.items()}
-    runs, stats = run_best_of_n(contexts, scorers, policy, user_simulator, settings, log=context.log.info)
-    judgments = judge_best_of_n(runs, judge, settings, FIRST, SECOND)
+    runs, stats = run_best_of_n(contexts, scorers, policy, user_simulator, settings, log=context.log.info,
+                                prompts=prompts)
+    judgments = judge_best_of_n(runs, judge, settings, FIRST, SECOND, prompts)
 
     conversations = frame("bon_conversations", [
         {"run_key": run_key, "source": r.ctx.source, "context_id": r.ctx.context_id, "n": r.n, "variant": r.variant,
@@ -84,17 +90,17 @@ def best_of_n(context: AssetExecutionContext, evaluation: EvaluationConfig, chec
     with duckdb.get_connection() as con:
         replace_rows(con, {"bon_conversations": conversations, "bon_judgments": verdicts})
 
-    summary = bon_summary(verdicts, evaluation.bootstrap_samples, settings.seed)
+    summary = bon_summary(verdicts, settings.bootstrap_samples, settings.seed)
     return MaterializeResult(
         data_version=DataVersion(stable_hash([run_key, verdicts["outcome"].to_list(), verdicts["reason"].to_list()])),
         metadata={
             **table_metadata(verdicts, verdicts.select("source", "context_id", "n", "outcome", "reason", "drop_reason")),
-            "run_key": run_key, "judge_prompt_version": JUDGE_PROMPT_VERSION,
-            "settings": MetadataValue.json(settings.as_dict()),
+            "run_key": run_key, "judge_prompt_version": prompts.judge_version,
+            "settings": MetadataValue.json(settings.run_settings()),
             "checkpoints": MetadataValue.json(folders),
             "win_rate_by_n": MetadataValue.json(summary),
             "contexts": len(contexts),
-            "contexts_by_source": MetadataValue.json(dict(Counter(c.ctx.source for c in runs if c.variant == FIRST and c.n == settings.ns[0]))),
+            "contexts_by_source": MetadataValue.json(dict(Counter(c.ctx.source for c in runs if c.variant == FIRST and c.n == settings.best_of_n[0]))),
             "policy_tokens_generated": stats.completion_tokens,
             "engine_requests": stats.requests,
             "example": MetadataValue.md(_example(runs)),
@@ -128,22 +134,22 @@ def _example(runs) -> str:
     return "_no finished conversation_"
 
 
-@asset(deps=["rm_evaluation"], code_version=BEST_OF_N_VERSION, group_name="evaluation")
-def judge_agreement(context: AssetExecutionContext, evaluation: EvaluationConfig, judge: LLMEngine,
-                    duckdb: DuckDBResource) -> MaterializeResult:
+@asset(deps=["rm_evaluation"], code_version=best_of_n_code_version(PACKAGED), group_name="evaluation")
+def judge_agreement(context: AssetExecutionContext, evaluation: EvaluationResource, simulation: SimulationResource,
+                    judge: LLMEngine, duckdb: DuckDBResource) -> MaterializeResult:
     """The judge's order-swapped preference on up to `evaluation.agreement_pairs` pairs per
     evaluation set, and how often each reward model's preference agrees with it."""
+    settings = evaluation.settings()
     with duckdb.get_connection() as con:
-        create_schema(con)
         rows = con.execute(sql("evaluation/evaluation_rows")).pl().to_dicts()
     picked = []
     for eval_set in sorted({r["eval_set"] for r in rows}):
         mine = [r for r in rows if r["eval_set"] == eval_set]
-        keep = sample_ids([r["item_id"] for r in mine], evaluation.agreement_pairs, evaluation.seed)
+        keep = sample_ids([r["item_id"] for r in mine], settings.agreement_pairs, settings.seed)
         picked += [r for r in mine if r["item_id"] in keep]
-    sampling = evaluation.judge_sampling.to_sampling()
     judgments = judge_pairs(judge, [([dict(m) for m in r["chosen"]], [dict(m) for m in r["rejected"]]) for r in picked],
-                            sampling, [int(stable_hash([evaluation.seed, r["item_id"]])[:8], 16) for r in picked])
+                            settings.judge_sampling, [int(stable_hash([settings.seed, r["item_id"]])[:8], 16) for r in picked],
+                            simulation.settings().prompts())
     verdicts = frame("judge_verdicts", [
         {"eval_set": r["eval_set"], "item_id": r["item_id"],
          "preferred": {"first": "chosen", "second": "rejected", "tie": "tie"}[j.preferred], "reason": j.reason,

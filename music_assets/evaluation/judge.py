@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from music_assets.common.engines import ChatEngine, Generation, Message, Sampling
-from music_assets.simulation.prompts import render
+from music_assets.simulation.prompts import PACKAGED, Prompts
 
 _VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 
@@ -22,9 +22,9 @@ def render_transcript(messages: list[Message]) -> str:
     return "\n\n".join(f"{m['role'].capitalize()}: {m['content'].strip()}" for m in messages)
 
 
-def judge_prompt(a: list[Message], b: list[Message]) -> list[Message]:
-    return [{"role": "user", "content": render("judge_pairwise", conversation_a=render_transcript(a),
-                                               conversation_b=render_transcript(b))}]
+def judge_prompt(a: list[Message], b: list[Message], prompts: Prompts = PACKAGED) -> list[Message]:
+    return [{"role": "user", "content": prompts.render("judge_pairwise", conversation_a=render_transcript(a),
+                                                       conversation_b=render_transcript(b))}]
 
 
 def parse_verdict(text: str) -> str | None:
@@ -62,12 +62,13 @@ def combine(forward: str | None, swapped: str | None) -> tuple[str, str]:
 
 
 def judge_pairs(judge: ChatEngine, pairs: list[tuple[list[Message], list[Message]]], sampling: Sampling,
-                seeds: list[int]) -> list[Judgment]:
+                seeds: list[int], prompts: Prompts = PACKAGED) -> list[Judgment]:
     """Judges every (first, second) pair in both orders, all in one batched engine call. Identical
     conversations are a tie without asking the judge."""
     asked = [i for i, (a, b) in enumerate(pairs) if a != b]
-    prompts = [judge_prompt(*pairs[i]) for i in asked] + [judge_prompt(pairs[i][1], pairs[i][0]) for i in asked]
-    outs = judge.chat(prompts, sampling, [seeds[i] for i in asked] * 2) if asked else []
+    requests = ([judge_prompt(*pairs[i], prompts) for i in asked]
+                + [judge_prompt(pairs[i][1], pairs[i][0], prompts) for i in asked])
+    outs = judge.chat(requests, sampling, [seeds[i] for i in asked] * 2) if asked else []
     forward = dict(zip(asked, outs[: len(asked)]))
     swapped = dict(zip(asked, outs[len(asked):]))
     results = []

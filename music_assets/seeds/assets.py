@@ -19,13 +19,12 @@ from dagster import (
     Output,
     multi_asset,
 )
-from dagster_duckdb import DuckDBResource
 
 from music_assets.common.hashing import stable_hash
 from music_assets.seeds.ingest import ingest
 from music_assets.common.metadata import markdown_preview, render_conversation, table_metadata
 from music_assets.common.partitions import seed_partitions
-from music_assets.common.tables import create_schema, frame
+from music_assets.common.tables import frame
 from resources.seed_catalog import SeedCatalog
 
 # Bump when normalization rules change: the new version marks every seed partition stale.
@@ -59,7 +58,7 @@ EXAMPLE_PAIRS = 2
     group_name="seeds",
     pool="duckdb_writers",
 )
-def seed_ingestion(context: AssetExecutionContext, seed_catalog: SeedCatalog, duckdb: DuckDBResource):
+def seed_ingestion(context: AssetExecutionContext, seed_catalog: SeedCatalog):
     source = seed_catalog.resolve(context.partition_key)
     context.log.info(f"ingesting seed source {source.name!r} from {source.location} (format {source.format})")
     fingerprint = source.fingerprint()
@@ -67,11 +66,6 @@ def seed_ingestion(context: AssetExecutionContext, seed_catalog: SeedCatalog, du
 
     pairs = frame("seed_conversations", result.pairs)
     quarantine = frame("seed_quarantine", result.quarantine)
-    with duckdb.get_connection() as con:
-        # Creates both tables with the declared types even when this partition's quarantine is
-        # empty (the IO manager writes nothing for an empty frame).
-        create_schema(con)
-
     share = result.quarantine_share
     reasons = result.reasons()
     yield Output(

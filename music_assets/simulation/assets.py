@@ -27,13 +27,24 @@ from music_assets.common.hashing import stable_hash
 from music_assets.common.metadata import render_conversation, table_metadata
 from music_assets.simulation.pairs import assemble_pairs, assistant_turns_differing
 from music_assets.common.partitions import seed_partitions
-from music_assets.simulation.prompts import PROMPT_VERSION
-from music_assets.simulation.simulate import Context, Engines, TurnStore, generation_key, shows_private_note, shows_private_rewrite, simulate
-from music_assets.common.tables import create_schema, frame, sql
+from music_assets.simulation.prompts import PACKAGED, Prompts
+from music_assets.simulation.driver import Engines
+from music_assets.simulation.simulate import generation_key, simulate
+from music_assets.simulation.state import Context, TurnStore
+from music_assets.simulation.validators import shows_private_note, shows_private_rewrite
+from music_assets.common.tables import frame, sql
 from resources.llm import LLMEngine
-from resources.simulation_config import SimulationConfig
+from resources.stage_config import SimulationResource
 
 CONTEXTS_VERSION = "contexts-v1"
+
+
+def simulation_code_version(prompts: Prompts) -> str:
+    """`simulated_branches`' code version under a set of prompt templates (the decorated asset has
+    the packaged ones'; the Definitions override it with the configured `prompts_dir`'s)."""
+    return f"simulation-{prompts.version}"
+
+
 PAIRS_VERSION = "pairs-v1"
 EXAMPLE_PAIRS = 2
 
@@ -47,16 +58,17 @@ EXAMPLE_PAIRS = 2
     pool="duckdb_writers",
 )
 def seed_contexts(
-    context: AssetExecutionContext, seed_conversations: pl.DataFrame, simulation: SimulationConfig
+    context: AssetExecutionContext, seed_conversations: pl.DataFrame, simulation: SimulationResource
 ) -> Output[pl.DataFrame]:
     """Conversation prefixes (first k exchanges of each seed pair's chosen side) to simulate from."""
+    cfg = simulation.settings()
     pairs = seed_conversations.filter(pl.col("kind") == "pair").sort("row_number")
     rows = []
     for pair in pairs.iter_rows(named=True):
-        ctx = sample_context(pair, simulation.min_context_exchanges, simulation.max_context_exchanges, simulation.seed)
+        ctx = sample_context(pair, cfg.min_context_exchanges, cfg.max_context_exchanges, cfg.seed)
         if ctx is not None:
             rows.append(ctx)
-        if simulation.max_contexts is not None and len(rows) >= simulation.max_contexts:
+        if cfg.max_contexts is not None and len(rows) >= cfg.max_contexts:
             break
     df = frame("seed_contexts", rows)
     return Output(
@@ -65,7 +77,7 @@ def seed_contexts(
         metadata={
             **table_metadata(df, df.select("context_id", "pair_id", "k")),
             "k_histogram": MetadataValue.json({str(k): n for k, n in sorted(Counter(df["k"].to_list()).items())}),
-            "skipped_too_short": pairs.height - df.height if simulation.max_contexts is None else 0,
+            "skipped_too_short": pairs.height - df.height if cfg.max_contexts is None else 0,
         },
     )
 
@@ -75,8 +87,6 @@ class DuckDBTurnStore(TurnStore):
 
     def __init__(self, duckdb: DuckDBResource, source: str, gkey: str):
         self.duckdb, self.source, self.gkey = duckdb, source, gkey
-        with duckdb.get_connection() as con:
-            create_schema(con)
 
     def load(self):
         params = {"source": self.source, "generation_key": self.gkey}
@@ -100,13 +110,13 @@ class DuckDBTurnStore(TurnStore):
 @asset(
     deps=["seed_contexts"],
     partitions_def=seed_partitions,
-    code_version=f"simulation-{PROMPT_VERSION}",
+    code_version=simulation_code_version(PACKAGED),
     group_name="simulation",
     check_specs=[AssetCheckSpec("some_contexts_completed", asset="simulated_branches", blocking=True)],
 )
 def simulated_branches(
     context: AssetExecutionContext,
-    simulation: SimulationConfig,
+    simulation: SimulationResource,
     user_simulator: LLMEngine,
     assistant: LLMEngine,
     rewriter: LLMEngine,
@@ -115,19 +125,20 @@ def simulated_branches(
     """Chosen and rejected continuations of every seed context, one row per finished turn."""
     source = context.partition_key
     settings = simulation.settings()
+    prompts = settings.prompts()
     engines = Engines(user=user_simulator, assistant=assistant, rewriter=rewriter)
-    gkey = generation_key(settings, engines)
+    gkey = generation_key(settings, engines, prompts)
     with duckdb.get_connection() as con:
         contexts = con.execute(sql("simulation/seed_contexts_for_source"), {"source": source}).pl()
     ctx_objs = [Context(r["context_id"], r["source"], r["messages"]) for r in contexts.iter_rows(named=True)]
     store = DuckDBTurnStore(duckdb, source, gkey)
-    stats = simulate(ctx_objs, engines, settings, store, log=context.log.info)
+    stats = simulate(ctx_objs, engines, settings, store, log=context.log.info, prompts=prompts)
 
-    models, settings_json = json.dumps(engines.identity(), sort_keys=True), json.dumps(settings.as_dict(), sort_keys=True)
+    models, settings_json = json.dumps(engines.identity(), sort_keys=True), json.dumps(settings.generation_settings(), sort_keys=True)
     with duckdb.get_connection() as con:
         con.execute(
             sql("simulation/simulation_record_run"),
-            {"source": source, "generation_key": gkey, "prompt_version": PROMPT_VERSION,
+            {"source": source, "generation_key": gkey, "prompt_version": prompts.version,
              "models": models, "settings": settings_json},
         )
         table = con.execute(sql("simulation/simulation_turns_of_run"), {"source": source, "generation_key": gkey}).pl()
@@ -137,9 +148,9 @@ def simulated_branches(
         metadata={
             **table_metadata(table, table.select("context_id", "branch", "turn", "user_message", "assistant_message")),
             "generation_key": gkey,
-            "prompt_version": PROMPT_VERSION,
+            "prompt_version": prompts.version,
             "models": MetadataValue.json(engines.identity()),
-            "settings": MetadataValue.json(settings.as_dict()),
+            "settings": MetadataValue.json(settings.generation_settings()),
             "contexts": stats.contexts,
             "contexts_completed": stats.completed,
             "contexts_dropped": MetadataValue.json(dict(stats.dropped)),
@@ -174,15 +185,16 @@ def simulated_branches(
         AssetCheckSpec("no_empty_messages", asset="music_pairs", blocking=True),
     ],
 )
-def music_pairs(context: AssetExecutionContext, seed_contexts: pl.DataFrame, simulation: SimulationConfig, duckdb: DuckDBResource):
+def music_pairs(context: AssetExecutionContext, seed_contexts: pl.DataFrame, simulation: SimulationResource,
+                duckdb: DuckDBResource):
     """One row per MUSIC pair: full chosen and rejected conversations with contrast metadata."""
     with duckdb.get_connection() as con:
-        create_schema(con)
         rows = con.execute(sql("simulation/simulation_rows_for_pairs"), {"source": context.partition_key}).pl().to_dicts()
-    pairs = assemble_pairs(seed_contexts.to_dicts(), rows, simulation.turns)
+    turns = simulation.settings().turns
+    pairs = assemble_pairs(seed_contexts.to_dicts(), rows, turns)
     df = frame("music_pairs", pairs)
 
-    min_differing = min(2, simulation.turns)
+    min_differing = min(2, turns)
     differing = [assistant_turns_differing(p) for p in pairs]
     leaks = [p["pair_id"] for p in pairs if _leaks_private_instruction(p)]
     empties = [p["pair_id"] for p in pairs if any(not m["content"].strip() for m in p["chosen"] + p["rejected"])]

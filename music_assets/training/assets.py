@@ -7,7 +7,6 @@ Kubernetes the same call becomes a GPU pod by swapping `PipesSubprocessClient` f
 `CheckpointStore` only after the job succeeds: a failed run leaves the last checkpoint as it was.
 """
 
-import hashlib
 import json
 import shutil
 import sys
@@ -31,46 +30,41 @@ from dagster import (
 from music_assets.training.rm_data import DataError
 from music_assets.curation.splits import SPLITS, VARIANTS
 from music_assets.training.train_rm import CURVE_FILE, METADATA_FILE, curve_markdown, data_version, resolve_backbone
-from music_assets.training.trainer import TrainConfig
+from music_assets.training.config import TrainConfig
 from resources.checkpoints import CheckpointStore
 from resources.compute import ComputeResource
-from resources.data_config import DataConfig
-from resources.training_config import RewardTrainingConfig
+from resources.stage_config import CurationResource, TrainingResource
 
 TRAINER_VERSION = "bt-trainer-v1"
 reward_variants = StaticPartitionsDefinition(list(VARIANTS))
 
 
-def training_code_version(training: dict | None) -> str:
-    """`reward_model`'s code version under a `training:` config section: the trainer's version and
-    a digest of the effective options (defaults filled in, as in the model's data version), so that
-    changing them marks the reward models, and through the lineage versions in `definitions.py`
-    everything downstream, unsynced. `processes` and `threads_per_process` change how training runs,
-    not what it computes, and do not count. Set where the Definitions are built from the settings;
-    the decorated asset below keeps the bare `TRAINER_VERSION`."""
-    options = dict((training or {}).get("options") or {})
-    try:
-        digest = TrainConfig(**options).fingerprint()[:12]
-    except (TypeError, ValueError):  # a bad option fails the run with its name, not the code location load
-        digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return f"{TRAINER_VERSION}-{digest}"
+def training_code_version(options: TrainConfig) -> str:
+    """`reward_model`'s code version under a training recipe: the trainer's version and a digest of
+    the effective options (defaults filled in, as in the model's data version), so that changing
+    them marks the reward models, and through the lineage versions everything downstream,
+    unsynced. `processes` and `threads_per_process` change how training runs, not what it
+    computes, and do not count. Set where the Definitions are built from the settings; the
+    decorated asset below keeps the bare `TRAINER_VERSION`."""
+    return f"{TRAINER_VERSION}-{options.fingerprint()[:12]}"
 
 
 @asset(partitions_def=reward_variants, deps=["training_splits"], code_version=TRAINER_VERSION, group_name="training")
 def reward_model(
     context: AssetExecutionContext,
-    training: RewardTrainingConfig,
+    training: TrainingResource,
     compute: ComputeResource,
     checkpoints: CheckpointStore,
-    data: DataConfig,
+    data: CurationResource,
     pipes_subprocess_client: PipesSubprocessClient,
 ) -> MaterializeResult:
     """A Bradley-Terry reward model trained on this variant's train split (baseline: seed pairs D;
     music: D + D_MUSIC), early-stopped on validation accuracy, scored on the test split."""
     variant = context.partition_key
-    cfg = training.train_config()
+    setup = training.settings()
+    cfg = setup.options
     resolve_backbone(cfg.backbone)  # a missing model fails here, before any work
-    split_files = {s: Path(data.exports_dir) / variant / f"{s}.parquet" for s in SPLITS}
+    split_files = {s: Path(data.settings().exports_dir) / variant / f"{s}.parquet" for s in SPLITS}
     missing = [str(p) for p in split_files.values() if not p.exists()]
     if missing:
         raise DataError(f"training data for {variant!r} not found: {missing}; materialize training_splits first")
@@ -85,7 +79,7 @@ def reward_model(
             "config": asdict(cfg),
             "data": {s: str(p) for s, p in split_files.items()},
             "output_dir": str(work / "model"),
-            "threads_per_process": training.threads_per_process,
+            "threads_per_process": setup.threads_per_process,
             "bf16_supported": compute.resolved_dtype() == "bfloat16",
             "upstream": upstream,
             "error_file": str(work / "error.txt"),
@@ -95,9 +89,9 @@ def reward_model(
                                / "training_state" / variant / version)
         (work / "job.json").write_text(json.dumps(job))
         command = [sys.executable, "-m", "music_assets.training.train_rm", str(work / "job.json")]
-        if training.processes > 1:
+        if setup.processes > 1:
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                       f"--nproc_per_node={training.processes}", "-m", "music_assets.training.train_rm", str(work / "job.json")]
+                       f"--nproc_per_node={setup.processes}", "-m", "music_assets.training.train_rm", str(work / "job.json")]
         context.log.info(f"training {variant} reward model: {' '.join(command)}")
         try:
             result = pipes_subprocess_client.run(command=command, context=context).get_materialize_result()

@@ -15,56 +15,19 @@ the same thing for 1 or N processes, and N-process training matches 1-process tr
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from music_assets.training.config import TrainConfig
 from music_assets.training.rm_data import DataError, EncodedPair
-
-
-@dataclass
-class TrainConfig:
-    backbone: str = "builtin:smollm2"  # a local HF folder, a hub id, or builtin:minilm / builtin:smollm2
-    chat_template: str | None = None  # None: the tokenizer's own; "plain" for encoders without one
-    max_length: int = 512
-    batch_size: int = 16  # pairs per optimizer step, across all processes (the paper: 64)
-    micro_batch_size: int = 8  # pairs per forward pass per process
-    learning_rate: float = 2e-5  # (the paper: 2e-6 for Gemma-2-9B-it)
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    lr_scheduler: str = "linear"  # linear | cosine | constant
-    max_steps: int | None = None  # optimizer steps (the paper: 2500); None: `epochs` over the data
-    epochs: float = 1.0
-    max_grad_norm: float = 1.0
-    margin: float = 0.0
-    center_rewards_coefficient: float = 0.0
-    precision: str = "auto"  # auto (bf16 where the hardware has it natively) | bf16 | fp32
-    group_by_length: bool = True  # batches of similar length: less padding
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
-    eval_every: int = 50  # steps between validation passes (0: only at the end)
-    early_stopping_patience: int | None = None  # validation passes without improvement before stopping
-    checkpoint_every: int = 0  # steps between resumable training-state saves (0: never)
-    log_every: int = 10
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.lr_scheduler not in ("linear", "cosine", "constant"):
-            raise ValueError(f"lr_scheduler must be linear, cosine or constant, got {self.lr_scheduler!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-
-    def fingerprint(self) -> str:
-        import hashlib
-
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass

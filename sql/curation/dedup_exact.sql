@@ -1,9 +1,18 @@
 -- Exact duplicates: the same normalized pair text as an earlier (keep-order) document.
 INSERT INTO dedup_flags
-SELECT d.doc, 'exact', 'same normalized text', first_doc.pair_id, 1.0
+SELECT
+    d.doc,
+    'exact' AS rule,
+    'same normalized text' AS detail,
+    first_doc.pair_id AS duplicate_of,
+    1.0 AS similarity
 FROM (
-    SELECT doc, pair_id, exact_hash, min(doc) OVER (PARTITION BY exact_hash) AS first
-    FROM dedup_docs ANTI JOIN dedup_flags f USING (doc)
-) d
-JOIN dedup_docs first_doc ON first_doc.doc = d.first
+    SELECT
+        docs.doc,
+        docs.pair_id,
+        docs.exact_hash,
+        min(docs.doc) OVER (PARTITION BY docs.exact_hash) AS first
+    FROM dedup_docs AS docs ANTI JOIN dedup_flags USING (doc)
+) AS d
+INNER JOIN dedup_docs AS first_doc ON d.first = first_doc.doc
 WHERE d.doc <> d.first

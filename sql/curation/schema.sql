@@ -7,20 +7,20 @@ CREATE SCHEMA IF NOT EXISTS music;
 -- Registered evaluation sets (held-out files: RewardBench-format rows, MT-Bench prompts, ...),
 -- normalized like the seeds. Training data must not contain them: dedup removes leaks.
 CREATE TABLE IF NOT EXISTS music.eval_items (
-    eval_set    VARCHAR NOT NULL,
-    item_id     VARCHAR NOT NULL,   -- '<eval_set>/<row_number>'
-    row_number  BIGINT  NOT NULL,
-    kind        VARCHAR NOT NULL,   -- 'pair' | 'prompts'
-    subset      VARCHAR,            -- the row's `subset` / category field, when it has one
-    chosen      STRUCT(role VARCHAR, content VARCHAR)[] NOT NULL,
-    rejected    STRUCT(role VARCHAR, content VARCHAR)[] NOT NULL,
-    user_turns  INTEGER NOT NULL,
-    extra       VARCHAR
+    eval_set   VARCHAR NOT NULL,
+    item_id    VARCHAR NOT NULL,   -- '<eval_set>/<row_number>'
+    row_number BIGINT NOT NULL,
+    kind       VARCHAR NOT NULL,   -- 'pair' | 'prompts'
+    subset     VARCHAR,            -- the row's `subset` / category field, when it has one
+    chosen     STRUCT(role VARCHAR, content VARCHAR)[] NOT NULL,
+    rejected   STRUCT(role VARCHAR, content VARCHAR)[] NOT NULL,
+    user_turns INTEGER NOT NULL,
+    extra      VARCHAR
 );
 
 CREATE TABLE IF NOT EXISTS music.eval_quarantine (
     eval_set    VARCHAR NOT NULL,
-    row_number  BIGINT  NOT NULL,
+    row_number  BIGINT NOT NULL,
     rule        VARCHAR NOT NULL,
     field       VARCHAR NOT NULL,
     reason      VARCHAR NOT NULL,
@@ -29,13 +29,13 @@ CREATE TABLE IF NOT EXISTS music.eval_quarantine (
 
 -- Seed pairs (origin 'seed', the baseline set D) and MUSIC pairs ('music') that survived dedup.
 CREATE TABLE IF NOT EXISTS music.deduplicated_pairs (
-    origin      VARCHAR NOT NULL,   -- 'seed' | 'music'
-    source      VARCHAR NOT NULL,   -- seed partition
-    pair_id     VARCHAR NOT NULL,
-    group_id    VARCHAR NOT NULL,   -- the seed conversation: a split never separates a group
-    user_turns  INTEGER NOT NULL,
-    chosen      STRUCT(role VARCHAR, content VARCHAR)[] NOT NULL,
-    rejected    STRUCT(role VARCHAR, content VARCHAR)[] NOT NULL
+    origin     VARCHAR NOT NULL,   -- 'seed' | 'music'
+    source     VARCHAR NOT NULL,   -- seed partition
+    pair_id    VARCHAR NOT NULL,
+    group_id   VARCHAR NOT NULL,   -- the seed conversation: a split never separates a group
+    user_turns INTEGER NOT NULL,
+    chosen     STRUCT(role VARCHAR, content VARCHAR)[] NOT NULL,
+    rejected   STRUCT(role VARCHAR, content VARCHAR)[] NOT NULL
 );
 
 -- Every pair dedup removed, with what it duplicates: nothing disappears without a trace.
@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS music.dedup_removed (
     origin       VARCHAR NOT NULL,
     rule         VARCHAR NOT NULL,   -- 'exact' | 'near' | 'eval_leak'
     duplicate_of VARCHAR NOT NULL,   -- the kept pair_id, or the eval item_id
-    similarity   DOUBLE  NOT NULL,   -- 1.0 exact; word-shingle Jaccard (near); containment (eval_leak)
+    similarity   DOUBLE NOT NULL,    -- 1.0 exact; word-shingle Jaccard (near); containment (eval_leak)
     detail       VARCHAR NOT NULL
 );
 

@@ -1,6 +1,11 @@
 -- One variant's split with the conversations, in TRL's conversational preference layout.
-SELECT d.pair_id, d.origin, d.source, d.chosen, d.rejected
-FROM music.training_splits s
-JOIN music.deduplicated_pairs d USING (pair_id)
+SELECT
+    d.pair_id,
+    d.origin,
+    d.source,
+    d.chosen,
+    d.rejected
+FROM music.training_splits AS s
+INNER JOIN music.deduplicated_pairs AS d USING (pair_id)
 WHERE s.variant = $variant AND s.split = $split
 ORDER BY d.pair_id

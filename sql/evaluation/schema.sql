@@ -13,8 +13,8 @@ CREATE TABLE IF NOT EXISTS music.rm_scores (
     item_id    VARCHAR NOT NULL,
     subset     VARCHAR,
     user_turns INTEGER NOT NULL,
-    r_chosen   DOUBLE  NOT NULL,
-    r_rejected DOUBLE  NOT NULL
+    r_chosen   DOUBLE NOT NULL,
+    r_rejected DOUBLE NOT NULL
 );
 
 -- Multi-turn Best-of-N: each evaluation context continued under each reward model with each N.

@@ -7,7 +7,7 @@ CREATE SCHEMA IF NOT EXISTS music;
 -- One row per preference pair (kind = 'pair') or prompt-only context (kind = 'prompts').
 CREATE TABLE IF NOT EXISTS music.seed_conversations (
     source            VARCHAR NOT NULL,   -- seed partition key
-    row_number        BIGINT  NOT NULL,   -- 1-based line / record number in the source
+    row_number        BIGINT NOT NULL,    -- 1-based line / record number in the source
     pair_id           VARCHAR NOT NULL,   -- '<source>/<row_number>', unique across sources
     kind              VARCHAR NOT NULL,   -- 'pair' | 'prompts'
     format            VARCHAR NOT NULL,   -- input format the row was parsed as
@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS music.seed_conversations (
 -- Rows that could not be normalized: nothing is dropped without a trace.
 CREATE TABLE IF NOT EXISTS music.seed_quarantine (
     source      VARCHAR NOT NULL,
-    row_number  BIGINT  NOT NULL,
+    row_number  BIGINT NOT NULL,
     rule        VARCHAR NOT NULL,   -- short class: malformed_json, missing_field, empty_message, ...
     field       VARCHAR NOT NULL,   -- the field at fault ('' when the whole record is)
     reason      VARCHAR NOT NULL,

@@ -1,4 +1,7 @@
-SELECT context_id, source, messages
+SELECT
+    context_id,
+    source,
+    messages
 FROM music.seed_contexts
 WHERE source = $source
 ORDER BY context_id;

@@ -17,9 +17,10 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from music_assets.curation.assets import deduplicated_pairs, eval_items, training_splits
-from music_assets.curation.dedup import DedupConfig, deduplicate
-from music_assets.definitions import build_resources
-from music_assets.curation.minhash import ShingleConfig, band_keys, normalize, shingle_hashes, signatures
+from music_assets.curation.config import CurationConfig
+from music_assets.curation.dedup import deduplicate
+from music_assets.assembly import build_resources
+from music_assets.curation.minhash import band_keys, normalize, shingle_hashes, signatures
 from music_assets.common.partitions import seed_partitions
 from music_assets.seeds.assets import seed_ingestion
 from music_assets.common.tables import create_schema, sql
@@ -197,7 +198,7 @@ def test_bad_rows_are_quarantined_with_reasons():
         {"pair_id": "punct", "priority": 0, "chosen": conv("?!", "..."), "rejected": conv("?!", "—")},
         {"pair_id": "ok", "priority": 1, "chosen": good, "rejected": good},
     ])
-    result = deduplicate(con, None, DedupConfig())
+    result = deduplicate(con, None, CurationConfig())
     q = {(r[0], r[1]) for r in con.execute("SELECT pair_id, rule FROM dedup_quarantine").fetchall()}
     assert q == {(None, "missing_id"), ("  ", "missing_id"), ("nulls", "non_string_content"),
                  ("punct", "empty_text"), ("ok", "duplicate_id")}
@@ -219,7 +220,7 @@ def test_leak_check_finds_a_train_pair_duplicating_a_test_pair():
         con.execute("INSERT INTO music.deduplicated_pairs VALUES ('seed', 's', $p, $p, 1, $c, $c)", {"p": pid, "c": c})
         con.execute("INSERT INTO music.training_splits VALUES ('music', $s, $p, 'seed', 's', $p, 1)", {"p": pid, "s": split})
     con.execute(sql("curation/split_leak_source"))
-    deduplicate(con, con.execute(sql("curation/eval_user_messages")).pl(), DedupConfig())
+    deduplicate(con, con.execute(sql("curation/eval_user_messages")).pl(), CurationConfig())
     leaks = con.execute(sql("curation/split_leaks")).fetchall()
     assert [(r[0], r[1], r[3], r[4]) for r in leaks] == [("tr1", "train", "t1", "test")]
 
@@ -235,7 +236,7 @@ def test_one_permutation_signatures_estimate_jaccard():
         for i in rng.choice(len(ws), 4, replace=False):
             ws[i] = "edit"
         edited.append(" ".join(ws))
-    cfg = ShingleConfig()
+    cfg = CurationConfig().shingles()
     texts = pl.Series(docs + edited)
     doc, hashes = shingle_hashes(normalize(texts), cfg)
     sig = signatures(doc, hashes, len(texts), cfg)

@@ -11,7 +11,7 @@ from dagster import (AssetKey, AssetRecordsFilter, DagsterInstance, DataVersion,
                      build_sensor_context, evaluate_automation_conditions, instance_for_test, materialize)
 
 from music_assets.automation import CHANGE_TAG, FINGERPRINT_TAG, with_nightly_refresh
-from music_assets.definitions import build_definitions
+from music_assets.assembly import build_definitions
 from music_assets.common.metadata import latest_materialization
 from music_assets.common.partitions import seed_partitions
 from tests.helpers import SLICES, load_settings_in, short_tiny_simulation, write_seed

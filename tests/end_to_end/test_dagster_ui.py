@@ -5,7 +5,7 @@ What it shows, through Dagster's own GraphQL API (not by reading our code):
 - a materialization launched over GraphQL runs (queued, dequeued by the daemon) and its
   materializations (row counts) and staleness read back;
 - with the whole graph materialized, editing the contrastive prompt template (in a
-  `MUSIC_PROMPTS_DIR` override) and reloading the code location marks `simulated_branches` and
+  `simulation.prompts_dir` folder) and reloading the code location marks `simulated_branches` and
   every asset downstream of it unsynced, per partition, and nothing upstream;
 - changing only the `training:` options marks `reward_model` and what follows, nothing before it;
 - the asset-graph page renders our assets in Chromium (the screenshot is kept as a CI artifact).
@@ -82,7 +82,7 @@ class Server:
         self.tmp = tmp
         self.home = tmp / "dagster_home"
         self.config = tmp / "music.yaml"
-        self.prompts = tmp / "prompts"  # MUSIC_PROMPTS_DIR: empty = the packaged templates
+        self.prompts = tmp / "prompts"  # simulation.prompts_dir: empty = the packaged templates
         self.log = tmp / "dagster-dev.log"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -96,7 +96,7 @@ class Server:
         self.prompts.mkdir()
         self.write_config(CONFIG)
         env = {**os.environ, "DAGSTER_HOME": str(self.home), "MUSIC_CONFIG": str(self.config),
-               "MUSIC_PROMPTS_DIR": str(self.prompts), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
         env.pop("MUSIC_HOME", None)
         with open(self.log, "wb") as log:
@@ -204,7 +204,8 @@ class Server:
         return {n["assetKey"]["path"][-1]: n["opVersion"] for n in self.gql(NODES_QUERY)["assetNodes"]}
 
     def write_config(self, config: dict) -> None:
-        self.config.write_text(yaml.safe_dump({"home": str(self.tmp / "home"), **config}))
+        simulation = {**config.get("simulation", {}), "prompts_dir": str(self.prompts)}
+        self.config.write_text(yaml.safe_dump({"home": str(self.tmp / "home"), **config, "simulation": simulation}))
 
 
 LOCATION_QUERY = """
@@ -317,7 +318,7 @@ def _materialize_rest_in_process(server: Server) -> None:
     (lineage) code versions: the same versions the code location in `dagster dev` has."""
     from dagster import DagsterInstance, materialize
 
-    from music_assets import definitions as d
+    from music_assets import assembly as d
     from music_assets.training.assets import reward_variants
 
     settings = _settings(server)
@@ -411,7 +412,7 @@ def test_daemon_is_healthy_and_instigators_match_the_definitions(materialized):
     """The daemon runs (it dequeued the ingestion run); sensors and schedules the definitions
     declare are the ones the UI lists."""
     server = materialized
-    from music_assets.definitions import build_definitions
+    from music_assets.assembly import build_definitions
 
     defs = build_definitions(_settings(server))
     repo = {"repositoryName": REPOSITORY, "repositoryLocationName": LOCATION}
@@ -451,11 +452,11 @@ def test_daemon_is_healthy_and_instigators_match_the_definitions(materialized):
 
 def test_prompt_edit_marks_simulation_and_downstream_unsynced_per_partition(materialized):
     server = materialized
-    from music_assets.simulation.prompts import TEMPLATES
+    from music_assets.simulation.prompts import PACKAGED
 
     before = server.code_versions()
     edited = server.prompts / "contrastive_assistant.txt"
-    edited.write_text(TEMPLATES["contrastive_assistant"] + "\nKeep the changed request in mind in later answers.\n")
+    edited.write_text(PACKAGED.templates["contrastive_assistant"] + "\nKeep the changed request in mind in later answers.\n")
     try:
         server.reload()
         after = server.code_versions()

@@ -11,10 +11,10 @@ import pytest
 from dagster import AssetKey, DagsterInstance, materialize
 
 from music_assets import cli
-from music_assets.definitions import build_definitions
+from music_assets.assembly import build_definitions
 from music_assets.common.metadata import latest_materialization
 from music_assets.common.partitions import seed_partitions
-from music_assets.simulation.prompts import PROMPT_VERSION
+from music_assets.simulation.prompts import PACKAGED
 from resources.seed_catalog import EMBEDDED_PATH
 from tests.helpers import MINILM_TRAINING, SLICES, load_settings_in, short_tiny_simulation, write_seed
 
@@ -135,7 +135,7 @@ def test_lineage_of_a_music_checkpoint_names_prompts_models_and_sampling(tmp_pat
     assert report["warnings"] == [] and report["checkpoint"]["variant"] == "music"
     [sim] = report["simulation"]
     recorded = latest_materialization(demo.instance, AssetKey("simulated_branches"), "uf_slice").asset_materialization
-    assert sim["prompt_version"] == PROMPT_VERSION
+    assert sim["prompt_version"] == PACKAGED.version
     assert sim["generation_key"] == recorded.metadata["generation_key"].value
     assert {engine["model"] for engine in sim["models"].values()} == {"builtin:tiny-llama"}
     assert sim["settings"]["turns"] == 2 and sim["settings"]["assistant_sampling"]["max_tokens"] == 32
@@ -145,9 +145,9 @@ def test_lineage_of_a_music_checkpoint_names_prompts_models_and_sampling(tmp_pat
     con.close()
     assert used > 0 and sim["music_pairs_in_training_data"] == used
     [generation] = sim["pairs_by_generation"]
-    assert generation["prompt_version"] == PROMPT_VERSION and generation["generation_key"] == sim["generation_key"]
+    assert generation["prompt_version"] == PACKAGED.version and generation["generation_key"] == sim["generation_key"]
     assert generation["sampling"] == sim["settings"] and generation["models"] == sim["models"]
     assert {s["source"]: s["sha256"] for s in report["seed_sources"]} == {"uf_slice": demo.sha}
 
     code, text, _ = demo.lineage(capsys, "music")
-    assert PROMPT_VERSION in text and "builtin:tiny-llama" in text and sim["generation_key"] in text
+    assert PACKAGED.version in text and "builtin:tiny-llama" in text and sim["generation_key"] in text

@@ -14,7 +14,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for a hub; must be set before 
 import pytest
 from safetensors import safe_open
 
+from music_assets import model_cache as mc
 from music_assets import model_provisioning as mp
+from music_assets.devtools import tiny_llama as tl
 from tests.helpers import REPO
 
 CHAT = [
@@ -47,12 +49,12 @@ EXCHANGES = [
 
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
-    return mp.default_cache_dir()
+    return mc.default_cache_dir()
 
 
 @pytest.fixture(scope="session")
 def tiny_dir(cache_dir) -> Path:
-    return mp.tiny_llama_dir(cache_dir)
+    return tl.tiny_llama_dir(cache_dir)
 
 
 @pytest.fixture(scope="session")
@@ -74,9 +76,9 @@ def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("MUSIC_MODEL_CACHE", str(tmp_path))
-    assert mp.default_cache_dir() == tmp_path
+    assert mc.default_cache_dir() == tmp_path
     monkeypatch.delenv("MUSIC_MODEL_CACHE")
-    assert mp.default_cache_dir() == Path.home() / ".cache" / "music-assets" / "models"
+    assert mc.default_cache_dir() == Path.home() / ".cache" / "music-assets" / "models"
 
 
 # -----------------------------------------------------------------------------
@@ -100,7 +102,7 @@ def test_tiny_llama_loads_chats_and_generates(tiny_dir):
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert tok.eos_token == "<|im_end|>" and tok.pad_token is not None
     assert model.generation_config.eos_token_id == im_end
-    assert tok.chat_template == mp.CHATML_TEMPLATE
+    assert tok.chat_template == tl.CHATML_TEMPLATE
 
     text = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
     assert text.startswith("<|im_start|>system\nYou are brief.<|im_end|>\n")
@@ -115,11 +117,11 @@ def test_tiny_llama_loads_chats_and_generates(tiny_dir):
 def user_simulator_prompt(k: int) -> list[dict]:
     """The simulation's real user-simulator prompt (instructions, then the role-swapped
     conversation) on 1-3 exchanges."""
-    from music_assets.simulation.prompts import user_simulator_messages
+    from music_assets.simulation.prompts import PACKAGED
 
     pairs = (EXCHANGES[k % 4 :] + EXCHANGES[: k % 4])[: 1 + k % 3]
     msgs = [{"role": r, "content": t} for u, a in pairs for r, t in (("user", u), ("assistant", a))]
-    return user_simulator_messages(msgs)
+    return PACKAGED.user_simulator_messages(msgs)
 
 
 @pytest.fixture(scope="module")
@@ -182,10 +184,10 @@ def test_tiny_chats_render_as_chatml_with_short_replies(tiny_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    chats = mp._tiny_chats()
-    assert chats == mp._tiny_chats()  # the same on every call
+    chats = tl._tiny_chats()
+    assert chats == tl._tiny_chats()  # the same on every call
     for chat in chats[:50]:
-        ids, learn = mp._chat_tokens(tok, chat)
+        ids, learn = tl._chat_tokens(tok, chat)
         text = tok.apply_chat_template(chat, tokenize=False)
         assert ids == tok(text, add_special_tokens=False).input_ids
         assert tok.decode([i for i, x in zip(ids, learn) if x]).count("<|im_end|>") == (
@@ -203,7 +205,7 @@ def test_deterministic_torch_restores_the_callers_state():
     import torch
 
     threads, state = torch.get_num_threads(), torch.get_rng_state()
-    with mp._deterministic_torch(seed=0):
+    with tl._deterministic_torch(seed=0):
         assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
         torch.rand(3)
     assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()
@@ -234,7 +236,7 @@ def test_tiny_llama_weights_are_bf16_safetensors(tiny_dir):
 def test_tiny_llama_build_is_deterministic(tiny_dir, tmp_path):
     """Built again in another process and folder, every file is byte-identical."""
     run_python(
-        "import sys; from music_assets.model_provisioning import tiny_llama_dir; "
+        "import sys; from music_assets.devtools.tiny_llama import tiny_llama_dir; "
         "tiny_llama_dir(sys.argv[1])",
         str(tmp_path),
     )
@@ -246,8 +248,21 @@ def test_tiny_llama_build_is_deterministic(tiny_dir, tmp_path):
 @pytest.mark.slow
 def test_second_call_reuses_the_folder(tiny_dir):
     before = (tiny_dir / "model.safetensors").stat().st_mtime_ns
-    assert mp.tiny_llama_dir(tiny_dir.parent) == tiny_dir
+    assert tl.tiny_llama_dir(tiny_dir.parent) == tiny_dir
     assert (tiny_dir / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_the_tiny_llama_is_imported_only_when_asked_for():
+    """Development tooling stays off the product path: importing the provisioning (as the vLLM
+    engine and the training job do) loads no devtools module."""
+    out = run_python("import sys, music_assets.model_provisioning; print(sorted(m for m in sys.modules "
+                     "if m.startswith('music_assets.devtools')))").stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_resolve_model_finds_the_tiny_llama_in_devtools(tiny_dir):
+    assert mp.resolve_model("builtin:tiny-llama") == str(tiny_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -262,25 +277,25 @@ def test_interrupted_build_leaves_nothing_and_next_build_works(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        mp.build_once(final, interrupted)
+        mc.build_once(final, interrupted)
     assert not final.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["thing.lock"]
 
-    mp.build_once(final, lambda out: (out / "weights").write_text("ok"))
+    mc.build_once(final, lambda out: (out / "weights").write_text("ok"))
     assert (final / "weights").read_text() == "ok" and (final / ".complete").exists()
 
 
 def test_leftovers_of_a_killed_build_are_cleaned(tmp_path, monkeypatch):
     """A `kill -9` skips all cleanup: a temp folder stays behind, maybe an unmarked final one."""
-    monkeypatch.setattr(mp, "_teach_turn_taking", lambda model, tok: None)  # folders, not training
-    leftover = tmp_path / f".{mp.TINY_LLAMA_NAME}.tmp-killed"
+    monkeypatch.setattr(tl, "_teach_turn_taking", lambda model, tok: None)  # folders, not training
+    leftover = tmp_path / f".{tl.TINY_LLAMA_NAME}.tmp-killed"
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"truncated")
-    unmarked = tmp_path / mp.TINY_LLAMA_NAME
+    unmarked = tmp_path / tl.TINY_LLAMA_NAME
     unmarked.mkdir()
     (unmarked / "config.json").write_text("{")
 
-    path = mp.tiny_llama_dir(tmp_path)
+    path = tl.tiny_llama_dir(tmp_path)
     assert path == unmarked and (path / ".complete").exists()
     assert json.loads((path / "config.json").read_text())["hidden_size"] == 128
     assert not leftover.exists()
@@ -291,7 +306,7 @@ def test_concurrent_builders_build_once(tmp_path):
     code = """
         import sys, time
         from pathlib import Path
-        from music_assets.model_provisioning import build_once
+        from music_assets.model_cache import build_once
 
         def build(out):
             with open(sys.argv[2], "a") as log:

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from music_assets.common.engines import EngineError, Sampling
-from resources.llm import OpenAIEngine
+from resources.openai_engine import OpenAIEngine
 
 
 class FaultServer:

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from dagster import DagsterInstance, materialize
 
-from music_assets.definitions import SEED_ASSETS, build_resources
-from music_assets.model_provisioning import tiny_llama_dir
+from music_assets.assembly import SEED_ASSETS, build_resources
+from music_assets.devtools.tiny_llama import tiny_llama_dir
 from music_assets.common.partitions import seed_partitions
 from tests.helpers import REPO, TINY_SIM, free_port, load_settings_in, query
 

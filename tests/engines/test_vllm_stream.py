@@ -6,7 +6,7 @@ import pytest
 
 from music_assets.common.engines import Sampling
 from resources.compute import ComputeResource
-from resources.llm import VLLMEngine
+from resources.vllm_engine import VLLMEngine
 from tests.helpers import ENGINE_COMPUTE
 
 pytestmark = pytest.mark.slow

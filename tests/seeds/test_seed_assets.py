@@ -8,7 +8,7 @@ import sys
 import duckdb
 from dagster import DagsterInstance, materialize
 
-from music_assets.definitions import build_definitions, build_resources
+from music_assets.assembly import build_definitions, build_resources
 from music_assets.common.partitions import seed_partitions
 from music_assets.seeds.assets import seed_ingestion
 from tests.helpers import REPO, load_settings_in
@@ -100,3 +100,28 @@ def test_seeds_dir_file_becomes_a_source(tmp_path, real_data):
     catalog = build_resources(settings)["seed_catalog"]
     assert "my_llmbar" in catalog.names()
     assert _materialize(settings, "my_llmbar").success
+
+
+def test_the_warehouse_resources_create_the_schema_before_any_asset_code(tmp_path):
+    """The embedded seeds quarantine nothing, so the IO manager writes no seed_quarantine rows:
+    the table exists with its declared types only because the warehouse created the schema (and
+    every other stage's tables with it) when the step started. Asset code creates no tables."""
+    import re
+
+    from music_assets.common.tables import SCHEMA, polars_schema, sql_dir
+
+    settings = load_settings_in(tmp_path)
+    assert _materialize(settings, "embedded").success
+    con = duckdb.connect(str(settings.duckdb_path), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM music.seed_quarantine").fetchone() == (0,)
+        declared = sorted(re.findall(rf"CREATE TABLE IF NOT EXISTS {SCHEMA}\.(\w+)",
+                                     "".join(p.read_text() for p in sql_dir().glob("*/schema.sql"))))
+        tables = sorted(r[0] for r in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = ?", [SCHEMA]).fetchall())
+        assert declared and tables == declared
+        assert con.execute("SELECT * FROM music.seed_quarantine LIMIT 0").pl().schema == polars_schema("seed_quarantine")
+    finally:
+        con.close()
+    asset_code = [p for p in (REPO / "music_assets").rglob("*assets.py")]
+    assert asset_code and not [p.name for p in asset_code if "create_schema" in p.read_text()]

@@ -9,13 +9,17 @@ import pytest
 
 from music_assets.common.engines import Generation
 from music_assets.simulation.pairs import assemble_pairs, assistant_turns_differing
-from music_assets.simulation.simulate import Context, Engines, SimulationSettings, TurnStore, simulate, word_jaccard
+from music_assets.simulation.config import SimulationConfig
+from music_assets.simulation.driver import Engines
+from music_assets.simulation.simulate import simulate
+from music_assets.simulation.state import Context, TurnStore
+from music_assets.simulation.validators import word_jaccard
 from resources.llm import LLMEngine
 
-from music_assets.simulation.prompts import render
+from music_assets.simulation.prompts import PACKAGED
 
 # how the scripted engine tells the stages apart: the user simulator's instructions are its system message
-USER_PROMPT, REWRITE_PROMPT = render("user_simulator")[:60], "Rewrite the user's request"
+USER_PROMPT, REWRITE_PROMPT = PACKAGED.render("user_simulator")[:60], "Rewrite the user's request"
 
 
 class ScriptedEngine(LLMEngine):
@@ -86,7 +90,7 @@ def _reset_calls():
     BATCHES.clear()
 
 
-THREE_TURNS = SimulationSettings(turns=3, contrast_turn=1)
+THREE_TURNS = SimulationConfig(turns=3, contrast_turn=1)
 
 
 def run(engine, store, settings=THREE_TURNS):
@@ -126,7 +130,7 @@ def test_bad_outputs_are_retried_or_dropped_with_reasons():
 
 def test_each_step_is_one_batched_call_per_stage():
     store = MemoryStore()
-    stats = run(ScriptedEngine(), store, SimulationSettings(turns=3, contrast_turn=2))
+    stats = run(ScriptedEngine(), store, SimulationConfig(turns=3, contrast_turn=2))
     # turn 1: user + assistant; turn 2: user + rewrite + assistant; turn 3: user + assistant
     assert stats.calls == 7
     # 5 contexts: turn 1 shared (5+5), turn 2 shared user + 5 rewrites + 10 answers, turn 3 10 + 10
@@ -136,7 +140,7 @@ def test_each_step_is_one_batched_call_per_stage():
 
 def test_a_retry_rides_along_with_the_other_contexts_next_stage():
     engine = ScriptedEngine(faults={"user:ctx-a": [("", "stop"), ("Could you say more?", "stop")]})
-    stats = run(engine, MemoryStore(), SimulationSettings(turns=3, contrast_turn=2))
+    stats = run(engine, MemoryStore(), SimulationConfig(turns=3, contrast_turn=2))
     assert stats.completed == 5 and stats.retries["empty"] == 1
     retry_call = [b for b in BATCHES if ("user", "ctx-a") in b][1]  # [0]: the empty first attempt
     # not a call of its own: the other four contexts' turn-1 answers go in the same call
@@ -168,8 +172,8 @@ def test_crash_then_resume_keeps_committed_turns_and_never_duplicates():
 
 def test_settings_validation():
     with pytest.raises(ValueError, match="fewer than 2 flawed turns"):
-        SimulationSettings(turns=3, contrast_turn=3)
-    sampled = {SimulationSettings(turns=5, min_contrast_turns=2).contrast_turn_for(f"c{i}") for i in range(200)}
+        SimulationConfig(turns=3, contrast_turn=3)
+    sampled = {SimulationConfig(turns=5, min_contrast_turns=2).contrast_turn_for(f"c{i}") for i in range(200)}
     assert sampled == {1, 2, 3, 4}
 
 
@@ -181,7 +185,7 @@ def test_word_jaccard():
 def test_simulated_user_may_not_repeat_the_private_rewrite():
     """After c, a rejected-branch user message containing the modified request would show the
     private instruction in the visible transcript: it is rejected (then retried or dropped)."""
-    from music_assets.simulation.simulate import user_validator
+    from music_assets.simulation.validators import user_validator
 
     check = user_validator([], private_rewrite=("How do I make twice-cooked pork?", "How do I make braised pork belly?"))
     assert check("Great, and how do I make Twice-Cooked pork? Quickly please.", "stop")[0] == "user_repeated_private_rewrite"
@@ -194,7 +198,7 @@ def test_a_rewrite_that_drops_a_clause_is_not_a_leak_when_the_user_restates_the_
     request and a later restatement then contain the rewrite, but the user said those words in the
     open: neither the validator nor music_pairs' blocking check may call that a leak (the check
     failed a whole partition on it). A real repeat of a rewrite with new words still is one."""
-    from music_assets.simulation.simulate import user_validator
+    from music_assets.simulation.validators import user_validator
     from music_assets.simulation.assets import _leaks_private_instruction
 
     original, dropped_clause = "Write a poem about cats in the rain.", "Write a poem about cats"
@@ -218,7 +222,7 @@ def test_an_answer_that_echoes_the_private_note_is_rejected_in_the_rejected_bran
     copied "(Private note: respond to the following version ...)" into its answer, or answered
     with the note alone. The validator rejects it there (retried, then dropped with its reason),
     and music_pairs' check would catch one that got through."""
-    from music_assets.simulation.simulate import assistant_validator
+    from music_assets.simulation.validators import assistant_validator
     from music_assets.simulation.assets import _leaks_private_instruction
 
     echo = "Use lemon juice.  (Private note: respond to the following version of your request exactly as written above.)"

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from dagster import DagsterInstance, materialize
 
-from music_assets.definitions import SEED_ASSETS, build_resources
+from music_assets.assembly import SEED_ASSETS, build_resources
 from music_assets.common.partitions import seed_partitions
 from tests.helpers import ENGINE_COMPUTE, REPO, TINY_LLAMA, TINY_SIM, load_settings_in, query
 

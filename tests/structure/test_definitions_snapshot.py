@@ -13,7 +13,7 @@ import os
 
 from dagster import AssetsDefinition, Definitions
 
-from music_assets.definitions import build_definitions
+from music_assets.assembly import build_definitions
 from tests.helpers import REPO, load_settings_in
 
 SNAPSHOT = REPO / "tests" / "snapshots" / "definitions.json"

@@ -18,7 +18,8 @@ PACKAGES = ("music_assets", "resources")
 # the code location, automation, the CLI); every other module is logic. A new module is logic
 # unless it is added here.
 DAGSTER_LAYER = {
-    "music_assets.automation", "music_assets.cli", "music_assets.definitions", "music_assets.lineage",
+    "music_assets.assembly", "music_assets.automation", "music_assets.cli", "music_assets.definitions",
+    "music_assets.lineage", "music_assets.settings",
     "music_assets.common.metadata", "music_assets.common.partitions",
     "music_assets.seeds.assets", "music_assets.simulation.assets", "music_assets.curation.assets",
     "music_assets.training.assets", "music_assets.evaluation.assets", "music_assets.evaluation.best_of_n_assets",

@@ -10,7 +10,7 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from music_assets.curation.assets import deduplicated_pairs, eval_items, training_splits
-from music_assets.definitions import build_resources
+from music_assets.assembly import build_resources
 from music_assets.common.partitions import seed_partitions
 from music_assets.training.assets import reward_model
 from music_assets.seeds.assets import seed_ingestion

