@@ -65,7 +65,7 @@ def build_resources(settings: Settings) -> dict:
         "data": CurationResource(**to_mapping(settings.data)),
         "training": TrainingResource(**to_mapping(settings.training)),
         "evaluation": EvaluationResource(**to_mapping(settings.evaluation)),
-        "checkpoints": CheckpointStore(root=settings.checkpoints),
+        "checkpoints": CheckpointStore(root=settings.checkpoints, cache_dir=str(settings.home / "checkpoint_cache")),
         "pipes_subprocess_client": PipesSubprocessClient(),
         "io_manager": WarehouseIOManager(database=database, schema=SCHEMA),
         "duckdb": Warehouse(database=database),

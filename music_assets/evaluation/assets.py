@@ -11,7 +11,7 @@ from dagster import AssetExecutionContext, DataVersion, MaterializeResult, Metad
 from dagster_duckdb import DuckDBResource
 
 from music_assets.evaluation.best_of_n_assets import agreement_markdown, bon_summary
-from music_assets.evaluation.scorers import latest_local_checkpoint, load_checkpoint, score_rows
+from music_assets.evaluation.scorers import load_checkpoint, score_rows
 from music_assets.common.hashing import stable_hash
 from music_assets.common.metadata import table_metadata
 from music_assets.common.plots import figure
@@ -32,7 +32,7 @@ def rm_evaluation(context: AssetExecutionContext, checkpoints: CheckpointStore, 
     """Rewards of this variant's latest checkpoint on held-out seed and MUSIC pairs and on every
     registered evaluation set; pairwise accuracy with 95% intervals and ties."""
     variant = context.partition_key
-    folder = latest_local_checkpoint(checkpoints, variant)
+    folder = str(checkpoints.local_copy(variant))  # a URL's checkpoint: its cached local copy
     model, tok, encoder = load_checkpoint(folder)
     rewardbench_sets = {name for name, spec in data.settings().eval_sets.items() if spec.rewardbench}
     with duckdb.get_connection() as con:

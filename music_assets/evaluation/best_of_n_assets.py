@@ -15,7 +15,7 @@ from dagster import AssetExecutionContext, DataVersion, MaterializeResult, Metad
 from dagster_duckdb import DuckDBResource
 
 from music_assets.evaluation.best_of_n import EvalContext, judge_best_of_n, run_best_of_n
-from music_assets.evaluation.scorers import conversation_scorer, latest_local_checkpoint
+from music_assets.evaluation.scorers import conversation_scorer
 from music_assets.common.hashing import stable_hash
 from music_assets.evaluation.judge import judge_pairs
 from music_assets.common.metadata import render_conversation, table_metadata
@@ -68,7 +68,7 @@ def best_of_n(context: AssetExecutionContext, evaluation: EvaluationResource, si
     both orders. Win/tie/loss per N with a bootstrap interval, and the judge's unparsed share."""
     settings = evaluation.settings()
     prompts = simulation.settings().prompts()  # the user simulator's and the judge's templates
-    folders = {v: latest_local_checkpoint(checkpoints, v) for v in (FIRST, SECOND)}
+    folders = {v: str(checkpoints.local_copy(v)) for v in (FIRST, SECOND)}
     with duckdb.get_connection() as con:
         rows = con.execute(sql("evaluation/bon_contexts")).pl().to_dicts()
     contexts = eval_contexts(rows, settings.contexts_per_source, settings.seed)

@@ -13,18 +13,6 @@ from music_assets.training.trainer import pairwise_scores, sequence_scores
 from music_assets.training.train_rm import METADATA_FILE
 
 
-def latest_local_checkpoint(checkpoints, variant: str) -> str:
-    """The folder of a variant's latest checkpoint in the CheckpointStore; a clear error naming
-    the variant when there is none (evaluation needs the model on local disk)."""
-    folder = checkpoints.latest(variant)
-    if folder is None:
-        raise FileNotFoundError(f"no checkpoint of reward model {variant!r} in {checkpoints.root}: "
-                                f"materialize reward_model[{variant}] first")
-    if "://" in folder:
-        raise FileNotFoundError(f"the checkpoint of {variant!r} is remote ({folder}); evaluation reads local folders")
-    return folder
-
-
 def load_checkpoint(folder: str | Path):
     """(model, tokenizer, encoder) of a checkpoint written by train_rm, with its own rendering
     and max length (from music_metadata.json)."""
