@@ -20,6 +20,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,6 +146,49 @@ def _lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     return f
 
 
+@dataclass
+class _Parts:
+    """What every optimizer step touches, built once by `_setup` (and restored by `_resume`)."""
+
+    model: torch.nn.Module  # the bare model: its parameters, state dict and validation scores
+    ddp_model: torch.nn.Module  # what the forward pass goes through: DDP's wrapper, or the model itself
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    autocast: torch.autocast
+    dist: bool
+
+
+@dataclass
+class _Window:
+    """Training loss and accuracy summed since the last log line, so a line reports its own steps."""
+
+    loss: float = 0.0
+    correct: float = 0.0
+    pairs: int = 0
+    steps: int = 0
+
+    def flush(self, step: int, lr: float, samples_seen: int, started: float) -> dict:
+        """The log record of the steps since the previous one; starts the next window."""
+        record = {"step": step, "loss": self.loss / self.steps,
+                  "train_accuracy": self.correct / self.pairs if self.pairs else 0.0, "lr": lr,
+                  "samples_per_second": samples_seen / (time.perf_counter() - started)}
+        self.loss, self.correct, self.pairs, self.steps = 0.0, 0.0, 0, 0
+        return record
+
+
+@dataclass
+class _Best:
+    """Early-stopping bookkeeping that a saved state carries across a restart (the best accuracy itself
+    lives in `TrainResult.best_validation_accuracy`): the weights to end with, and passes since they won."""
+
+    state: dict | None = None
+    evals_without_gain: int = 0
+
+    def patience_ran_out(self, cfg: TrainConfig) -> bool:
+        """Whether `early_stopping_patience` validation passes in a row failed to beat the best (never if None)."""
+        return cfg.early_stopping_patience is not None and self.evals_without_gain >= cfg.early_stopping_patience
+
+
 def train(
     model,
     train_pairs: list[EncodedPair],
@@ -160,17 +204,59 @@ def train(
     run early on purpose (tests use it to simulate an interruption)."""
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
+    _check_inputs(train_pairs, cfg, world)
+    torch.manual_seed(cfg.seed)
+    lengths = [p.length for p in train_pairs]
+    per_epoch = len(train_pairs) // cfg.batch_size
+    total = cfg.max_steps or max(1, int(per_epoch * cfg.epochs))
+
+    parts = _setup(model, cfg, total, dist)
+    result, best, window = TrainResult(), _Best(), _Window()
+    state_file = state_dir / "training_state.pt" if state_dir else None
+    step = _resume(state_file, cfg, parts, result, best)
+    model.train()
+    started = time.perf_counter()
+
+    while step < total:
+        mine = _batch_share(lengths, step, per_epoch, cfg, rank, world)
+        _optimizer_step(parts, [train_pairs[i] for i in mine], cfg, pad_id, window, step)
+        step += 1
+        result.samples_seen += cfg.batch_size
+
+        record = None
+        if step % cfg.log_every == 0 or step == total:
+            record = window.flush(step, parts.scheduler.get_last_lr()[0], result.samples_seen, started)
+        if validation_pairs and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+            acc = _evaluate(model, validation_pairs, cfg, pad_id, result, best)
+            record = {**(record or {"step": step}), "validation_accuracy": acc}
+        if record:
+            result.history.append(record)
+            log(record)
+        if state_file and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            _save_state(state_file, cfg, parts, step, best, result, rank)
+        result.stopped_early = best.patience_ran_out(cfg)
+        if result.stopped_early or (stop_after_steps is not None and step >= stop_after_steps):
+            break
+
+    result.steps, result.seconds = step, time.perf_counter() - started
+    if best.state is not None and (result.stopped_early or step >= total):
+        model.load_state_dict(best.state)  # the best validation weights, not the last
+    return result
+
+
+def _check_inputs(train_pairs: list[EncodedPair], cfg: TrainConfig, world: int) -> None:
+    """Refuses, before any model work, inputs that cannot make even one full, evenly split step."""
     if not train_pairs:
         raise DataError("the training split is empty: nothing to train on")
     if cfg.batch_size % (world * cfg.micro_batch_size):
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of processes ({world}) x micro_batch_size ({cfg.micro_batch_size})")
     if len(train_pairs) < cfg.batch_size:
         raise DataError(f"the training split has {len(train_pairs)} pairs, fewer than one batch ({cfg.batch_size})")
-    torch.manual_seed(cfg.seed)
-    lengths = [p.length for p in train_pairs]
-    per_epoch = len(train_pairs) // cfg.batch_size
-    total = cfg.max_steps or max(1, int(per_epoch * cfg.epochs))
 
+
+def _setup(model, cfg: TrainConfig, total: int, dist: bool) -> _Parts:
+    """The optimizer (no weight decay on biases and norm weights, the parameters with ndim < 2), the
+    warm-up-then-decay schedule over `total` steps, bf16 autocast if asked, and the DDP wrapper."""
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if dist else model
@@ -182,95 +268,84 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total))
     autocast = torch.autocast(device_type=next(model.parameters()).device.type, dtype=torch.bfloat16,
                               enabled=cfg.precision == "bf16")
-    result, step, best_state, evals_without_gain = TrainResult(), 0, None, 0
-    state_file = state_dir / "training_state.pt" if state_dir else None
-    if state_file and state_file.exists():
-        state = torch.load(state_file, weights_only=False)
-        if state["config"] != cfg.fingerprint():
-            raise ValueError(f"{state_file} was written by a different training config; delete it to start over")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        step, best_state, evals_without_gain = state["step"], state["best_state"], state["evals_without_gain"]
-        result.history, result.best_validation_accuracy = state["history"], state["best"]
-        result.resumed_from_step = step
-    model.train()
-    started = time.perf_counter()
-    window_loss, window_acc, window_n, window_steps = 0.0, 0.0, 0, 0
-
-    while step < total:
-        epoch, index = divmod(step, per_epoch)
-        batch = step_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)[index]
-        mine = batch[rank * (cfg.batch_size // world) : (rank + 1) * (cfg.batch_size // world)]
-        micro = [mine[s : s + cfg.micro_batch_size] for s in range(0, len(mine), cfg.micro_batch_size)]
-        for k, idx in enumerate(micro):
-            sync = k == len(micro) - 1
-            ctx = ddp_model.no_sync() if dist and not sync else _null()
-            with ctx, autocast:
-                c, r = rewards(ddp_model, [train_pairs[i] for i in idx], pad_id)
-                loss = bt_loss(c, r, cfg) * len(idx) / len(mine)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}: stopping (lower the learning rate?)")
-            loss.backward()
-            window_loss += loss.item()
-            window_acc += (c > r).float().sum().item()
-            window_n += len(idx)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_steps += 1
-        result.samples_seen += cfg.batch_size
-
-        record = None
-        if step % cfg.log_every == 0 or step == total:
-            record = {"step": step, "loss": window_loss / window_steps,
-                      "train_accuracy": window_acc / window_n if window_n else 0.0, "lr": scheduler.get_last_lr()[0],
-                      "samples_per_second": result.samples_seen / (time.perf_counter() - started)}
-            window_loss, window_acc, window_n, window_steps = 0.0, 0.0, 0, 0
-        if validation_pairs and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
-            acc = accuracy(pairwise_scores(model, validation_pairs, pad_id, cfg.micro_batch_size * 2))
-            record = {**(record or {"step": step}), "validation_accuracy": acc}
-            if result.best_validation_accuracy is None or acc > result.best_validation_accuracy:
-                result.best_validation_accuracy, evals_without_gain = acc, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                evals_without_gain += 1
-        if record:
-            result.history.append(record)
-            log(record)
-        if state_file and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-            if rank == 0:
-                _save_state(state_file, cfg, model, optimizer, scheduler, step, best_state, evals_without_gain, result)
-            if dist:
-                torch.distributed.barrier()
-        if cfg.early_stopping_patience is not None and evals_without_gain >= cfg.early_stopping_patience:
-            result.stopped_early = True
-            break
-        if stop_after_steps is not None and step >= stop_after_steps:
-            break
-
-    result.steps, result.seconds = step, time.perf_counter() - started
-    if best_state is not None and (result.stopped_early or step >= total):
-        model.load_state_dict(best_state)  # the best validation weights, not the last
-    return result
+    return _Parts(model, ddp_model, optimizer, scheduler, autocast, dist)
 
 
-def _save_state(path: Path, cfg, model, optimizer, scheduler, step, best_state, evals_without_gain, result) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"config": cfg.fingerprint(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                "best_state": best_state, "evals_without_gain": evals_without_gain,
-                "history": result.history, "best": result.best_validation_accuracy}, tmp)
-    os.replace(tmp, path)
+def _resume(state_file: Path | None, cfg: TrainConfig, parts: _Parts, result: TrainResult, best: _Best) -> int:
+    """Restores a saved state (weights, optimizer, schedule, RNG, history, best-so-far) and returns its
+    step, or 0 without one; a state from another config is refused, as its steps would mean other things."""
+    if not (state_file and state_file.exists()):
+        return 0
+    state = torch.load(state_file, weights_only=False)
+    if state["config"] != cfg.fingerprint():
+        raise ValueError(f"{state_file} was written by a different training config; delete it to start over")
+    parts.model.load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    best.state, best.evals_without_gain = state["best_state"], state["evals_without_gain"]
+    result.history, result.best_validation_accuracy = state["history"], state["best"]
+    result.resumed_from_step = state["step"]
+    return state["step"]
 
 
-class _null:
-    def __enter__(self):
-        return self
+def _batch_share(lengths: list[int], step: int, per_epoch: int, cfg: TrainConfig, rank: int, world: int) -> list[int]:
+    """This process's slice of step `step`'s batch. The batch depends only on (seed, step), so a resumed
+    run trains on the same pairs as an uninterrupted one, and N processes on the same pairs as one."""
+    epoch, index = divmod(step, per_epoch)
+    batch = step_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)[index]
+    return batch[rank * (cfg.batch_size // world) : (rank + 1) * (cfg.batch_size // world)]
 
-    def __exit__(self, *exc):
-        return False
+
+def _optimizer_step(parts: _Parts, pairs: list[EncodedPair], cfg: TrainConfig, pad_id: int, window: _Window,
+                    step: int) -> None:
+    """One optimizer step over this process's pairs, in micro-batches: each loss is weighted by its share of
+    the pairs, so the accumulated gradient is that of one pass over them; DDP syncs on the last only."""
+    micro = [pairs[s : s + cfg.micro_batch_size] for s in range(0, len(pairs), cfg.micro_batch_size)]
+    for k, chunk in enumerate(micro):
+        sync = k == len(micro) - 1
+        ctx = parts.ddp_model.no_sync() if parts.dist and not sync else nullcontext()
+        with ctx, parts.autocast:
+            c, r = rewards(parts.ddp_model, chunk, pad_id)
+            loss = bt_loss(c, r, cfg) * len(chunk) / len(pairs)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}: stopping (lower the learning rate?)")
+        loss.backward()
+        window.loss += loss.item()
+        window.correct += (c > r).float().sum().item()
+        window.pairs += len(chunk)
+    torch.nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.max_grad_norm)
+    parts.optimizer.step()
+    parts.scheduler.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    window.steps += 1
+
+
+def _evaluate(model, validation_pairs: list[EncodedPair], cfg: TrainConfig, pad_id: int, result: TrainResult,
+              best: _Best) -> float:
+    """Validation accuracy, remembering the weights of the best pass so far (training ends on those, not on
+    the last) and counting passes that did not beat it, for early stopping."""
+    acc = accuracy(pairwise_scores(model, validation_pairs, pad_id, cfg.micro_batch_size * 2))
+    if result.best_validation_accuracy is None or acc > result.best_validation_accuracy:
+        result.best_validation_accuracy, best.evals_without_gain = acc, 0
+        best.state = copy.deepcopy(model.state_dict())
+    else:
+        best.evals_without_gain += 1
+    return acc
+
+
+def _save_state(path: Path, cfg: TrainConfig, parts: _Parts, step: int, best: _Best, result: TrainResult,
+                rank: int) -> None:
+    """Rank 0 writes the resumable state atomically (temp file, then rename: a crash mid-write leaves the
+    previous one); then all ranks meet at a barrier, so none runs ahead of a state not yet on disk."""
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"config": cfg.fingerprint(), "model": parts.model.state_dict(),
+                    "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
+                    "rng": torch.get_rng_state(), "step": step, "best_state": best.state,
+                    "evals_without_gain": best.evals_without_gain, "history": result.history,
+                    "best": result.best_validation_accuracy}, tmp)
+        os.replace(tmp, path)
+    if parts.dist:
+        torch.distributed.barrier()
