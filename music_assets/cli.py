@@ -15,6 +15,7 @@ from pathlib import Path
 
 from music_assets.common.config import ConfigError
 from music_assets.settings import DEMO_CONFIG, load_settings
+from music_assets.training.config import PRECISIONS, STRATEGIES
 
 
 # DuckDB allows one writer process per file: every step that writes it is in the pool
@@ -157,6 +158,29 @@ def cmd_lineage(args) -> int:
     return 0
 
 
+def cmd_plan_training(args) -> int:
+    """Per-rank GPU memory of the configured training launch, and whether it fits (see
+    music_assets/training/memory_plan.py); the flags answer what-if questions over the config."""
+    from dataclasses import replace
+
+    from music_assets.training.memory_plan import backbone_config, plan_memory, render
+
+    flags = {f"training.{key}": value for key, value in (
+        ("processes", args.processes), ("options.precision", args.precision),
+        ("options.gradient_checkpointing", args.gradient_checkpointing)) if value is not None}
+    settings = load_settings(args.config, flags=flags)
+    training = settings.training
+    try:
+        config = backbone_config(training.options.backbone, settings.compute.get("attn_implementation"))
+        plans = [plan_memory(config, training.options, replace(training, strategy=strategy), args.gpu_memory_gib)
+                 for strategy in args.strategy or [training.strategy]]
+    except (ValueError, OSError) as exc:  # an architecture without formulas (UnsupportedArchitecture), no backbone
+        print(f"plan-training: {exc}", file=sys.stderr)
+        return 2
+    print(render(plans, training.options))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from dagster import BetaWarning, PreviewWarning
 
@@ -185,6 +209,17 @@ def main(argv: list[str] | None = None) -> int:
                          help="a checkpoint folder, or a variant (baseline | music) for its LATEST checkpoint; default music")
     lineage.add_argument("--json", action="store_true", help="print the report as JSON")
     lineage.set_defaults(func=cmd_lineage)
+    plan = sub.add_parser("plan-training", help="per-GPU memory of the training launch (params, grads, optimizer, "
+                                                 "activations) and whether it fits")
+    plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    plan.add_argument("--processes", type=int, default=None, help="ranks, one per GPU (over training.processes)")
+    plan.add_argument("--strategy", action="append", choices=STRATEGIES,
+                      help="over training.strategy; repeat it for one column per strategy")
+    plan.add_argument("--precision", choices=PRECISIONS, default=None,
+                      help="over training.options.precision (auto: bf16, as on a GPU)")
+    plan.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                      help="over training.options.gradient_checkpointing")
+    plan.set_defaults(func=cmd_plan_training)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

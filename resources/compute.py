@@ -29,6 +29,20 @@ class ComputeResource(ConfigurableResource):
     # is prefilled in chunks, and we seed every request.
     chunked_prefill: bool | None = Field(None, description="chunked prefill; None: off on CPU, on for GPUs")
     seed: int = Field(0, description="the engines' global seed")
+    # Gemma-2 needs "eager" (its logit soft-capping is not in SDPA); None keeps transformers' default.
+    attn_implementation: str | None = Field(
+        None, description="attention for reward-model training and scoring: eager | sdpa | flash_attention_2; "
+                          "None: transformers' default")
+
+    def setup_for_execution(self, context) -> None:
+        """A GPU asked for where there is none fails here, when the run starts, with the reason, not
+        deep inside an engine or a training subprocess."""
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"compute.device is {self.device!r}, but this machine has no CUDA device that "
+                                   "torch can use (set compute.device: cpu, or run on a GPU node)")
 
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":

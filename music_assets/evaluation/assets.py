@@ -19,6 +19,7 @@ from music_assets.training.assets import reward_variants
 from music_assets.evaluation.scoring import pairwise_accuracy, rewardbench_scores, rewardbench_spec
 from music_assets.common.tables import sql
 from resources.checkpoints import CheckpointStore
+from resources.compute import ComputeResource
 from resources.stage_config import CurationResource, EvaluationResource
 
 EVALUATION_VERSION = "rm-eval-v1"
@@ -28,12 +29,12 @@ SMALL_SAMPLE = 30  # below this many items the report says its figures are mecha
 @asset(partitions_def=reward_variants, deps=["reward_model", "training_splits", "eval_items"],
        code_version=EVALUATION_VERSION, group_name="evaluation", pool="duckdb_writers")
 def rm_evaluation(context: AssetExecutionContext, checkpoints: CheckpointStore, data: CurationResource,
-                  duckdb: DuckDBResource) -> MaterializeResult:
+                  compute: ComputeResource, duckdb: DuckDBResource) -> MaterializeResult:
     """Rewards of this variant's latest checkpoint on held-out seed and MUSIC pairs and on every
     registered evaluation set; pairwise accuracy with 95% intervals and ties."""
     variant = context.partition_key
     folder = str(checkpoints.local_copy(variant))  # a URL's checkpoint: its cached local copy
-    model, tok, encoder = load_checkpoint(folder)
+    model, tok, encoder = load_checkpoint(folder, compute.device, compute.attn_implementation)
     rewardbench_sets = {name for name, spec in data.settings().eval_sets.items() if spec.rewardbench}
     with duckdb.get_connection() as con:
         rows = con.execute(sql("evaluation/evaluation_rows")).pl().to_dicts()

@@ -23,6 +23,7 @@ from music_assets.simulation.prompts import PACKAGED, Prompts
 from music_assets.evaluation.scoring import win_rate
 from music_assets.common.tables import frame, replace_rows, sql
 from resources.checkpoints import CheckpointStore
+from resources.compute import ComputeResource
 from resources.stage_config import EvaluationResource, SimulationResource
 from resources.llm import LLMEngine
 
@@ -61,8 +62,8 @@ def eval_contexts(rows: list[dict], limit: int | None, seed: int) -> list[EvalCo
 @asset(deps=["reward_model", "training_splits", "eval_items"], code_version=best_of_n_code_version(PACKAGED),
        group_name="evaluation")
 def best_of_n(context: AssetExecutionContext, evaluation: EvaluationResource, simulation: SimulationResource,
-              checkpoints: CheckpointStore, policy: LLMEngine, user_simulator: LLMEngine, judge: LLMEngine,
-              duckdb: DuckDBResource) -> MaterializeResult:
+              checkpoints: CheckpointStore, compute: ComputeResource, policy: LLMEngine, user_simulator: LLMEngine,
+              judge: LLMEngine, duckdb: DuckDBResource) -> MaterializeResult:
     """Multi-turn Best-of-N for N in `evaluation.best_of_n`: each reward model picks among the
     policy's N candidates at every turn; the judge compares baseline and MUSIC conversations in
     both orders. Win/tie/loss per N with a bootstrap interval, and the judge's unparsed share."""
@@ -77,7 +78,7 @@ def best_of_n(context: AssetExecutionContext, evaluation: EvaluationResource, si
     run_key = stable_hash({"settings": settings.run_settings(), "checkpoints": folders, "prompts": prompts.judge_version,
                            "engines": [e.identity() for e in (policy, user_simulator, judge)]})
     context.log.info(f"best-of-n: {len(contexts)} contexts x N {settings.best_of_n} x 2 reward models")
-    scorers = {v: conversation_scorer(f) for v, f in folders.items()}
+    scorers = {v: conversation_scorer(f, compute.device, compute.attn_implementation) for v, f in folders.items()}
     runs, stats = run_best_of_n(contexts, scorers, policy, user_simulator, settings, log=context.log.info,
                                 prompts=prompts)
     judgments = judge_best_of_n(runs, judge, settings, FIRST, SECOND, prompts)

@@ -13,14 +13,16 @@ from music_assets.training.trainer import pairwise_scores, sequence_scores
 from music_assets.training.train_rm import METADATA_FILE
 
 
-def load_checkpoint(folder: str | Path):
+def load_checkpoint(folder: str | Path, device: str = "cpu", attn_implementation: str | None = None):
     """(model, tokenizer, encoder) of a checkpoint written by train_rm, with its own rendering
-    and max length (from music_metadata.json)."""
+    and max length (from music_metadata.json), on `device` (the compute resource's: `cuda` is the
+    current GPU), with transformers' default attention unless `attn_implementation` names one."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     folder = Path(folder)
     meta = json.loads((folder / METADATA_FILE).read_text())
-    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForSequenceClassification.from_pretrained(folder, **extra).to(device)
     tok = AutoTokenizer.from_pretrained(folder)
     template = meta["config"].get("chat_template")
     if template and (folder / "music_chat_template.jinja").exists():
@@ -28,10 +30,10 @@ def load_checkpoint(folder: str | Path):
     return model, tok, PairEncoder(tok, meta["config"]["max_length"], template)
 
 
-def conversation_scorer(folder: str | Path):
+def conversation_scorer(folder: str | Path, device: str = "cpu", attn_implementation: str | None = None):
     """conversations -> rewards under a checkpoint: batched, length-sorted, inference mode; a
     conversation longer than the checkpoint's max length keeps its end (the part being compared)."""
-    model, tok, encoder = load_checkpoint(folder)
+    model, tok, encoder = load_checkpoint(folder, device, attn_implementation)
 
     def score(conversations: list[list[dict]]) -> list[float]:
         return sequence_scores(model, [encoder.encode_one(c) for c in conversations], tok.pad_token_id)

@@ -37,6 +37,7 @@ from resources.stage_config import CurationResource, TrainingResource
 
 TRAINER_VERSION = "bt-trainer-v1"
 reward_variants = StaticPartitionsDefinition(list(VARIANTS))
+VALIDATION_VARIANT = "music"  # whose validation split (seed + MUSIC held-out pairs) both variants use
 
 
 def training_code_version(options: TrainConfig) -> str:
@@ -59,12 +60,27 @@ def reward_model(
     pipes_subprocess_client: PipesSubprocessClient,
 ) -> MaterializeResult:
     """A Bradley-Terry reward model trained on this variant's train split (baseline: seed pairs D;
-    music: D + D_MUSIC), early-stopped on validation accuracy, scored on the test split."""
+    music: D + D_MUSIC) on the compute resource's device, DDP or FSDP2 across `training.processes`,
+    validated on the same held-out pairs for both variants (the music variant's validation split:
+    seed and MUSIC pairs, reported apart), scored on its test split."""
     variant = context.partition_key
     setup = training.settings()
     cfg = setup.options
     resolve_backbone(cfg.backbone)  # a missing model fails here, before any work
-    split_files = {s: Path(data.settings().exports_dir) / variant / f"{s}.parquet" for s in SPLITS}
+    if compute.device.startswith("cuda"):  # a GPU has a fixed budget (a CPU has none): refuse a plan that cannot fit
+        import torch
+
+        from music_assets.training.memory_plan import GIB, launch_refusal
+
+        refused = launch_refusal(setup, torch.cuda.get_device_properties(0).total_memory / GIB,
+                                 bf16_supported=compute.resolved_dtype() == "bfloat16",
+                                 attn_implementation=compute.attn_implementation, warn=context.log.warning)
+        if refused:
+            raise Failure(f"reward model {variant!r} not launched: {refused}")
+    # Both variants validate on the same pairs (the seed and the MUSIC held-out pairs), so checkpoint
+    # selection and early stopping cannot favour the variant whose validation set differs.
+    split_files = {s: Path(data.settings().exports_dir) / (VALIDATION_VARIANT if s == "validation" else variant)
+                   / f"{s}.parquet" for s in SPLITS}
     missing = [str(p) for p in split_files.values() if not p.exists()]
     if missing:
         raise DataError(f"training data for {variant!r} not found: {missing}; materialize training_splits first")
@@ -81,6 +97,8 @@ def reward_model(
             "output_dir": str(work / "model"),
             "threads_per_process": setup.threads_per_process,
             "bf16_supported": compute.resolved_dtype() == "bfloat16",
+            "compute": {"device": compute.device, "attn_implementation": compute.attn_implementation},
+            "strategy": setup.strategy,
             "upstream": upstream,
             "error_file": str(work / "error.txt"),
         }
@@ -89,7 +107,7 @@ def reward_model(
                                / "training_state" / variant / version)
         (work / "job.json").write_text(json.dumps(job))
         command = [sys.executable, "-m", "music_assets.training.train_rm", str(work / "job.json")]
-        if setup.processes > 1:
+        if setup.processes > 1 or setup.strategy == "fsdp":
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                        f"--nproc_per_node={setup.processes}", "-m", "music_assets.training.train_rm", str(work / "job.json")]
         context.log.info(f"training {variant} reward model: {' '.join(command)}")

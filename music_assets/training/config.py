@@ -15,6 +15,10 @@ from dataclasses import asdict, dataclass
 from music_assets.common.config import setting
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-pure")
+STRATEGIES = ("ddp", "fsdp")
+
+
 @dataclass
 class TrainConfig:
     backbone: str = setting("builtin:smollm2", help="a local HF folder, a hub id, or builtin:minilm / builtin:smollm2")
@@ -33,11 +37,16 @@ class TrainConfig:
     margin: float = setting(0.0, help="BT margin: loss = -log sigmoid(r_chosen - r_rejected - margin)")
     center_rewards_coefficient: float = setting(
         0.0, help="weight of mean((r_chosen + r_rejected)^2), TRL's reward-centering term")
-    precision: str = setting("auto", help="auto (bf16 where the hardware has it natively) | bf16 | fp32")
+    precision: str = setting(
+        "auto", help="fp32 | bf16 (mixed: fp32 weights and optimizer state, bf16 compute) | bf16-pure (bf16 weights, "
+                     "gradients and optimizer state: half the memory) | auto (bf16 where the hardware has it natively)")
     group_by_length: bool = setting(True, help="batches of similar length: less padding")
     gradient_checkpointing: bool = setting(
         False, help="recompute activations in backward: less memory, ~30% slower")
     eval_every: int = setting(50, help="steps between validation passes (0: only at the end)")
+    select: str = setting(
+        "last", help="which weights the checkpoint holds: last (the final step's, as a fixed-step recipe means) | "
+                     "best (the best validation pass's; kept on disk while training)")
     early_stopping_patience: int | None = setting(
         None, help="validation passes without improvement before stopping; None: never stop early")
     checkpoint_every: int = setting(0, help="steps between resumable training-state saves (0: never)")
@@ -47,8 +56,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.lr_scheduler not in ("linear", "cosine", "constant"):
             raise ValueError(f"lr_scheduler must be linear, cosine or constant, got {self.lr_scheduler!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.select not in ("last", "best"):
+            raise ValueError(f"select must be last or best, got {self.select!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -57,9 +68,14 @@ class TrainConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     options: TrainConfig = setting(factory=TrainConfig, help="the reward-model recipe")
-    processes: int = setting(1, help="training processes (torchrun --nproc_per_node): DDP, gloo on CPU, NCCL on GPU")
+    processes: int = setting(1, help="training processes (torchrun --nproc_per_node): gloo on CPU, NCCL on GPU")
+    strategy: str = setting(
+        "ddp", help="ddp (a full replica per process) | fsdp (FSDP2: parameters, gradients and optimizer state "
+                    "sharded over the processes, per decoder layer)")
     threads_per_process: int | None = setting(None, help="torch CPU threads per process; None: torch's default")
 
     def __post_init__(self):
         if self.processes < 1:
             raise ValueError(f"training.processes must be >= 1, got {self.processes}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"training.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")

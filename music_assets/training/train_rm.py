@@ -39,9 +39,11 @@ def resolve_backbone(name: str) -> str:
     return path  # a hub id
 
 
-def load_backbone(name: str, seed: int):
+def load_backbone(name: str, seed: int, attn_implementation: str | None = None):
     """(model, tokenizer): a one-scalar sequence-classification head on the backbone (last
-    non-padding token for decoders, pooled output for encoders), dropout off as in TRL's default."""
+    non-padding token for decoders, pooled output for encoders), dropout off as in TRL's default.
+    `attn_implementation` (e.g. "eager", which Gemma-2's logit soft-capping needs, or "sdpa") is
+    passed to transformers; None keeps its default."""
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -55,8 +57,24 @@ def load_backbone(name: str, seed: int):
             setattr(config, f, 0.0)
     config.pad_token_id = tok.pad_token_id
     torch.manual_seed(seed)  # the new head's initial weights
-    model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=torch.float32)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=torch.float32, **extra)
     return model, tok
+
+
+def training_device(compute: dict):
+    """This process's device and process-group backend: `cuda:LOCAL_RANK` (made current) and NCCL on
+    GPUs, the CPU and gloo otherwise. A GPU asked for where there is none is a clear error here, not a
+    failure deep inside the first collective."""
+    import torch
+
+    if str(compute.get("device", "cpu")).startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("compute.device is cuda, but torch sees no CUDA device in the training process")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), "nccl"
+    return torch.device("cpu"), "gloo"
 
 
 def read_pairs(path: Path) -> list[dict]:
@@ -70,12 +88,14 @@ def run(job: dict, report=None) -> dict:
     import torch
 
     from music_assets.training.rm_data import PairEncoder
-    from music_assets.training.trainer import TrainConfig, accuracy, pairwise_scores, train
+    from music_assets.training.trainer import TrainConfig, accuracy, full_state_dict, pairwise_scores, train
 
     cfg = TrainConfig(**job["config"])
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    compute, strategy = job.get("compute") or {}, job.get("strategy", "ddp")
+    device, backend = training_device(compute)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or strategy == "fsdp"  # fsdp: under torchrun
     if distributed:
-        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        torch.distributed.init_process_group(backend=backend)
     rank = torch.distributed.get_rank() if distributed else 0
     torch.set_num_threads(max(1, int(job.get("threads_per_process") or torch.get_num_threads())))
     if cfg.precision == "auto":
@@ -86,14 +106,16 @@ def run(job: dict, report=None) -> dict:
             line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
             (report.log.info if report else print)(f"train {line}")
 
-    model, tok = load_backbone(cfg.backbone, cfg.seed)
+    model, tok = load_backbone(cfg.backbone, cfg.seed, compute.get("attn_implementation"))
+    model.to(device)
     encoder = PairEncoder(tok, cfg.max_length, cfg.chat_template)
-    data = {s: [encoder.encode(p["chosen"], p["rejected"], p["pair_id"]) for p in read_pairs(Path(job["data"][s]))]
-            for s in ("train", "validation", "test") if job["data"].get(s)}
+    rows = {s: read_pairs(Path(job["data"][s])) for s in ("train", "validation", "test") if job["data"].get(s)}
+    data = {s: [encoder.encode(p["chosen"], p["rejected"], p["pair_id"]) for p in r] for s, r in rows.items()}
     state_dir = Path(job["state_dir"]) if job.get("state_dir") else None
     result = train(model, data.get("train", []), data.get("validation", []), cfg, tok.pad_token_id,
-                   state_dir=state_dir, log=log, stop_after_steps=job.get("stop_after_steps"))
+                   state_dir=state_dir, log=log, stop_after_steps=job.get("stop_after_steps"), strategy=strategy)
     test_scores = pairwise_scores(model, data.get("test", []), tok.pad_token_id)
+    validation = by_origin(rows.get("validation", []), pairwise_scores(model, data.get("validation", []), tok.pad_token_id))
     metrics = {
         "steps": result.steps, "stopped_early": result.stopped_early, "resumed_from_step": result.resumed_from_step,
         "samples_per_second": round(result.samples_per_second, 2), "train_seconds": round(result.seconds, 1),
@@ -102,16 +124,19 @@ def run(job: dict, report=None) -> dict:
         "test_pairs": len(test_scores), "test_ties": sum(c == r for c, r in test_scores),
         "train_pairs": len(data.get("train", [])), "validation_pairs": len(data.get("validation", [])),
         "truncation": encoder.stats.as_dict(), "processes": int(os.environ.get("WORLD_SIZE", "1")),
-        "precision": cfg.precision,
+        "precision": cfg.precision, "strategy": strategy, "device": str(device), "select": cfg.select,
+        # the final weights on the held-out pairs both variants are validated on, by origin
+        **{f"validation_accuracy_{origin}": acc for origin, acc in validation.items()},
     }
-    if job.get("rank_digest_dir"):  # lets a test check that every DDP rank ends with the same weights
+    state = full_state_dict(model)  # gathered from the shards under FSDP (rank 0): every rank takes part
+    if job.get("rank_digest_dir") and state:  # lets a test check that every DDP rank ends with the same weights
         Path(job["rank_digest_dir"]).mkdir(parents=True, exist_ok=True)
-        (Path(job["rank_digest_dir"]) / f"rank{rank}.sha256").write_text(weights_digest(model))
+        (Path(job["rank_digest_dir"]) / f"rank{rank}.sha256").write_text(weights_digest(state))
     interrupted = job.get("stop_after_steps") is not None and result.steps < (cfg.max_steps or 10**9)
     if rank == 0 and job.get("output_dir") and not interrupted:
         out = Path(job["output_dir"])
         out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out, safe_serialization=True)
+        save_weights(model, state, out)
         tok.save_pretrained(out)
         if cfg.chat_template:
             (out / "music_chat_template.jinja").write_text(encoder.chat_template)
@@ -125,9 +150,28 @@ def run(job: dict, report=None) -> dict:
     return metrics
 
 
-def weights_digest(model) -> str:
+def save_weights(model, state: dict, out: Path) -> None:
+    """A standard Hugging Face folder from a full state dict: the config and safetensors weights
+    (split into 5 GB files with an index beyond that, as `save_pretrained` does). Written from the
+    state dict rather than by `save_pretrained`, which reads the model's own parameters: under FSDP
+    those are shards."""
+    from huggingface_hub import save_torch_state_dict
+
+    model.config.save_pretrained(out)
+    save_torch_state_dict(state, out, metadata={"format": "pt"})
+
+
+def by_origin(rows: list[dict], scores: list[tuple[float, float]]) -> dict[str, float]:
+    """Accuracy per pair origin (seed | music) of scored rows, in the rows' order."""
+    from music_assets.training.trainer import accuracy
+
+    origins = sorted({r.get("origin") or "seed" for r in rows})
+    return {o: accuracy([s for r, s in zip(rows, scores) if (r.get("origin") or "seed") == o]) for o in origins}
+
+
+def weights_digest(state: dict) -> str:
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

@@ -1,4 +1,5 @@
-"""Bradley-Terry reward-model training in plain torch (single process or DDP under torchrun).
+"""Bradley-Terry reward-model training in plain torch: one process, or several under torchrun with
+DDP (a full replica per process) or FSDP2 (`fully_shard` per decoder layer and at the root).
 
 Why plain torch rather than transformers' Trainer / TRL: the loop is ~150 lines, every step is
 visible (the BT loss, accumulation, clipping, length grouping, resumable state), it runs the same
@@ -10,12 +11,22 @@ Loss per pair: -log sigmoid(r_chosen - r_rejected - margin), plus `center_reward
 Batches: `batch_size` pairs per optimizer step in all; each of `world` processes takes an equal
 slice and runs it in micro-batches of `micro_batch_size` (gradient accumulation), so a step means
 the same thing for 1 or N processes, and N-process training matches 1-process training.
+
+Precision: `fp32`; `bf16`, mixed (fp32 weights and optimizer state; bf16 compute through autocast
+under DDP, through FSDP2's `MixedPrecisionPolicy` under FSDP, with fp32 gradient reduction);
+`bf16-pure` (the weights, gradients and AdamW state themselves in bf16: half the memory).
+Checkpoint selection (`select`): `last` ends on the final weights (a fixed-step recipe means
+that); `best` ends on the weights of the best validation pass, which are kept on disk (rank 0
+writes the full state dict when a pass wins), never as a second copy in memory. Resumable state:
+one file for a replicated model; under FSDP each rank saves its shards through
+`torch.distributed.checkpoint`, next to a small file with the schedule, RNG and history.
 """
 
 from __future__ import annotations
 
-import copy
 import math
+import shutil
+import tempfile
 import os
 import random
 import time
@@ -150,12 +161,13 @@ def _lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
 class _Parts:
     """What every optimizer step touches, built once by `_setup` (and restored by `_resume`)."""
 
-    model: torch.nn.Module  # the bare model: its parameters, state dict and validation scores
+    model: torch.nn.Module  # the bare model (sharded in place under FSDP): parameters, state dict, validation
     ddp_model: torch.nn.Module  # what the forward pass goes through: DDP's wrapper, or the model itself
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     autocast: torch.autocast
     dist: bool
+    fsdp: bool = False
 
 
 @dataclass
@@ -179,9 +191,10 @@ class _Window:
 @dataclass
 class _Best:
     """Early-stopping bookkeeping that a saved state carries across a restart (the best accuracy itself
-    lives in `TrainResult.best_validation_accuracy`): the weights to end with, and passes since they won."""
+    lives in `TrainResult.best_validation_accuracy`): where the best pass's weights are on disk (with
+    `select: best`), and passes since they won."""
 
-    state: dict | None = None
+    path: Path | None = None
     evals_without_gain: int = 0
 
     def patience_ran_out(self, cfg: TrainConfig) -> bool:
@@ -198,10 +211,12 @@ def train(
     state_dir: Path | None = None,
     log: Callable[[dict], None] = lambda m: None,
     stop_after_steps: int | None = None,
+    strategy: str = "ddp",
 ) -> TrainResult:
-    """Trains `model` in place (DDP when torch.distributed is initialised). With `state_dir` and
-    `checkpoint_every`, saves resumable state and resumes from it. `stop_after_steps` ends the
-    run early on purpose (tests use it to simulate an interruption)."""
+    """Trains `model` (already on its device) in place: DDP or FSDP2 (`strategy`) when
+    torch.distributed is initialised. With `state_dir` and `checkpoint_every`, saves resumable
+    state and resumes from it. `stop_after_steps` ends the run early on purpose (tests use it to
+    simulate an interruption)."""
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
     _check_inputs(train_pairs, cfg, world)
@@ -210,9 +225,11 @@ def train(
     per_epoch = len(train_pairs) // cfg.batch_size
     total = cfg.max_steps or max(1, int(per_epoch * cfg.epochs))
 
-    parts = _setup(model, cfg, total, dist)
+    parts = _setup(model, cfg, total, dist, strategy)
     result, best, window = TrainResult(), _Best(), _Window()
     state_file = state_dir / "training_state.pt" if state_dir else None
+    scratch = Path(tempfile.mkdtemp(prefix="rm-best-")) if cfg.select == "best" and not state_dir else None
+    best_file = (state_dir or scratch) / "best_weights.pt" if cfg.select == "best" else None
     step = _resume(state_file, cfg, parts, result, best)
     model.train()
     started = time.perf_counter()
@@ -227,7 +244,7 @@ def train(
         if step % cfg.log_every == 0 or step == total:
             record = window.flush(step, parts.scheduler.get_last_lr()[0], result.samples_seen, started)
         if validation_pairs and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
-            acc = _evaluate(model, validation_pairs, cfg, pad_id, result, best)
+            acc = _evaluate(parts, validation_pairs, cfg, pad_id, result, best, best_file, rank)
             record = {**(record or {"step": step}), "validation_accuracy": acc}
         if record:
             result.history.append(record)
@@ -239,8 +256,10 @@ def train(
             break
 
     result.steps, result.seconds = step, time.perf_counter() - started
-    if best.state is not None and (result.stopped_early or step >= total):
-        model.load_state_dict(best.state)  # the best validation weights, not the last
+    if best.path is not None and (result.stopped_early or step >= total):
+        load_full_state_dict(parts, best.path, rank)  # select: best, the best validation weights, not the last
+    if scratch:
+        shutil.rmtree(scratch, ignore_errors=True)
     return result
 
 
@@ -254,21 +273,81 @@ def _check_inputs(train_pairs: list[EncodedPair], cfg: TrainConfig, world: int) 
         raise DataError(f"the training split has {len(train_pairs)} pairs, fewer than one batch ({cfg.batch_size})")
 
 
-def _setup(model, cfg: TrainConfig, total: int, dist: bool) -> _Parts:
+def _setup(model, cfg: TrainConfig, total: int, dist: bool, strategy: str) -> _Parts:
     """The optimizer (no weight decay on biases and norm weights, the parameters with ndim < 2), the
-    warm-up-then-decay schedule over `total` steps, bf16 autocast if asked, and the DDP wrapper."""
+    warm-up-then-decay schedule over `total` steps, the precision, and the DDP wrapper or the FSDP2
+    sharding (the optimizer is built after sharding, so its state is sharded too)."""
+    if strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"strategy must be ddp or fsdp, got {strategy!r}")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if dist else model
+    if cfg.precision == "bf16-pure":
+        model.to(torch.bfloat16)
+    fsdp = dist and strategy == "fsdp"
+    device = next(model.parameters()).device
+    if fsdp:
+        _shard(model, cfg)
+        ddp_model = model
+    elif dist:  # gradients as views of DDP's buckets: no second copy of them (the memory plan counts one)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    else:
+        ddp_model = model
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total))
-    autocast = torch.autocast(device_type=next(model.parameters()).device.type, dtype=torch.bfloat16,
-                              enabled=cfg.precision == "bf16")
-    return _Parts(model, ddp_model, optimizer, scheduler, autocast, dist)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16" and not fsdp)
+    return _Parts(model, ddp_model, optimizer, scheduler, autocast, dist, fsdp)
+
+
+def _shard(model, cfg: TrainConfig) -> None:
+    """FSDP2: each decoder layer (the classes the model names in `_no_split_modules`, as Hugging Face's
+    own device maps do) becomes one unit whose parameters are gathered just for its forward and backward,
+    then the root (embeddings, final norm, head). Mixed bf16 computes in bf16 and reduces gradients in
+    fp32 while the sharded weights and optimizer state stay fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if cfg.precision == "bf16" else MixedPrecisionPolicy())
+    unit_classes = set(getattr(model, "_no_split_modules", None) or [])
+    for module in [m for m in model.modules() if type(m).__name__ in unit_classes and m is not model]:
+        fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def full_state_dict(model) -> dict:
+    """The whole model's weights as plain CPU tensors: gathered from the shards under FSDP (on rank 0;
+    the other ranks get an empty dict), the state dict itself otherwise. Every rank must call it."""
+    if _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.clone() for k, v in state.items()}  # own storage each (gathered ones may be views)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def load_full_state_dict(parts: _Parts, path: Path, rank: int) -> None:
+    """Loads weights written by `full_state_dict` (rank 0 reads the file and, under FSDP, broadcasts
+    it into every rank's shards; replicated models each read it)."""
+    if parts.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        state = torch.load(path, weights_only=True) if rank == 0 else {}
+        set_model_state_dict(parts.model, state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        parts.model.load_state_dict(torch.load(path, weights_only=True))
+
+
+def _is_sharded(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
 
 
 def _resume(state_file: Path | None, cfg: TrainConfig, parts: _Parts, result: TrainResult, best: _Best) -> int:
@@ -279,11 +358,27 @@ def _resume(state_file: Path | None, cfg: TrainConfig, parts: _Parts, result: Tr
     state = torch.load(state_file, weights_only=False)
     if state["config"] != cfg.fingerprint():
         raise ValueError(f"{state_file} was written by a different training config; delete it to start over")
-    parts.model.load_state_dict(state["model"])
-    parts.optimizer.load_state_dict(state["optimizer"])
+    if bool(state.get("shards")) != parts.fsdp:
+        raise ValueError(f"{state_file} was written {'with' if state.get('shards') else 'without'} FSDP; "
+                         "resume with the same strategy, or delete it to start over")
+    if parts.fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(parts.model, parts.optimizer)
+        shards = {"model": model_state, "optimizer": optim_state}
+        dcp.load(shards, checkpoint_id=str(state_file.parent / state["shards"]))
+        set_state_dict(parts.model, parts.optimizer, model_state_dict=shards["model"],
+                       optim_state_dict=shards["optimizer"])
+    else:
+        parts.model.load_state_dict(state["model"])
+        parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
-    best.state, best.evals_without_gain = state["best_state"], state["evals_without_gain"]
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    best.path = Path(state["best_path"]) if state["best_path"] else None
+    best.evals_without_gain = state["evals_without_gain"]
     result.history, result.best_validation_accuracy = state["history"], state["best"]
     result.resumed_from_step = state["step"]
     return state["step"]
@@ -304,7 +399,8 @@ def _optimizer_step(parts: _Parts, pairs: list[EncodedPair], cfg: TrainConfig, p
     micro = [pairs[s : s + cfg.micro_batch_size] for s in range(0, len(pairs), cfg.micro_batch_size)]
     for k, chunk in enumerate(micro):
         sync = k == len(micro) - 1
-        ctx = parts.ddp_model.no_sync() if parts.dist and not sync else nullcontext()
+        # DDP reduces gradients on the last micro-batch only; FSDP reduce-scatters each one into the shards
+        ctx = parts.ddp_model.no_sync() if parts.dist and not parts.fsdp and not sync else nullcontext()
         with ctx, parts.autocast:
             c, r = rewards(parts.ddp_model, chunk, pad_id)
             loss = bt_loss(c, r, cfg) * len(chunk) / len(pairs)
@@ -321,14 +417,23 @@ def _optimizer_step(parts: _Parts, pairs: list[EncodedPair], cfg: TrainConfig, p
     window.steps += 1
 
 
-def _evaluate(model, validation_pairs: list[EncodedPair], cfg: TrainConfig, pad_id: int, result: TrainResult,
-              best: _Best) -> float:
-    """Validation accuracy, remembering the weights of the best pass so far (training ends on those, not on
-    the last) and counting passes that did not beat it, for early stopping."""
-    acc = accuracy(pairwise_scores(model, validation_pairs, pad_id, cfg.micro_batch_size * 2))
+def _evaluate(parts: _Parts, validation_pairs: list[EncodedPair], cfg: TrainConfig, pad_id: int,
+              result: TrainResult, best: _Best, best_file: Path | None, rank: int) -> float:
+    """Validation accuracy (every rank scores the same pairs: under FSDP each forward is collective),
+    counting passes that did not beat the best, for early stopping; with `select: best`, the winning
+    pass's full weights go to `best_file` (rank 0 writes, temp file then rename)."""
+    acc = accuracy(pairwise_scores(parts.model, validation_pairs, pad_id, cfg.micro_batch_size * 2))
     if result.best_validation_accuracy is None or acc > result.best_validation_accuracy:
         result.best_validation_accuracy, best.evals_without_gain = acc, 0
-        best.state = copy.deepcopy(model.state_dict())
+        if best_file is not None:
+            state = full_state_dict(parts.model)
+            if rank == 0:
+                best_file.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(state, best_file.with_suffix(".tmp"))
+                os.replace(best_file.with_suffix(".tmp"), best_file)
+            if parts.dist:
+                torch.distributed.barrier()
+            best.path = best_file
     else:
         best.evals_without_gain += 1
     return acc
@@ -336,16 +441,30 @@ def _evaluate(model, validation_pairs: list[EncodedPair], cfg: TrainConfig, pad_
 
 def _save_state(path: Path, cfg: TrainConfig, parts: _Parts, step: int, best: _Best, result: TrainResult,
                 rank: int) -> None:
-    """Rank 0 writes the resumable state atomically (temp file, then rename: a crash mid-write leaves the
-    previous one); then all ranks meet at a barrier, so none runs ahead of a state not yet on disk."""
+    """The resumable state, atomically: rank 0 writes the state file to a temp name, then renames it (a
+    crash mid-write leaves the previous one); under FSDP every rank first saves its shards to a folder
+    of their own for this step, which the state file names, and older shard folders go after the rename.
+    All ranks then meet at a barrier, so none runs ahead of a state not yet on disk."""
+    shards = None
+    if parts.fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        shards = f"shards-step-{step}"
+        model_state, optim_state = get_state_dict(parts.model, parts.optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path.parent / shards))
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save({"config": cfg.fingerprint(), "model": parts.model.state_dict(),
-                    "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
-                    "rng": torch.get_rng_state(), "step": step, "best_state": best.state,
+        weights = {} if parts.fsdp else {"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict()}
+        torch.save({"config": cfg.fingerprint(), **weights, "shards": shards, "scheduler": parts.scheduler.state_dict(),
+                    "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+                    "step": step, "best_path": str(best.path) if best.path else None,
                     "evals_without_gain": best.evals_without_gain, "history": result.history,
                     "best": result.best_validation_accuracy}, tmp)
         os.replace(tmp, path)
+        for old in path.parent.glob("shards-step-*"):
+            if old.name != shards:
+                shutil.rmtree(old, ignore_errors=True)
     if parts.dist:
         torch.distributed.barrier()

@@ -2,10 +2,6 @@
 through Pipes, checkpoints that transformers loads, resume, and the bad-input paths."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
@@ -18,7 +14,7 @@ from music_assets.seeds.reader import ResolvedSource
 from music_assets.curation.splits import assign_splits
 from music_assets.training.train_rm import load_backbone, run
 from music_assets.training.trainer import TrainConfig, accuracy, pairwise_scores, train
-from tests.helpers import REPO
+from tests.helpers import run_side_by_side
 
 # Measured on the HH-RLHF harmless test slice (1847 train / 230 test pairs, grouped split):
 # MiniLM, max_length 64, 40 steps of 16 pairs, lr 1e-4 reaches 0.60-0.64 test accuracy over seeds
@@ -52,30 +48,6 @@ def hh_splits(tmp_path_factory, real_data) -> dict[str, Path]:
 def _job(files, output_dir, train_key="train", **config):
     return {"config": config, "output_dir": str(output_dir),
             "data": {"train": str(files[train_key]), "validation": str(files["validation"]), "test": str(files["test"])}}
-
-
-def _run_side_by_side(jobs: dict[str, tuple[dict, int]], tmp_path: Path) -> None:
-    """Runs training jobs at the same time, each under torchrun with `nproc` processes of one
-    thread (so their results do not depend on what else runs): the processes' start-up (imports,
-    model load) overlaps instead of adding up. Measured on 2 cores: the DDP test's two jobs in
-    34 s side by side, 45 s one after the other. (Two 2-thread trainings gain nothing this way.)"""
-    procs = {}
-    for name, (job, nproc) in jobs.items():
-        (tmp_path / f"{name}.json").write_text(json.dumps({**job, "threads_per_process": 1}))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "music_assets.training.train_rm", str(tmp_path / f"{name}.json")]
-        with open(tmp_path / f"{name}.log", "w") as log:  # a file, not a pipe: no job can block on it
-            procs[name] = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                           env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                           start_new_session=True)  # its own group: torchrun and its ranks
-    try:
-        for name, proc in procs.items():
-            assert proc.wait(timeout=600) == 0, f"{name}:\n{(tmp_path / f'{name}.log').read_text()[-3000:]}"
-    finally:  # one failed or timed out: the others (launcher and ranks) must not outlive the test
-        for proc in procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 @pytest.mark.slow
@@ -143,7 +115,7 @@ def test_ddp_two_processes_match_single_process(hh_splits, tmp_path):
     files = {**hh_splits, "train": tmp_path / "train64.parquet"}
     small.write_parquet(files["train"])
     config = {**SMALL, "max_steps": 4}
-    _run_side_by_side({name: ({**_job(files, tmp_path / name, **config),
+    run_side_by_side({name: ({**_job(files, tmp_path / name, **config),
                                "rank_digest_dir": str(tmp_path / f"{name}-digests")}, nproc)
                        for name, nproc in (("single", 1), ("ddp", 2))}, tmp_path)
     digests = [p.read_text() for p in sorted((tmp_path / "ddp-digests").iterdir())]
