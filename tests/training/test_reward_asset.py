@@ -147,6 +147,23 @@ MT_BENCH_SECOND_TURNS = {json.loads(line)["turns"][1]
 
 
 @pytest.mark.slow
+def test_both_variants_validate_on_the_same_pairs(evaluated):
+    """The baseline's validation pairs are the music variant's (seed and MUSIC held-out pairs), so
+    neither variant's checkpoint selection sees a different validation set; accuracy by origin."""
+    from dagster import AssetKey
+
+    from music_assets.common.metadata import latest_materialization
+
+    tmp, instance, _ = evaluated
+    metas = {v: latest_materialization(instance, AssetKey("reward_model"), v).asset_materialization.metadata
+             for v in ("baseline", "music")}
+    assert metas["baseline"]["validation_pairs"].value == metas["music"]["validation_pairs"].value > 0
+    for meta in metas.values():
+        assert 0.0 <= meta["validation_accuracy_seed"].value <= 1.0
+        assert meta["strategy"].value == "ddp" and meta["device"].value == "cpu"
+
+
+@pytest.mark.slow
 def test_best_of_n_with_a_judge_end_to_end(evaluated):
     """Real vLLM (tiny Llama) as policy, user simulator and judge; both reward models pick from
     the same candidates; MT-Bench's second question is the scripted second user turn; the
