@@ -20,22 +20,20 @@ logged losses below that of the first), that the parameters (DTensors under FSDP
 are on the device, that FSDP really sharded (and DDP did not), that the memory plan counts the model's
 parameters exactly, and (GPU) that the held-out accuracy reaches `--min-accuracy`. It prints samples/s and the
 peak allocated memory next to the plan of `music_assets.training.memory_plan` for the same setup, then a
-summary table. Exit status: 0 when every check passed, 3 when the only failure is that `train` does not accept
-`strategy` yet, 1 otherwise.
+summary table. Exit status: 0 when every check passed, 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import os
 import random
 import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,8 +59,6 @@ RECIPES = {
 GOOD = ("Sure,", "Of course,", "Yes,", "Great question:")
 BAD = ("No,", "Sorry,", "Hmm,", "Well,")
 NOT_NEEDED = ("dagster", "duckdb", "polars", "vllm", "pydantic")  # absent on the GPU machine
-CONTRACT_EXIT = 3
-STRATEGY_MISSING = "train() does not accept strategy= yet"
 
 
 # --- the import guard ----------------------------------------------------------------------------------------
@@ -142,7 +138,6 @@ class Outcome:
     accuracy: float | None = None
     device: str = "-"
     failures: list[str] = field(default_factory=list)
-    contract_missing: bool = False
 
 
 def build_model(size: str, tok, max_length: int, device, seed: int):
@@ -185,19 +180,13 @@ def run_strategy(strategy: str, args, tok, train_pairs, heldout, device) -> Outc
     from music_assets.training.trainer import accuracy, pairwise_scores, rewards, train
 
     out = Outcome(strategy)
-    takes_strategy = "strategy" in inspect.signature(train).parameters
-    if not takes_strategy and strategy != "ddp":  # without the argument, train() does DDP when dist is up
-        out.failures.append(f"{STRATEGY_MISSING} (music_assets/training/trainer.py): cannot run {strategy}")
-        out.contract_missing = True
-        return out
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     recipe = RECIPES["cpu" if args.cpu else "gpu"]
     options = dict(backbone=f"gpu-check:random-llama-{args.size}", chat_template=None, precision=args.precision,
-                   max_steps=args.steps, eval_every=0, log_every=max(1, args.steps // 20), seed=args.seed, **recipe)
-    if "select" in {f.name for f in fields(TrainConfig)}:
-        options["select"] = "last"
+                   max_steps=args.steps, eval_every=0, log_every=max(1, args.steps // 20), seed=args.seed,
+                   select="last", **recipe)
     cfg = TrainConfig(**options)
     model = build_model(args.size, tok, cfg.max_length, device, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
@@ -216,9 +205,8 @@ def run_strategy(strategy: str, args, tok, train_pairs, heldout, device) -> Outc
               f"train acc {record.get('train_accuracy', float('nan')):.3f}  "
               f"{record.get('samples_per_second', 0.0):.1f} pairs/s", flush=True)
 
-    kwargs = {"strategy": strategy} if takes_strategy else {}
-    # No validation pairs: the peak is training's own (no best-weights copy); held-out pairs are scored below.
-    result = train(model, train_pairs, [], cfg, tok.pad_token_id, log=log, **kwargs)
+    # No validation pairs: the peak is training's own; held-out pairs are scored below.
+    result = train(model, train_pairs, [], cfg, tok.pad_token_id, log=log, strategy=strategy)
     if cuda:
         torch.cuda.synchronize(device)
         out.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
@@ -352,7 +340,6 @@ def main(argv=None) -> int:
     try:
         from music_assets.devtools.tiny_llama import _train_tiny_tokenizer
         from music_assets.training.rm_data import PairEncoder
-        from music_assets.training.trainer import train
     except ImportError as exc:
         print(f"FAIL import closure: {exc}", flush=True)
         return 1
@@ -363,7 +350,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     where = torch.cuda.get_device_name(device) if cuda else "CPU"
     print(f"gpu_check: torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, "
-          f"{where}; train() takes strategy: {'strategy' in inspect.signature(train).parameters}", flush=True)
+          f"{where}", flush=True)
 
     init_single_process(cuda)
     try:
@@ -386,11 +373,7 @@ def main(argv=None) -> int:
         blocked = "; ".join(guard.attempts) or "none attempted"
         print(f"import guard ({', '.join(sorted(guard.names))}): {blocked}")
     print(f"gpu_check took {time.perf_counter() - started:.0f} s")
-    if not any(o.failures for o in outcomes):
-        return 0
-    if all(o.contract_missing for o in outcomes if o.failures):
-        return CONTRACT_EXIT
-    return 1
+    return 0 if not any(o.failures for o in outcomes) else 1
 
 
 if __name__ == "__main__":

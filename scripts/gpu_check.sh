@@ -4,7 +4,7 @@
 # the timeout stops it well inside 8. Uses the machine's python3 as it is (torch, transformers, tokenizers):
 # installs nothing, creates no venv, reaches no network. Extra arguments go to gpu_check.py, e.g.
 # `bash scripts/gpu_check.sh --steps 200 --size large` or `--strategies fsdp`. Exit status: 0 every check
-# passed, 3 only train()'s `strategy` is missing, 124 timed out, anything else a failure.
+# passed, 124 timed out, anything else a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
