@@ -84,13 +84,8 @@ class SeedCatalog(ConfigurableResource):
     def resolve(self, name: str) -> ResolvedSource:
         if name in self.sources:
             cfg = self.sources[name]
-            if bool(cfg.path) == bool(cfg.hf_dataset):
-                raise ValueError(f"seed source {name!r}: set exactly one of `path` or `hf_dataset`")
-            if cfg.path:
-                path = Path(cfg.path).expanduser()
-                return ResolvedSource(name, str(path), cfg.format, path=path)
-            location = f"hf:{cfg.hf_dataset}:{cfg.split}"
-            return ResolvedSource(name, location, cfg.format, None, cfg.hf_dataset, cfg.hf_config, cfg.split)
+            return ResolvedSource.of(name, cfg.format, cfg.path, cfg.hf_dataset,
+                                     cfg.hf_config, cfg.split)
         if name == EMBEDDED:
             return ResolvedSource(name, str(EMBEDDED_PATH), "conversational", path=EMBEDDED_PATH)
         for path in self.seed_files():

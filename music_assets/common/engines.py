@@ -32,6 +32,16 @@ class Sampling:
     max_tokens: int = setting(256, help="longest answer in tokens; a longer one is cut and retried")
     n: int = setting(1, help="candidates per request (Best-of-N sets it per N)")
 
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 (got {self.max_tokens})")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1 (got {self.n})")
+
     def as_dict(self) -> dict:
         return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens, "n": self.n}
 

@@ -27,29 +27,29 @@ from music_assets.curation.dedup import DedupResult, deduplicate
 from music_assets.common.hashing import stable_hash
 from music_assets.seeds.ingest import ingest
 from music_assets.common.metadata import markdown_preview, table_metadata
-from music_assets.seeds.reader import ResolvedSource
 from music_assets.curation.splits import SPLITS, VARIANTS, assign_splits, composition, variants
 from music_assets.common.tables import frame, replace_rows, sql
 from resources.stage_config import CurationResource
 from resources.seed_catalog import validate_source_name
 
-EVAL_VERSION = "eval-items-v1"
+EVAL_VERSION = "eval-items-v2"
 DEDUP_VERSION = "dedup-v1"
 SPLITS_VERSION = "splits-v1"
 
 
 @asset(code_version=EVAL_VERSION, group_name="curation", pool="duckdb_writers")
 def eval_items(context: AssetExecutionContext, data: CurationResource, duckdb: DuckDBResource) -> MaterializeResult:
-    """Registered evaluation sets, normalized like the seeds; bad rows go to eval_quarantine."""
+    """Registered evaluation sets (a file or a Hugging Face dataset), normalized like the seeds,
+    each row's `subset` kept; bad rows go to eval_quarantine."""
     items, quarantine, fingerprints = [], [], {}
     for name, spec in sorted(data.settings().eval_sets.items()):
-        source = ResolvedSource(validate_source_name(name), spec.path, spec.format, path=Path(spec.path).expanduser())
+        source = spec.source(validate_source_name(name))
         fingerprints[name] = source.fingerprint()
         result = ingest(source)
-        for row in result.pairs:
+        for row, item_id in zip(result.pairs, item_ids(name, result.pairs)):
             extra = json.loads(row["extra"]) if row["extra"] else {}
             items.append(
-                {"eval_set": name, "item_id": row["pair_id"], "row_number": row["row_number"], "kind": row["kind"],
+                {"eval_set": name, "item_id": item_id, "row_number": row["row_number"], "kind": row["kind"],
                  "subset": str(extra["subset"]) if extra.get("subset") is not None else None,
                  "chosen": row["chosen"], "rejected": row["rejected"], "user_turns": row["user_turns"],
                  "extra": row["extra"]}
@@ -69,6 +69,15 @@ def eval_items(context: AssetExecutionContext, data: CurationResource, duckdb: D
             "file_sha256": MetadataValue.json(fingerprints),
         },
     )
+
+
+def item_ids(name: str, pairs: list[dict]) -> list[str]:
+    """'<set>/<id>' from the rows' own ids (RewardBench's `id`, MT-Bench's `question_id`) when every
+    row has one and none repeats, so an item is findable in the original set; else '<set>/<row>'."""
+    ids = [row["original_id"] for row in pairs]
+    if None in ids or len(set(ids)) != len(ids):
+        return [row["pair_id"] for row in pairs]
+    return [f"{name}/{i}" for i in ids]
 
 
 @asset(

@@ -9,16 +9,31 @@ from dataclasses import dataclass
 
 from music_assets.common.config import setting
 from music_assets.curation.minhash import ShingleConfig
+from music_assets.seeds.reader import ResolvedSource
 
 
 @dataclass(frozen=True)
 class EvalSet:
-    """A registered evaluation file: its items are kept out of every training split."""
+    """A registered evaluation set, read like a seed source from exactly one of a file (`path`) or
+    a Hugging Face dataset (`hf_dataset`, `hf_config`, `split`); its items are kept out of every
+    training split. RewardBench itself: `{hf_dataset: allenai/reward-bench, split: filtered,
+    rewardbench: true}`, or a local Parquet / JSONL copy of it."""
 
-    path: str = setting(help="the file (JSONL / JSON / Parquet, optionally .gz)", path=True)
+    path: str | None = setting(None, help="the file (JSONL / JSON / Parquet, optionally .gz)", path=True)
+    hf_dataset: str | None = setting(None, help="a Hugging Face datasets id (needs the network), instead of `path`")
+    hf_config: str | None = setting(None, help="the dataset's configuration name, if it has several")
+    split: str = setting("train", help="the dataset split (RewardBench: filtered)")
     format: str = setting("auto", help="as for seed sources: conversational, prompt_chosen_rejected, llmbar, prompts, ...")
     rewardbench: bool = setting(
         False, help="RewardBench-format rows (a `subset` per row), scored per subset and section")
+
+    def __post_init__(self):
+        if bool(self.path) == bool(self.hf_dataset):
+            raise ValueError("set exactly one of `path` or `hf_dataset`")
+
+    def source(self, name: str) -> ResolvedSource:
+        """Where this set's rows come from, as a seed source's would."""
+        return ResolvedSource.of(name, self.format, self.path, self.hf_dataset, self.hf_config, self.split)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ conversations, without losing single-turn quality?", answered with sample sizes 
 import base64
 import math
 from collections import Counter
+from collections.abc import Collection
 from pathlib import Path
 
 import polars as pl
@@ -16,13 +17,13 @@ from music_assets.common.hashing import stable_hash
 from music_assets.common.metadata import table_metadata
 from music_assets.common.plots import figure
 from music_assets.training.assets import reward_variants
-from music_assets.evaluation.scoring import pairwise_accuracy, rewardbench_scores, rewardbench_spec
+from music_assets.evaluation.scoring import pairwise_accuracy, rewardbench_scores, rewardbench_spec, section_of
 from music_assets.common.tables import sql
 from resources.checkpoints import CheckpointStore
 from resources.compute import ComputeResource
 from resources.stage_config import CurationResource, EvaluationResource
 
-EVALUATION_VERSION = "rm-eval-v1"
+EVALUATION_VERSION = "rm-eval-v2"
 SMALL_SAMPLE = 30  # below this many items the report says its figures are mechanics, not evidence
 
 
@@ -31,15 +32,14 @@ SMALL_SAMPLE = 30  # below this many items the report says its figures are mecha
 def rm_evaluation(context: AssetExecutionContext, checkpoints: CheckpointStore, data: CurationResource,
                   compute: ComputeResource, duckdb: DuckDBResource) -> MaterializeResult:
     """Rewards of this variant's latest checkpoint on held-out seed and MUSIC pairs and on every
-    registered evaluation set; pairwise accuracy with 95% intervals and ties."""
+    registered evaluation set; pairwise accuracy with 95% intervals and ties. A RewardBench set's
+    pair in a subset RewardBench does not define is scored too, and counted in `unknown_subsets`."""
     variant = context.partition_key
     folder = str(checkpoints.local_copy(variant))  # a URL's checkpoint: its cached local copy
     model, tok, encoder = load_checkpoint(folder, compute.device, compute.attn_implementation)
     rewardbench_sets = {name for name, spec in data.settings().eval_sets.items() if spec.rewardbench}
     with duckdb.get_connection() as con:
         rows = con.execute(sql("evaluation/evaluation_rows")).pl().to_dicts()
-    for row in rows:
-        row["rewardbench"] = row["eval_set"] in rewardbench_sets
     scored, skipped = score_rows(model, tok, encoder, rows)
     frame = pl.DataFrame(scored, schema={"eval_set": pl.String, "item_id": pl.String, "subset": pl.String,
                                          "user_turns": pl.Int32, "r_chosen": pl.Float64, "r_rejected": pl.Float64})
@@ -50,13 +50,17 @@ def rm_evaluation(context: AssetExecutionContext, checkpoints: CheckpointStore, 
         con.execute(sql("evaluation/rm_scores_replace"), {"variant": variant})
         con.execute("INSERT INTO music.rm_scores BY NAME SELECT * FROM new_scores")
         con.execute("COMMIT")
+    unknown = Counter(f"{r['eval_set']}/{r['subset']}" for r in scored
+                      if r["eval_set"] in rewardbench_sets and section_of(r["subset"] or "") is None)
     summary = {name: pairwise_accuracy(list(zip(g["r_chosen"], g["r_rejected"]))).as_dict()
                for (name,), g in frame.group_by("eval_set", maintain_order=True)}
     return MaterializeResult(
         data_version=DataVersion(stable_hash([folder, frame.height, round(float(frame["r_chosen"].sum()), 6) if frame.height else 0])),
         metadata={**table_metadata(frame, frame.select("eval_set", "item_id", "user_turns", "r_chosen", "r_rejected")),
                   "checkpoint": MetadataValue.path(folder),
-                  "accuracy": MetadataValue.json(summary), "skipped": MetadataValue.json(dict(skipped))},
+                  "accuracy": MetadataValue.json(summary), "skipped": MetadataValue.json(dict(skipped)),
+                  # RewardBench-set pairs in subsets RewardBench does not define: scored, in no section
+                  "unknown_subsets": MetadataValue.json(dict(unknown))},
     )
 
 
@@ -74,7 +78,8 @@ def evaluation_report(context: AssetExecutionContext, data: CurationResource, ev
         judged_pairs = con.execute("SELECT count(*) FROM music.judge_verdicts").fetchone()[0]
     out_dir = Path(data.settings().exports_dir).parent / "reports"
     out_dir.mkdir(parents=True, exist_ok=True)
-    report, plots = build_report(scores, out_dir)
+    rewardbench_sets = {name for name, spec in data.settings().eval_sets.items() if spec.rewardbench}
+    report, plots = build_report(scores, out_dir, rewardbench_sets)
     settings = evaluation.settings()
     bon_text, bon_plots = best_of_n_section(judgments, agreement, judged_pairs, out_dir,
                                             settings.bootstrap_samples, settings.seed)
@@ -101,7 +106,9 @@ def mcnemar_p(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def build_report(scores: pl.DataFrame, out_dir: Path) -> tuple[str, list[str]]:
+def build_report(scores: pl.DataFrame, out_dir: Path, rewardbench_sets: Collection[str] = ()) -> tuple[str, list[str]]:
+    """The report's text and plot file names. Only the sets named in `rewardbench_sets` (registered
+    with `rewardbench: true`) get RewardBench sections; another set's `subset` column is just data."""
     variants = [v for v in ("baseline", "music") if v in set(scores["variant"].to_list())]
     lines = ["# Reward-model evaluation: baseline (D) vs MUSIC (D + D_MUSIC)", ""]
     if not variants:
@@ -134,27 +141,49 @@ def build_report(scores: pl.DataFrame, out_dir: Path) -> tuple[str, list[str]]:
 
     plots = [_plot_by_turns(correct, variants, out_dir / "accuracy_by_turns.png")]
     lines += ["", "## Accuracy by number of user turns", "", f"![accuracy by turns]({plots[0]})", ""]
-    rb = correct.filter(pl.col("subset").is_not_null())
     lines += ["## RewardBench-style sections", ""]
-    if rb.height:
-        rows = {}
-        for v in variants:
-            by = rb.filter(pl.col("variant") == v).group_by("subset").agg(pl.col("correct").sum(), pl.len())
-            rows[v] = rewardbench_scores({s: (int(c), int(n)) for s, c, n in by.iter_rows()})
-        sections = list(rewardbench_spec()["sections"])
-        lines += ["| model | " + " | ".join(sections) + " | Average |", "|" + " --- |" * (len(sections) + 2)]
-        for v, r in rows.items():
-            lines.append(f"| {v} | " + " | ".join(f"{100 * r['sections'][s]:.1f}" if s in r["sections"] else "-" for s in sections)
-                         + f" | {100 * r['average']:.1f} |")
-        plots.append(_plot_sections(rows, sections, out_dir / "sections.png"))
-        lines += ["", f"![sections]({plots[-1]})", ""]
-    else:
-        lines += ["_No RewardBench-format evaluation set is registered (`eval_sets: {name: {path, rewardbench: true}}`)._", ""]
+    rb = correct.filter(pl.col("eval_set").is_in(sorted(rewardbench_sets)) & pl.col("subset").is_not_null())
+    for (name,), part in rb.group_by("eval_set", maintain_order=True):
+        text, plot = _rewardbench_section(name, part, variants, out_dir)
+        lines += text
+        plots.append(plot)
+    if not rb.height:
+        lines += ["_No RewardBench-format evaluation set is registered (`eval_sets: {name: {path or hf_dataset, "
+                  "rewardbench: true}}`)._", ""]
     lines += ["The paper's table (RewardBench), the layout this section follows:", "",
               "| model | Chat | Chat Hard | Safety | Reasoning | Average |", "| --- | --- | --- | --- | --- | --- |"]
     for name, row in rewardbench_spec()["paper_reference"].items():
         lines.append(f"| {name} | " + " | ".join(str(row[k]) for k in ("Chat", "Chat Hard", "Safety", "Reasoning", "Average")) + " |")
     return "\n".join(lines) + "\n", [p.name if isinstance(p, Path) else p for p in plots]
+
+
+def _rewardbench_section(name: str, part: pl.DataFrame, variants: list[str], out_dir: Path) -> tuple[list[str], str]:
+    """One RewardBench set's section scores and its per-subset rows; a subset RewardBench does not
+    define gets its own row, counted, and no section."""
+    rows, sizes = {}, {}
+    for v in variants:
+        by = part.filter(pl.col("variant") == v).group_by("subset").agg(pl.col("correct").sum(), pl.len())
+        sizes[v] = {s: int(n) for s, _, n in by.iter_rows()}
+        rows[v] = rewardbench_scores({s: (int(c), int(n)) for s, c, n in by.iter_rows()})
+    sections = list(rewardbench_spec()["sections"])
+    lines = [f"### {name}", "", "| model | " + " | ".join(sections) + " | Average |", "|" + " --- |" * (len(sections) + 2)]
+    for v, r in rows.items():
+        lines.append(f"| {v} | " + " | ".join(f"{100 * r['sections'][s]:.1f}" if s in r["sections"] else "-" for s in sections)
+                     + f" | {100 * r['average']:.1f} |")
+    plot = _plot_sections(rows, sections, out_dir / f"sections_{name}.png")
+    unknown = sorted({s for r in rows.values() for s in r["unknown_subsets"]})
+    lines += ["", f"![sections]({plot})", "", "| subset | section | n | " + " | ".join(f"{v} accuracy" for v in variants) + " |",
+              "| --- | --- | --- |" + " --- |" * len(variants)]
+    for subset in sorted({s for r in rows.values() for s in r["subsets"]}):
+        n = max(sizes[v].get(subset, 0) for v in variants)
+        cells = [f"{rows[v]['subsets'][subset]:.3f}" if subset in rows[v]["subsets"] else "-" for v in variants]
+        lines.append(f"| {subset} | {section_of(subset) or 'none (not a RewardBench subset)'} | {n} | " + " | ".join(cells) + " |")
+    if unknown:
+        counted = {s: max(sizes[v].get(s, 0) for v in variants) for s in unknown}
+        lines += ["", f"{sum(counted.values())} pairs in {len(unknown)} subsets RewardBench does not define "
+                  f"({', '.join(f'{s}: {n}' for s, n in counted.items())}) are scored above and counted in the set's "
+                  "accuracy, but belong to no section."]
+    return lines + [""], plot
 
 
 def best_of_n_section(judgments: pl.DataFrame, agreement: pl.DataFrame, judged_pairs: int, out_dir: Path,

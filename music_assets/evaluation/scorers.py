@@ -8,7 +8,6 @@ from collections import Counter
 from pathlib import Path
 
 from music_assets.training.rm_data import PairEncoder
-from music_assets.evaluation.scoring import section_of
 from music_assets.training.trainer import pairwise_scores, sequence_scores
 from music_assets.training.train_rm import METADATA_FILE
 
@@ -44,7 +43,7 @@ def conversation_scorer(folder: str | Path, device: str = "cpu", attn_implementa
 def score_rows(model, tok, encoder: PairEncoder, rows: list[dict], batch_size: int | None = None) -> tuple[list[dict], Counter]:
     """Rewards for evaluation rows ({eval_set, item_id, subset, user_turns, chosen, rejected}).
     Rows that cannot be scored are skipped and counted by reason, never silently dropped:
-    an empty response, a missing side, or an unknown RewardBench subset on a `rewardbench` set."""
+    an empty response or a missing side."""
     skipped: Counter = Counter()
     kept, encoded = [], []
     for row in rows:
@@ -67,6 +66,4 @@ def _invalid(row: dict) -> str | None:
             return f"missing_{side}"
         if msgs[-1]["role"] == "assistant" and not (msgs[-1]["content"] or "").strip():
             return "empty_response"
-    if row.get("rewardbench") and section_of(row.get("subset") or "") is None:
-        return "unknown_subset"
     return None

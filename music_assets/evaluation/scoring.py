@@ -61,19 +61,21 @@ def section_of(subset: str) -> str | None:
 
 def rewardbench_scores(correct_by_subset: dict[str, tuple[int, int]]) -> dict:
     """{subset: (correct, n)} -> subset accuracies, section scores and their average, weighted as
-    RewardBench weights them (example counts from the spec; `weight_as_sum_of` overrides)."""
+    RewardBench's calculate_scores_per_section weights them (EXAMPLE_COUNTS from the spec). A subset
+    RewardBench does not define keeps its own accuracy under `subsets`, is listed with its pair
+    count under `unknown_subsets`, and counts in no section."""
     spec = rewardbench_spec()
-    counts = dict(spec["example_counts"])
-    for subset, parts in (spec.get("weight_as_sum_of") or {}).items():
-        counts[subset] = sum(counts[p] for p in parts)
+    counts = spec["example_counts"]
     subsets = {s: c / n for s, (c, n) in correct_by_subset.items() if n}
     sections: dict[str, float] = {}
     weighted = defaultdict(float)
     weight = defaultdict(float)
+    unknown = {}
     for subset, acc in subsets.items():
         section = section_of(subset)
         if section is None:
-            raise KeyError(f"unknown RewardBench subset {subset!r}")
+            unknown[subset] = correct_by_subset[subset][1]
+            continue
         weighted[section] += acc * counts[subset]
         weight[section] += counts[subset]
     for section in spec["sections"]:
@@ -81,7 +83,7 @@ def rewardbench_scores(correct_by_subset: dict[str, tuple[int, int]]) -> dict:
             sections[section] = weighted[section] / weight[section]
     average = sum(sections.values()) / len(sections) if sections else float("nan")
     return {"subsets": subsets, "sections": sections, "average": average,
-            "sections_missing": [s for s in spec["sections"] if s not in sections]}
+            "sections_missing": [s for s in spec["sections"] if s not in sections], "unknown_subsets": unknown}
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,17 @@ class ResolvedSource:
     hf_config: str | None = None
     split: str = "train"
 
+    @classmethod
+    def of(cls, name: str, fmt: str, path: str | None = None, hf_dataset: str | None = None,
+           hf_config: str | None = None, split: str = "train") -> ResolvedSource:
+        """The source a config entry names: exactly one of a file `path` or an `hf_dataset` id."""
+        if bool(path) == bool(hf_dataset):
+            raise ValueError(f"source {name!r}: set exactly one of `path` or `hf_dataset`")
+        if path:
+            file = Path(path).expanduser()
+            return cls(name, str(file), fmt, path=file)
+        return cls(name, f"hf:{hf_dataset}:{split}", fmt, None, hf_dataset, hf_config, split)
+
     def rows(self) -> Iterator[RawRow]:
         if self.path is not None:
             return read_rows(self.path)

@@ -22,7 +22,7 @@ from dagster import (
 )
 from dagster_duckdb import DuckDBResource
 
-from music_assets.simulation.contexts import sample_context
+from music_assets.simulation.contexts import choose_contexts
 from music_assets.common.hashing import stable_hash
 from music_assets.common.metadata import render_conversation, table_metadata
 from music_assets.simulation.pairs import assemble_pairs, assistant_turns_differing
@@ -36,7 +36,7 @@ from music_assets.common.tables import frame, sql
 from resources.llm import LLMEngine
 from resources.stage_config import SimulationResource
 
-CONTEXTS_VERSION = "contexts-v1"
+CONTEXTS_VERSION = "contexts-v2"  # v2: max_contexts samples by a seeded hash of pair_id, not the first N rows
 
 
 def simulation_code_version(prompts: Prompts) -> str:
@@ -60,16 +60,12 @@ EXAMPLE_PAIRS = 2
 def seed_contexts(
     context: AssetExecutionContext, seed_conversations: pl.DataFrame, simulation: SimulationResource
 ) -> Output[pl.DataFrame]:
-    """Conversation prefixes (first k exchanges of each seed pair's chosen side) to simulate from."""
+    """Conversation prefixes (first k exchanges of each seed pair's chosen side) to simulate from;
+    with `max_contexts`, a seeded sample of the pairs (see `choose_contexts`)."""
     cfg = simulation.settings()
-    pairs = seed_conversations.filter(pl.col("kind") == "pair").sort("row_number")
-    rows = []
-    for pair in pairs.iter_rows(named=True):
-        ctx = sample_context(pair, cfg.min_context_exchanges, cfg.max_context_exchanges, cfg.seed)
-        if ctx is not None:
-            rows.append(ctx)
-        if cfg.max_contexts is not None and len(rows) >= cfg.max_contexts:
-            break
+    pairs = seed_conversations.filter(pl.col("kind") == "pair")
+    rows, skipped = choose_contexts(pairs.to_dicts(), cfg.min_context_exchanges, cfg.max_context_exchanges, cfg.seed,
+                                    cfg.max_contexts)
     df = frame("seed_contexts", rows)
     return Output(
         df,
@@ -77,7 +73,7 @@ def seed_contexts(
         metadata={
             **table_metadata(df, df.select("context_id", "pair_id", "k")),
             "k_histogram": MetadataValue.json({str(k): n for k, n in sorted(Counter(df["k"].to_list()).items())}),
-            "skipped_too_short": pairs.height - df.height if cfg.max_contexts is None else 0,
+            "skipped_too_short": skipped,
         },
     )
 
@@ -190,11 +186,11 @@ def music_pairs(context: AssetExecutionContext, seed_contexts: pl.DataFrame, sim
     """One row per MUSIC pair: full chosen and rejected conversations with contrast metadata."""
     with duckdb.get_connection() as con:
         rows = con.execute(sql("simulation/simulation_rows_for_pairs"), {"source": context.partition_key}).pl().to_dicts()
-    turns = simulation.settings().turns
-    pairs = assemble_pairs(seed_contexts.to_dicts(), rows, turns)
+    settings = simulation.settings()
+    pairs = assemble_pairs(seed_contexts.to_dicts(), rows, settings.turns)
     df = frame("music_pairs", pairs)
 
-    min_differing = min(2, turns)
+    min_differing = settings.min_differing_turns()
     differing = [assistant_turns_differing(p) for p in pairs]
     leaks = [p["pair_id"] for p in pairs if _leaks_private_instruction(p)]
     empties = [p["pair_id"] for p in pairs if any(not m["content"].strip() for m in p["chosen"] + p["rejected"])]
@@ -213,7 +209,9 @@ def music_pairs(context: AssetExecutionContext, seed_contexts: pl.DataFrame, sim
     yield AssetCheckResult(
         check_name="rejected_differs_in_two_turns",
         passed=not too_similar,
-        description=f"{len(too_similar)} pairs differ in fewer than {min_differing} assistant turns from c",
+        description=(f"{len(too_similar)} pairs differ in fewer than {min_differing} assistant turns from c "
+                     f"(min_contrast_turns: the rejected branch is flawed in every turn from c to T, and "
+                     f"c <= T - min_contrast_turns + 1)"),
         metadata={"pair_ids": MetadataValue.json(too_similar[:20])},
     )
     yield AssetCheckResult(

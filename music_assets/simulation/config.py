@@ -18,7 +18,8 @@ class SimulationConfig:
     # seed contexts: the first k user/assistant exchanges of a seed conversation
     min_context_exchanges: int = setting(1, help="fewest seed exchanges a context keeps (k is drawn per conversation)")
     max_context_exchanges: int = setting(3, help="most seed exchanges a context keeps (capped by the conversation)")
-    max_contexts: int | None = setting(None, help="contexts per seed partition, in file order; None: every pair")
+    max_contexts: int | None = setting(
+        None, help="contexts per seed partition, a sample seeded by `seed` (stable as the seeds grow); None: every pair")
     seed: int = setting(0, help="seeds k, the contrast turn c and every sampling request")
     # the simulation
     turns: int = setting(3, help="T: simulated turns after the seed context (paper: 5)")
@@ -39,8 +40,12 @@ class SimulationConfig:
     def __post_init__(self):
         if not 1 <= self.min_context_exchanges <= self.max_context_exchanges:
             raise ValueError("simulation: need 1 <= min_context_exchanges <= max_context_exchanges")
+        if self.max_contexts is not None and self.max_contexts < 1:
+            raise ValueError(f"simulation.max_contexts must be >= 1 or null for every pair (got {self.max_contexts})")
         if self.turns < 1:
             raise ValueError("simulation.turns must be >= 1")
+        if self.max_attempts < 1:
+            raise ValueError(f"simulation.max_attempts must be >= 1 (got {self.max_attempts})")
         if not 1 <= self.min_contrast_turns <= self.turns:
             raise ValueError("simulation.min_contrast_turns must be between 1 and turns")
         if self.contrast_turn is not None and not 1 <= self.contrast_turn <= self.turns - self.min_contrast_turns + 1:
@@ -58,6 +63,15 @@ class SimulationConfig:
             return self.contrast_turn
         rng = random.Random(f"{self.seed}:contrast:{context_id}")
         return rng.randint(1, self.turns - self.min_contrast_turns + 1)
+
+    def min_differing_turns(self) -> int:
+        """The fewest assistant turns, from c on, in which a finished pair's rejected answers must
+        differ from the chosen ones (music_pairs' blocking check). The rejected branch answers the
+        modified request in every turn from c to T, and c is at most T - min_contrast_turns + 1
+        (drawn or fixed), so every pair has at least `min_contrast_turns` flawed turns (capped by
+        T, though validation already keeps it there). Not T - c + 1 per pair: the check holds every
+        pair to what the settings promise, no more."""
+        return min(self.min_contrast_turns, self.turns)
 
     def prompts(self) -> Prompts:
         """The prompt templates: the packaged ones, each replaced by its copy in `prompts_dir` if any."""

@@ -1,4 +1,5 @@
-"""Seed contexts: the prefixes of seed conversations that the simulation continues."""
+"""Seed contexts: the prefixes of seed conversations that the simulation continues, and which
+seed pairs get one."""
 
 from __future__ import annotations
 
@@ -30,3 +31,21 @@ def sample_context(pair: dict, min_k: int, max_k: int, seed: int) -> dict | None
         "k": k,
         "messages": prefix,
     }
+
+
+def choose_contexts(pairs: list[dict], min_k: int, max_k: int, seed: int,
+                    max_contexts: int | None = None) -> tuple[list[dict], int]:
+    """The seed contexts of one partition's pairs (dicts with `pair_id`, `row_number`, `chosen`,
+    `source`), in row order, and how many pairs were skipped as shorter than `min_k` exchanges.
+
+    With `max_contexts`, the long-enough pairs are ranked by a hash of (seed, pair_id) and the
+    `max_contexts` lowest kept: a sample that does not follow the file's order (Skywork-style files
+    are ordered by sub-source, so the first N rows would be one sub-source), that does not depend
+    on the input's order, and that is stable as the file grows: an old pick stays unless a new
+    pair ranks below it."""
+    eligible = [p for p in pairs if exchanges(p["chosen"]) >= min_k]
+    skipped = len(pairs) - len(eligible)
+    if max_contexts is not None:
+        eligible = sorted(eligible, key=lambda p: (stable_hash([seed, p["pair_id"]]), p["row_number"]))[:max_contexts]
+    contexts = [sample_context(p, min_k, max_k, seed) for p in sorted(eligible, key=lambda p: p["row_number"])]
+    return contexts, skipped

@@ -110,7 +110,7 @@ def test_dedup_removes_planted_and_natural_duplicates(built):
     removed = {r[0]: r[1:] for r in con.execute("SELECT pair_id, rule, duplicate_of, similarity FROM music.dedup_removed").fetchall()}
     assert removed["z_planted/1"][:2] == ("exact", "uf/1")
     assert removed["z_planted/2"][:2] == ("near", "uf/2") and 0.8 <= removed["z_planted/2"][2] < 1
-    assert removed["z_planted/3"][:2] == ("eval_leak", "mt_bench/1") and removed["z_planted/3"][2] == 1.0
+    assert removed["z_planted/3"][:2] == ("eval_leak", "mt_bench/81") and removed["z_planted/3"][2] == 1.0
     assert removed["music/b"][:2] == ("exact", "uf/4")
     assert "z_planted/4" not in removed and "music/a" not in removed
 

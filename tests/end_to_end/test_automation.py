@@ -236,7 +236,7 @@ def test_new_source_runs_only_its_chain_with_a_real_llm(tmp_path):
         con = duckdb.connect(str(settings.duckdb_path), read_only=True)
         before = con.execute("SELECT turn_key, created_at FROM music.simulated_branches WHERE source = 'a' ORDER BY 1").fetchall()
         con.close()
-        # the last row of a changes: the file re-runs, its first two pairs (the contexts) do not change
+        # the last row of a changes: the file re-runs; the two sampled pairs (the contexts: a/3 and a/1) do not change
         write_seed(settings.seeds_dir / "a.jsonl", SLICES["a"][:4] + [94])
         third = tick(defs, instance, second.cursor)
         assert [(r.partition_key, r.tags[CHANGE_TAG]) for r in third.run_requests] == [("a", "changed")]

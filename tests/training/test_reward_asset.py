@@ -122,16 +122,17 @@ def test_evaluation_of_both_variants_and_the_report(evaluated):
     settings = _settings(tmp)
     resources = build_resources(settings)
     for meta in metas.values():
-        assert meta["skipped"].value == {"unknown_subset": 1}
+        assert meta["skipped"].value == {} and meta["unknown_subsets"].value == {"rb/my-own-subset": 1}
         acc = meta["accuracy"].value
-        assert acc["heldout_seed"]["n"] > 0 and len(acc["heldout_seed"]["ci95"]) == 2 and acc["rb"]["n"] == 2
+        assert acc["heldout_seed"]["n"] > 0 and len(acc["heldout_seed"]["ci95"]) == 2 and acc["rb"]["n"] == 3
     report = materialize([evaluation_report], instance=instance, resources=resources)
     assert report.success
     path = settings.home / "reports" / "evaluation_report.md"
     text = path.read_text()
     assert "| heldout_seed |" in text and "significant" in text and "Chat Hard" in text and "96.9" in text
     assert (settings.home / "reports" / "accuracy_by_turns.png").stat().st_size > 1000
-    assert (settings.home / "reports" / "sections.png").exists()
+    assert (settings.home / "reports" / "sections_rb.png").exists()
+    assert "| my-own-subset | none (not a RewardBench subset) | 1 |" in text
     md = report.asset_materializations_for_node("evaluation_report")[0].metadata["report"].value
     assert "data:image/png;base64," in md
     con = duckdb.connect(str(settings.duckdb_path), read_only=True)
