@@ -8,7 +8,8 @@ CREATE SCHEMA IF NOT EXISTS music;
 -- normalized like the seeds. Training data must not contain them: dedup removes leaks.
 CREATE TABLE IF NOT EXISTS music.eval_items (
     eval_set   VARCHAR NOT NULL,
-    item_id    VARCHAR NOT NULL,   -- '<eval_set>/<the row's own id>', or '<eval_set>/<row_number>' when ids are missing or repeat
+    -- item_id: '<eval_set>/<the row's own id>', or '<eval_set>/<row_number>' when ids are missing or repeat
+    item_id    VARCHAR NOT NULL,
     row_number BIGINT NOT NULL,
     kind       VARCHAR NOT NULL,   -- 'pair' | 'prompts'
     subset     VARCHAR,            -- the row's `subset` / category field, when it has one
