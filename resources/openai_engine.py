@@ -17,13 +17,23 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
+from typing import Literal
 
 from dagster import get_dagster_logger
+from pydantic import Field
 
-from music_assets.common.engines import EngineError, Generation, RequestStream, per_request
+from music_assets.common.engines import (
+    EngineError,
+    Generation,
+    RequestStream,
+    continues_final_message,
+    fold_system_messages,
+    per_request,
+)
 from resources.llm import LLMEngine
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+_FOLDS_SYSTEM: set[tuple[str, str]] = set()  # (base_url, model) of servers that refused a system message
 
 
 @dataclass
@@ -46,6 +56,10 @@ class OpenAIEngine(LLMEngine):
     max_retries: int = 5
     backoff_s: float = 1.0
     backoff_max_s: float = 30.0
+    # Gemma-2's template raises on a system turn; a vLLM server answers that with HTTP 400.
+    system_role: Literal["auto", "native", "fold"] = Field(
+        "auto", description="system messages: auto (sent as such until the server refuses the system role, then "
+                            "folded into the first user turn), native, or fold (always)")
 
     def chat(self, conversations, sampling, seeds=None):
         if not conversations:
@@ -68,6 +82,12 @@ class OpenAIEngine(LLMEngine):
         sees every request as early as the caller could send it."""
         return _HTTPStream(self)
 
+    def _key(self) -> tuple[str, str]:
+        return self.base_url, self.model
+
+    def folds_system(self) -> bool:
+        return self.system_role == "fold" or (self.system_role == "auto" and self._key() in _FOLDS_SYSTEM)
+
     def _post_with_retries(self, client, body: dict, policy: _RetryPolicy) -> Generation:
         import httpx
 
@@ -82,6 +102,14 @@ class OpenAIEngine(LLMEngine):
                 if response.status_code == 200:
                     return _parse_completion(response.json())
                 last = f"HTTP {response.status_code}: {response.text[:300]}"
+                if (response.status_code == 400 and self.system_role == "auto" and self._key() not in _FOLDS_SYSTEM
+                        and "system" in response.text.lower() and any(m["role"] == "system" for m in body["messages"])):
+                    # the model's template refuses the system role: fold it, for this and later requests
+                    _FOLDS_SYSTEM.add(self._key())
+                    get_dagster_logger().warning(f"{url} refused a system message; folding system messages into "
+                                                 "the first user turn from now on")
+                    return self._post_with_retries(client, {**body, "messages": fold_system_messages(body["messages"])},
+                                                   policy)
                 if response.status_code not in RETRY_STATUS:
                     # This request is refused (e.g. prompt too long): report it, keep the batch going.
                     return Generation([""], ["error"], error=f"{url} rejected the request ({last})")
@@ -113,7 +141,11 @@ class _HTTPStream(RequestStream):
         self.futures: dict = {}  # Future -> caller's key
 
     def submit(self, key, conversation, sampling, seed=None):
+        if self.engine.folds_system():
+            conversation = fold_system_messages(conversation)
         body = {"model": self.engine.model, "messages": conversation, **sampling.as_dict()}
+        if continues_final_message(conversation):  # vLLM's extension of the chat API (a hosted API may refuse it)
+            body.update(continue_final_message=True, add_generation_prompt=False)
         if seed is not None:
             body["seed"] = seed
         self.futures[self.pool.submit(self.engine._post_with_retries, self.client, body, self.policy)] = key

@@ -19,7 +19,15 @@ import threading
 
 from dagster import get_dagster_logger
 
-from music_assets.common.engines import EngineError, Generation, RequestStream, Sampling, per_request
+from music_assets.common.engines import (
+    EngineError,
+    Generation,
+    RequestStream,
+    Sampling,
+    continues_final_message,
+    fold_system_messages,
+    per_request,
+)
 from music_assets.model_provisioning import resolve_model
 from resources.compute import ComputeResource
 from resources.llm import LLMEngine
@@ -27,6 +35,7 @@ from resources.llm import LLMEngine
 _ENGINES: dict[tuple, object] = {}
 _STREAMS: dict[tuple, _VLLMStream] = {}
 _ENGINES_LOCK = threading.Lock()
+_ACCEPTS_SYSTEM: dict[int, bool] = {}  # id(loaded engine) -> its chat template renders system messages
 PROMPT_MARGIN_TOKENS = 8  # vLLM's own count of a rendered prompt may add a special token or two
 
 
@@ -62,8 +71,16 @@ class VLLMEngine(LLMEngine):
         tokenizer = llm.get_tokenizer()
         # Rendered to text, then counted: `apply_chat_template(tokenize=True)` returns a dict under
         # transformers 5, whose len() is its number of keys, not of tokens.
-        return [len(tokenizer.encode(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
+        return [len(tokenizer.encode(tokenizer.apply_chat_template(c, tokenize=False, **_template_flags(c)),
                                      add_special_tokens=False)) for c in conversations]
+
+    @staticmethod
+    def _as_template_takes_them(llm, conversations: list) -> list:
+        """System messages folded into the first user turn when the model's chat template refuses
+        the system role (Gemma-2's raises), probed once per loaded engine."""
+        if id(llm) not in _ACCEPTS_SYSTEM:
+            _ACCEPTS_SYSTEM[id(llm)] = template_accepts_system(llm.get_tokenizer())
+        return conversations if _ACCEPTS_SYSTEM[id(llm)] else [fold_system_messages(c) for c in conversations]
 
     def _fits(self, length: int) -> bool:
         return length + PROMPT_MARGIN_TOKENS < self.compute.max_model_len
@@ -82,9 +99,15 @@ class VLLMEngine(LLMEngine):
         seeds = seeds or [None] * len(conversations)
         params = [_sampling_params(s, seed) for s, seed in zip(per_request(sampling, len(conversations)), seeds)]
         llm = self._llm()
+        conversations = self._as_template_takes_them(llm, conversations)
         lengths = self._prompt_lengths(llm, conversations)
         sent = [i for i, n in enumerate(lengths) if self._fits(n)]
-        outputs = dict(zip(sent, llm.chat([conversations[i] for i in sent], [params[i] for i in sent], use_tqdm=False)))
+        outputs = {}
+        for continuing in (False, True):  # `LLM.chat` takes one continuation flag per call
+            group = [i for i in sent if continues_final_message(conversations[i]) == continuing]
+            if group:
+                outputs.update(zip(group, llm.chat([conversations[i] for i in group], [params[i] for i in group],
+                                                   use_tqdm=False, **_template_flags(conversations[group[0]]))))
         return [_generation(outputs[i]) if i in outputs else self._refused(n) for i, n in enumerate(lengths)]
 
     def stream(self) -> RequestStream:
@@ -99,6 +122,25 @@ class VLLMEngine(LLMEngine):
 
     def identity(self):
         return {**super().identity(), "dtype": self.compute.resolved_dtype()}
+
+
+def template_accepts_system(tokenizer) -> bool:
+    """Whether the chat template renders a system message; False when it raises on one (Gemma-2's
+    `raise_exception('System role not supported')`)."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                                      tokenize=False, add_generation_prompt=True)
+    except TemplateError:
+        return False
+    return True
+
+
+def _template_flags(conversation) -> dict:
+    """A conversation ending with an assistant message continues it (no generation prompt)."""
+    continuing = continues_final_message(conversation)
+    return {"add_generation_prompt": not continuing, "continue_final_message": continuing}
 
 
 def _sampling_params(s: Sampling, seed: int | None):
@@ -126,11 +168,13 @@ class _VLLMStream(RequestStream):
         self.engine, self.llm, self.keys, self.ready = engine, llm, {}, []
 
     def submit(self, key, conversation, sampling, seed=None):
+        (conversation,) = self.engine._as_template_takes_them(self.llm, [conversation])
         (length,) = self.engine._prompt_lengths(self.llm, [conversation])
         if not self.engine._fits(length):
             self.ready.append((key, self.engine._refused(length)))
             return
-        (internal,) = self.llm.enqueue_chat([conversation], [_sampling_params(sampling, seed)], use_tqdm=False)
+        (internal,) = self.llm.enqueue_chat([conversation], [_sampling_params(sampling, seed)], use_tqdm=False,
+                                            **_template_flags(conversation))
         # vLLM returns its internal id, "<id>-<8 random chars>", and reports outputs under <id>
         self.keys[internal.rsplit("-", 1)[0]] = (key, internal)
 
@@ -165,6 +209,7 @@ def release_vllm_engines() -> None:
     with _ENGINES_LOCK:
         engines = list(_ENGINES.values())
         _ENGINES.clear()
+        _ACCEPTS_SYSTEM.clear()
         _STREAMS.clear()
     for llm in engines:
         try:

@@ -7,6 +7,12 @@ for the whole batch or one per conversation (Best-of-N sends N = 2, 4 and 8 in o
 `stream()` is for callers whose requests depend on earlier answers (the simulation): requests are
 submitted one by one and come back as each finishes.
 
+Two conventions every backend keeps: a conversation that *ends with an assistant message* asks the
+engine to continue that message (no new turn: `continue_final_message`), which is how a cut answer
+is completed (`on_length: continue`); and system messages are sent as such unless the model's chat
+template refuses the system role (Gemma-2 raises on it), in which case the backend folds them into
+the first user turn (`fold_system_messages`), so a role's instructions are never lost.
+
 The engines themselves are Dagster resources (`resources/llm.py`: the base class;
 `resources/vllm_engine.py`: vLLM in process; `resources/openai_engine.py`: any OpenAI-compatible
 server); they implement this protocol, and the logic here never imports them.
@@ -128,6 +134,25 @@ class BatchedStream(RequestStream):
 
     def close(self) -> None:
         self.queue = []
+
+
+def continues_final_message(conversation: list[Message]) -> bool:
+    """Whether this request continues its last message (see the module docstring)."""
+    return bool(conversation) and conversation[-1]["role"] == "assistant"
+
+
+def fold_system_messages(conversation: list[Message]) -> list[Message]:
+    """The conversation for a template without a system role: the system messages' text opens the
+    first user message (or becomes one, when the conversation has no user turn before the first
+    answer). Kept as text, not dropped: the user simulator's whole instruction is its system message."""
+    system = [m["content"] for m in conversation if m["role"] == "system"]
+    if not system:
+        return conversation
+    rest = [m for m in conversation if m["role"] != "system"]
+    head = "\n\n".join(system)
+    if rest and rest[0]["role"] == "user":
+        return [{"role": "user", "content": f"{head}\n\n{rest[0]['content']}"}] + rest[1:]
+    return [{"role": "user", "content": head}] + rest
 
 
 def per_request(sampling: Sampling | list[Sampling], count: int) -> list[Sampling]:

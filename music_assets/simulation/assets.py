@@ -191,8 +191,9 @@ def music_pairs(context: AssetExecutionContext, seed_contexts: pl.DataFrame, sim
     df = frame("music_pairs", pairs)
 
     min_differing = settings.min_differing_turns()
+    markers = settings.prompts().private_note_markers
     differing = [assistant_turns_differing(p) for p in pairs]
-    leaks = [p["pair_id"] for p in pairs if _leaks_private_instruction(p)]
+    leaks = [p["pair_id"] for p in pairs if _leaks_private_instruction(p, markers)]
     empties = [p["pair_id"] for p in pairs if any(not m["content"].strip() for m in p["chosen"] + p["rejected"])]
     yield Output(
         df,
@@ -228,12 +229,13 @@ def music_pairs(context: AssetExecutionContext, seed_contexts: pl.DataFrame, sim
     )
 
 
-def _leaks_private_instruction(pair: dict) -> bool:
-    """The rejected transcript from c on must never show the contrastive note (in an answer), nor
+def _leaks_private_instruction(pair: dict, markers: tuple[str, ...]) -> bool:
+    """The rejected transcript from c on must never show the contrastive note (any of the active
+    template's `markers`, in an answer), nor
     the modified request in a simulated user turn (where the user goes on from the original
     request). The seed prefix and the turn-c request are the original's words: not searched."""
     for m in pair["rejected"][pair["prefix_messages"]:]:
-        if shows_private_note(m["content"]) or (m["role"] == "user" and shows_private_rewrite(
+        if shows_private_note(m["content"], markers) or (m["role"] == "user" and shows_private_rewrite(
                 m["content"], pair["modified_instruction"], pair["original_instruction"])):
             return True
     return False

@@ -83,7 +83,7 @@ def context_flow(s: ContextState, settings: SimulationConfig, prompts: Prompts, 
                              s.rejected_private_view(asked[b].text, prompts) if b == "rejected"
                              else s.visible(b) + [{"role": "user", "content": asked[b].text}],
                              settings.assistant_sampling, _seed(gkey, cid, b, turn, "assistant"),
-                             assistant_validator(private_note=b == "rejected"))
+                             assistant_validator(prompts.private_note_markers if b == "rejected" else None))
                          for b in answering]
         if failure := _first_failure(answers):
             return outbox.drop(s, turn, "assistant", failure)

@@ -55,6 +55,14 @@ class Prompts:
         found = re.search(r'->\s*"([^"]+)"', self.templates["contrastive_rewrite"])
         return found.group(1) if found else None
 
+    @cached_property
+    def private_note_markers(self) -> tuple[str, ...]:
+        """Phrases of this set's contrastive-assistant note: one of them in a visible message means
+        the note leaked (see `validators.note_markers`)."""
+        from music_assets.simulation.validators import note_markers
+
+        return note_markers(self.templates["contrastive_assistant"])
+
     def render(self, name: str, **values: str) -> str:
         """Fills a template; only the named `{placeholders}` are substituted (other braces stay)."""
         text = self.templates[name]

@@ -20,25 +20,55 @@ _ASSISTANT_LABEL = re.compile(r"^\s*(?:\*\*)?(assistant|ai|bot|chatbot)\s*(?:\*\
 _REWRITE_LABEL = re.compile(r"^\s*(?:rewritten|modified|new)?\s*(?:request|instruction)?\s*:\s*", re.IGNORECASE)
 
 
-# Phrases of prompts/contrastive_assistant.txt: one of them in a visible message means the private
-# note leaked (SmolLM2-135M sometimes copies the note into its answer, or answers with the note alone).
-PRIVATE_NOTE_MARKERS = ("private note", "respond to the following version")
+def shows_private_note(text: str, markers: tuple[str, ...]) -> bool:
+    """Whether visible `text` repeats the rejected assistant's private note. `markers` are the
+    active template's own phrases (`Prompts.private_note_markers`), so an edited note is checked
+    as strictly as the packaged one. SmolLM2-135M sometimes copies the note into its answer, or
+    answers with the note alone. Words only: case, punctuation and spacing ignored."""
+    words = f" {_normalize(text)} "
+    return any(f" {marker} " in words for marker in markers)
 
 
-def shows_private_note(text: str) -> bool:
-    words = _normalize(text)  # the markers are plain words: case, punctuation and spacing ignored
-    return any(marker in words for marker in PRIVATE_NOTE_MARKERS)
+# Words too common to make a phrase of the note recognisable (a 5-word window of the note is a
+# marker only with at least 3 other words of 4+ letters): "the rest of the conversation" also
+# occurs in honest answers, "respond to the following version" does not.
+_COMMON = frozenset("this that with what your from have will been they them then than into only just also each "
+                    "more most some such very when which while would could should about after before".split())
+_MARKER_WORDS, _MARKER_CONTENT_WORDS = 5, 3
 
 
-def assistant_validator(private_note: bool = False) -> Validator:
-    """`private_note`: the answer was written from the rejected branch's private view (from c on),
-    so repeating the note would put it in the visible transcript."""
-    if not private_note:
+def note_markers(template: str) -> tuple[str, ...]:
+    """The phrases of a contrastive-assistant template that no honest answer would contain: its
+    label (the words before the first comma or colon of a segment that opens a parenthesis or
+    bracket, e.g. "private note") and every 5-word window of its fixed text with 3 or more
+    uncommon words. Placeholders (`{modified}`) and sentence punctuation split the text: a window
+    never spans them.
+
+    Why derived, not a fixed list: an edited note (prompts_dir) with other words would otherwise
+    turn the leak and echo checks off without a word."""
+    markers: list[str] = []
+    for segment in re.split(r"\{\w+\}", template):
+        label = re.match(r"\s*[(\[]\s*([^,:.)\]]{3,40})[,:]", segment)
+        if label and 1 <= len(_normalize(label.group(1)).split()) <= 3:
+            markers.append(_normalize(label.group(1)))
+        for clause in re.split(r"[.!?;:()\[\]]", segment):
+            words = _normalize(clause).split()
+            for i in range(len(words) - _MARKER_WORDS + 1):
+                window = words[i: i + _MARKER_WORDS]
+                if sum(len(w) >= 4 and w not in _COMMON for w in window) >= _MARKER_CONTENT_WORDS:
+                    markers.append(" ".join(window))
+    return tuple(dict.fromkeys(markers))
+
+
+def assistant_validator(private_note_markers: tuple[str, ...] | None = None) -> Validator:
+    """`private_note_markers`: the answer was written from the rejected branch's private view
+    (from c on), so repeating the note (any of these phrases) would put it in the visible transcript."""
+    if not private_note_markers:
         return basic_validator
 
     def check(text: str, finish: str):
         reason, cleaned = basic_validator(text, finish)
-        if not reason and shows_private_note(cleaned):
+        if not reason and shows_private_note(cleaned, private_note_markers):
             reason = "assistant_echoed_private_note"
         return reason, cleaned
 

@@ -33,9 +33,10 @@ class FaultServer:
                     self.connection.shutdown(2)  # close without any response
                     return
                 if fault != 200:
-                    self.send_response(fault)
+                    code, text = fault if isinstance(fault, tuple) else (fault, '{"error": "injected"}')
+                    self.send_response(code)
                     self.end_headers()
-                    self.wfile.write(b'{"error": "injected"}')
+                    self.wfile.write(text.encode())
                     return
                 if "slow" in json.dumps(body["messages"]):
                     time.sleep(1.5)
@@ -70,7 +71,7 @@ def server(request):
 
 
 def engine(url, **kw):
-    return OpenAIEngine(model="served", base_url=url, backoff_s=0.01, backoff_max_s=0.05, **{"max_concurrency": 1, **kw})
+    return OpenAIEngine(base_url=url, backoff_s=0.01, backoff_max_s=0.05, **{"model": "served", "max_concurrency": 1, **kw})
 
 
 @pytest.mark.parametrize("server", [[429, 503, "drop"]], indirect=True)
@@ -135,3 +136,36 @@ def test_stream_hands_back_each_response_as_it_arrives(server):
     finally:
         stream.close()
     assert [r["seed"] for r in server.requests] in ([1, 2, 3], [2, 1, 3])
+
+
+SYSTEM_REFUSED = (400, '{"error": {"message": "System role not supported", "type": "BadRequestError"}}')
+
+
+@pytest.mark.parametrize("server", [[SYSTEM_REFUSED]], indirect=True)
+def test_a_server_that_refuses_the_system_role_gets_it_folded_into_the_first_user_turn(server):
+    """A vLLM server with Gemma-2's template answers a system message with HTTP 400. `auto` folds
+    the system messages into the first user turn, retries, and keeps folding for that server."""
+    conv = [{"role": "system", "content": "Play the user."}, {"role": "user", "content": "Hi"}]
+    eng = engine(server.url, model="gemma-like")
+    (out,) = eng.chat([conv], Sampling(max_tokens=4))
+    assert out.text == "ok 0"
+    first, second = server.requests
+    assert first["messages"] == conv
+    assert second["messages"] == [{"role": "user", "content": "Play the user.\n\nHi"}]
+    eng.chat([conv], Sampling(max_tokens=4))
+    assert server.requests[2]["messages"] == second["messages"]  # folded at once from now on
+    # `native` never folds: the refusal is reported for that request
+    native = engine(server.url, model="gemma-native", system_role="native")
+    server.script = [SYSTEM_REFUSED]
+    (refused,) = native.chat([conv], Sampling(max_tokens=4))
+    assert refused.finish_reasons == ["error"] and "System role" in refused.error
+
+
+@pytest.mark.parametrize("server", [[200]], indirect=True)
+def test_a_final_assistant_message_asks_the_server_to_continue_it(server):
+    eng = engine(server.url)
+    eng.chat([[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I"}]], Sampling(max_tokens=4))
+    eng.chat([[{"role": "user", "content": "Hi"}]], Sampling(max_tokens=4))
+    cont, fresh = server.requests
+    assert cont["continue_final_message"] is True and cont["add_generation_prompt"] is False
+    assert "continue_final_message" not in fresh

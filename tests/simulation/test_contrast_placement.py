@@ -19,7 +19,7 @@ from music_assets.simulation.flow import _seed
 from music_assets.simulation.prompts import PACKAGED
 from music_assets.simulation.simulate import generation_key, simulate
 from music_assets.simulation.state import Context
-from music_assets.simulation.validators import PRIVATE_NOTE_MARKERS
+from music_assets.simulation.validators import shows_private_note
 from resources.llm import LLMEngine
 from tests.simulation.test_simulation_faults import MemoryStore
 
@@ -93,7 +93,7 @@ def test_the_contrast_is_in_the_rejected_assistants_prompts_from_c_on_and_nowher
         original = output[(cid, "shared", c, "user")]
         modified = output[(cid, "rejected", c, "rewrite")]
         note = PACKAGED.render("contrastive_assistant", modified=modified)
-        assert modified in note and any(marker in note.lower() for marker in PRIVATE_NOTE_MARKERS)
+        assert modified in note and shows_private_note(note, PACKAGED.private_note_markers)
 
         # the rewrite is asked of the shared turn-c request
         assert original in sent[(cid, "rejected", c, "rewrite")][0][-1]["content"]
@@ -134,7 +134,7 @@ def test_the_contrast_is_in_the_rejected_assistants_prompts_from_c_on_and_nowher
                     assert not any(o in texts for o in others)
                     assert modified not in texts and note not in texts
                 if branch == "chosen":
-                    texts = "\n".join(m["content"] for m in assistant_prompt).lower()
-                    assert modified.lower() not in texts
-                    assert not any(marker in texts for marker in PRIVATE_NOTE_MARKERS)
+                    texts = "\n".join(m["content"] for m in assistant_prompt)
+                    assert modified.lower() not in texts.lower()
+                    assert not shows_private_note(texts, PACKAGED.private_note_markers)
                 assert not any(o in "\n".join(m["content"] for m in assistant_prompt) for o in others)
