@@ -10,6 +10,7 @@ the counters (`GenerationStats`).
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -21,6 +22,7 @@ class Ok:
     text: str
     attempts: int
     tokens: int
+    finish: str = "stop"  # 'stop'; 'trimmed' (cut at max_tokens, cut back to a sentence); 'continued'
 
 
 @dataclass
@@ -39,6 +41,8 @@ class GenerationStats:
     requests: int = 0
     completion_tokens: int = 0
     generation_seconds: float = 0.0
+    continuations: int = 0  # requests that continued a cut message (`on_length: continue`)
+    trimmed: int = 0  # outputs cut at max_tokens and kept up to their last complete sentence (`trim`)
 
     @property
     def tokens_per_second(self) -> float:
@@ -84,9 +88,36 @@ def attempt_seed(seed: int, attempt: int) -> int:
     return (seed + 7919 * (attempt - 1)) % 2**31
 
 
-def validated(validator: Validator, out, attempt: int, tokens: int) -> Ok | Failure:
-    reason, cleaned = validator(out.text, out.finish_reasons[0])
-    return Ok(cleaned, attempt, tokens) if reason is None else Failure(reason, out.error or out.text)
+def validated(validator: Validator, out, attempt: int, tokens: int, on_length: str = "retry",
+              text: str | None = None, continued: bool = False) -> Ok | Failure:
+    """The validator's verdict on one output. `text`: the whole message when it was written in
+    several requests (`continue`), else the output's own. An output cut at max_tokens fails as
+    'truncated' (and is retried), unless `on_length` is 'trim' and it has a complete sentence to
+    keep (see `trim_to_sentence`)."""
+    text = out.text if text is None else text
+    finish, label = out.finish_reasons[0], "continued" if continued else "stop"
+    if finish == "length" and on_length == "trim" and (kept := trim_to_sentence(text)):
+        text, finish, label = kept, "stop", "trimmed"
+    reason, cleaned = validator(text, finish)
+    return Ok(cleaned, attempt, tokens, label) if reason is None else Failure(reason, out.error or text)
+
+
+# A sentence ends with . ! ? or … (closing quotes or brackets may follow) before a space or the
+# end; not after a digit or alone ("1." opens a list item, it does not end a sentence).
+_SENTENCE_END = re.compile(r"(?<=[^\d\s])[.!?…][\"'”’)\]]*(?=\s|$)")
+MIN_TRIMMED_SHARE = 1 / 3  # cutting more than two thirds of an answer away leaves a different answer
+
+
+def trim_to_sentence(text: str) -> str | None:
+    """`text` cut at max_tokens, cut back to its last complete sentence outside a code block; None
+    when that would keep less than a third of it (then the output is retried instead)."""
+    for end in reversed([m.end() for m in _SENTENCE_END.finditer(text)]):
+        kept = text[:end].rstrip()
+        if len(kept) < MIN_TRIMMED_SHARE * len(text.rstrip()):
+            return None
+        if kept.count("```") % 2 == 0:
+            return kept
+    return None
 
 
 _TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")

@@ -78,6 +78,19 @@ def seed_contexts(
     )
 
 
+def simulation_yield(stats, table: pl.DataFrame) -> dict:
+    """How much of the work became MUSIC pairs: contexts finished of those attempted, generated
+    tokens per finished pair (everything this run generated, retries, continuations and dropped
+    contexts included; only when the run generated the whole partition, as a resumed run spent
+    part of the tokens earlier), and how the kept messages ended (`on_length`)."""
+    finishes = Counter(table["user_finish"].to_list() + table["assistant_finish"].to_list()) if table.height else {}
+    whole_run = stats.resumed_turns == 0 and stats.completed
+    return {"finished": stats.completed, "attempted": stats.contexts,
+            "share": round(stats.completed / stats.contexts, 3) if stats.contexts else None,
+            "tokens_per_music_pair": round(stats.completion_tokens / stats.completed) if whole_run else None,
+            "messages_by_finish": dict(finishes), "continuations": stats.continuations, "trimmed": stats.trimmed}
+
+
 class DuckDBTurnStore(TurnStore):
     """Commits turns through short-lived connections, so no DuckDB lock is held while generating."""
 
@@ -149,6 +162,7 @@ def simulated_branches(
             "settings": MetadataValue.json(settings.generation_settings()),
             "contexts": stats.contexts,
             "contexts_completed": stats.completed,
+            "yield": MetadataValue.json(simulation_yield(stats, table)),
             "contexts_dropped": MetadataValue.json(dict(stats.dropped)),
             "retries": MetadataValue.json(dict(stats.retries)),
             "turns_resumed": stats.resumed_turns,

@@ -13,6 +13,9 @@ from music_assets.common.engines import Sampling
 from music_assets.simulation.prompts import Prompts, load_prompts
 
 
+ON_LENGTH = ("retry", "trim", "continue")
+
+
 @dataclass(frozen=True)
 class SimulationConfig:
     # seed contexts: the first k user/assistant exchanges of a seed conversation
@@ -27,6 +30,16 @@ class SimulationConfig:
         None, help="fixed contrast turn c (1-based); None: drawn per context from [1, T - min_contrast_turns + 1]")
     min_contrast_turns: int = setting(2, help="the rejected branch is flawed in at least this many turns")
     max_attempts: int = setting(3, help="tries per generation (the first included) before a context is dropped")
+    on_length: str = setting(
+        "continue", help="a user or assistant message cut at max_tokens: retry (sample it anew), trim (keep it up to "
+                         "its last complete sentence; the row says 'trimmed'), or continue (the engine goes on writing "
+                         "the same message, up to max_continuations times, then it is retried)")
+    max_continuations: int = setting(
+        2, help="with on_length: continue, how many times a cut message is continued (a message is then at most "
+                "(1 + max_continuations) x max_tokens long)")
+    rewrite_context_chars: int = setting(
+        1500, help="the rewriter reads the conversation before the turn-c request, its latest messages up to this "
+                   "many characters, so a follow-up ('make it shorter') is rewritten in context; 0: the request alone")
     user_sampling: Sampling = setting(
         factory=lambda: Sampling(temperature=0.8, max_tokens=96), help="the user simulator's sampling")
     assistant_sampling: Sampling = setting(
@@ -46,6 +59,12 @@ class SimulationConfig:
             raise ValueError("simulation.turns must be >= 1")
         if self.max_attempts < 1:
             raise ValueError(f"simulation.max_attempts must be >= 1 (got {self.max_attempts})")
+        if self.on_length not in ON_LENGTH:
+            raise ValueError(f"simulation.on_length must be one of {', '.join(ON_LENGTH)} (got {self.on_length!r})")
+        if self.max_continuations < 0:
+            raise ValueError(f"simulation.max_continuations must be >= 0 (got {self.max_continuations})")
+        if self.rewrite_context_chars < 0:
+            raise ValueError(f"simulation.rewrite_context_chars must be >= 0 (got {self.rewrite_context_chars})")
         if not 1 <= self.min_contrast_turns <= self.turns:
             raise ValueError("simulation.min_contrast_turns must be between 1 and turns")
         if self.contrast_turn is not None and not 1 <= self.contrast_turn <= self.turns - self.min_contrast_turns + 1:
@@ -86,6 +105,9 @@ class SimulationConfig:
             "min_contrast_turns": self.min_contrast_turns,
             "seed": self.seed,
             "max_attempts": self.max_attempts,
+            "on_length": self.on_length,
+            "max_continuations": self.max_continuations if self.on_length == "continue" else 0,
+            "rewrite_context_chars": self.rewrite_context_chars,
             "user_sampling": self.user_sampling.as_dict(),
             "assistant_sampling": self.assistant_sampling.as_dict(),
             "rewrite_sampling": self.rewrite_sampling.as_dict(),

@@ -11,6 +11,12 @@ requests.
 Bad output (the job's validator gives a reason) is retried with a new seed; after `max_attempts`
 the failure goes back to the flow, which drops the context with that reason.
 
+A message cut at max_tokens follows `on_length` (user and assistant messages; a cut rewrite is
+always retried): `retry` samples it anew; `trim` keeps it up to its last complete sentence
+(`trim_to_sentence`, the row says 'trimmed'); `continue` sends the cut message back as the last,
+unfinished assistant message so the engine goes on writing it (vLLM's `continue_final_message`,
+from the prefix cache), up to `max_continuations` times, and a message still cut then is retried.
+
 `Engines` (which engine plays which role) is defined here, with the driver that maps each stage to
 its engine's stream, so that simulate.py can import the driver without the driver importing it.
 """
@@ -23,7 +29,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from music_assets.common.engines import ChatEngine
-from music_assets.common.generation import Failure, GenerationStats, attempt_seed, validated
+from music_assets.common.generation import Failure, GenerationStats, Ok, attempt_seed, validated
 from music_assets.simulation.flow import Job
 
 
@@ -56,6 +62,8 @@ class _Step:
     results: list
     attempts: list[int]
     tokens: list[int]
+    partial: list[str]  # the message so far while it is being continued ('' otherwise)
+    continuations: list[int]  # continuations of the current attempt
 
 
 class Driver:
@@ -66,7 +74,8 @@ class Driver:
     and branch in its batch, instead of waiting at each step for the slowest request or running a
     retry almost alone. Finished turns are committed before any request that follows them is sent."""
 
-    def __init__(self, engines: Engines, max_attempts: int, stats: GenerationStats):
+    def __init__(self, engines: Engines, max_attempts: int, stats: GenerationStats, on_length: str = "retry",
+                 max_continuations: int = 0):
         by_engine: dict[int, object] = {}  # one stream per engine: roles on one engine share its batches
         self.streams = {}
         for stage, engine in (("user", engines.user), ("assistant", engines.assistant), ("rewrite", engines.rewriter)):
@@ -75,6 +84,7 @@ class Driver:
             self.streams[stage] = by_engine[id(engine)]
         self.distinct_streams = list(by_engine.values())
         self.max_attempts, self.stats = max_attempts, stats
+        self.on_length, self.max_continuations = on_length, max_continuations
         self.in_flight: dict[RequestKey, tuple[_Step, int]] = {}
         self.outgoing: list[tuple[_Step, int]] = []
         self.serial = iter(range(2**62))
@@ -101,16 +111,22 @@ class Driver:
             jobs = flow.send(results)
         except StopIteration:
             return
-        step = _Step(flow, jobs, [None] * len(jobs), [0] * len(jobs), [0] * len(jobs))
+        n = len(jobs)
+        step = _Step(flow, jobs, [None] * n, [0] * n, [0] * n, [""] * n, [0] * n)
         self.outgoing += [(step, i) for i in range(len(jobs))]
 
     def _send(self) -> None:
         for step, i in self.outgoing:
-            step.attempts[i] += 1
-            job = step.jobs[i]
+            job, conversation = step.jobs[i], step.jobs[i].conversation
+            if step.partial[i]:  # the same attempt goes on writing its cut message
+                conversation = conversation + [{"role": "assistant", "content": step.partial[i]}]
+                self.stats.continuations += 1
+            else:
+                step.attempts[i] += 1
             key = RequestKey(next(self.serial), job.context_id, job.turn, job.stage, step.attempts[i])
             self.in_flight[key] = (step, i)
-            self.streams[job.stage].submit(key, job.conversation, job.sampling, attempt_seed(job.seed, step.attempts[i]))
+            seed = (attempt_seed(job.seed, step.attempts[i]) + 104729 * step.continuations[i]) % 2**31
+            self.streams[job.stage].submit(key, conversation, job.sampling, seed)
             self.stats.requests += 1
         self.outgoing = []
 
@@ -123,7 +139,18 @@ class Driver:
             step, i = self.in_flight.pop(key)
             self.stats.completion_tokens += out.completion_tokens
             step.tokens[i] += out.completion_tokens
-            result = validated(step.jobs[i].validator, out, step.attempts[i], step.tokens[i])
+            on_length = "retry" if step.jobs[i].stage == "rewrite" else self.on_length
+            text = step.partial[i] + out.text
+            if out.truncated and on_length == "continue" and step.continuations[i] < self.max_continuations:
+                # the engine continues the message as given: trailing spaces would end the word it is in
+                step.partial[i], step.continuations[i] = text.rstrip(), step.continuations[i] + 1
+                self.outgoing.append((step, i))
+                continue
+            result = validated(step.jobs[i].validator, out, step.attempts[i], step.tokens[i], on_length, text,
+                               continued=step.continuations[i] > 0)
+            step.partial[i], step.continuations[i] = "", 0
+            if isinstance(result, Ok) and result.finish == "trimmed":
+                self.stats.trimmed += 1
             if isinstance(result, Failure) and step.attempts[i] < self.max_attempts:
                 self.stats.retries[result.reason] += 1
                 self.outgoing.append((step, i))

@@ -67,9 +67,9 @@ def context_flow(s: ContextState, settings: SimulationConfig, prompts: Prompts, 
             return outbox.drop(s, turn, "user", failure)
         user = dict(zip(branches, users))
 
-        # 2. at c: the contrastive rewrite of the shared request
+        # 2. at c: the contrastive rewrite of the shared request, read in its conversation
         if turn == s.c:
-            prompt = [{"role": "user", "content": prompts.render("contrastive_rewrite", instruction=user["shared"].text)}]
+            prompt = prompts.rewrite_messages(s.visible("shared"), user["shared"].text, settings.rewrite_context_chars)
             (rewrite,) = yield [Job(cid, turn, "rewrite", prompt, settings.rewrite_sampling,
                                     _seed(gkey, cid, "rejected", turn, "rewrite"), rewrite_validator(user["shared"].text, prompts.rewrite_example))]
             if isinstance(rewrite, Failure):
@@ -94,7 +94,8 @@ def context_flow(s: ContextState, settings: SimulationConfig, prompts: Prompts, 
                  "contrast_turn": s.c, "user_message": asked[b].text, "assistant_message": answer.text,
                  "modified_instruction": s.modified if b == "rejected" else None,
                  "user_attempts": asked[b].attempts, "assistant_attempts": answer.attempts,
-                 "user_tokens": asked[b].tokens, "assistant_tokens": answer.tokens}
+                 "user_tokens": asked[b].tokens, "assistant_tokens": answer.tokens,
+                 "user_finish": asked[b].finish, "assistant_finish": answer.finish}
                 for b, answer in zip(answering, answers)]
         outbox.rows += rows
         for row in rows:

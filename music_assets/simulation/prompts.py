@@ -24,9 +24,11 @@ from pathlib import Path
 TEMPLATE_NAMES = ("user_simulator", "contrastive_rewrite", "contrastive_assistant")
 JUDGE_TEMPLATE_NAMES = ("judge_pairwise",)
 # Bump when the simulation's logic changes in a way that changes its outputs.
-SIMULATION_ALGORITHM_VERSION = "music-sim-v3"  # v2: role-swapped user simulator, note on turn c; v3: user may not repeat the rewrite
+# v2: role-swapped user simulator, note on turn c; v3: user may not repeat the rewrite; v4: the rewriter
+# reads the conversation so far, cut messages follow on_length
+SIMULATION_ALGORITHM_VERSION = "music-sim-v4"
 # Bump when Best-of-N selection or judging changes in a way that changes its outputs.
-BEST_OF_N_ALGORITHM_VERSION = "bon-v1"
+BEST_OF_N_ALGORITHM_VERSION = "bon-v2"  # v2: judge errors are not ties; the judge context fits its prompts
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,6 +71,25 @@ class Prompts:
         for key, value in values.items():
             text = text.replace("{" + key + "}", value)
         return text.strip()
+
+    def rewrite_messages(self, history: list[dict], instruction: str, max_chars: int) -> list[dict]:
+        """The rewriter's prompt: the turn-c request with the conversation before it, so that a
+        follow-up ("make it shorter") is rewritten knowing what "it" is. The conversation is
+        bounded to its latest messages within `max_chars` (an engine context is finite and the
+        oldest turns matter least); a latest message longer than that keeps its end."""
+        shown: list[str] = []
+        budget = max_chars
+        for m in reversed(history):
+            line = f"{m['role'].capitalize()}: {m['content'].strip()}"
+            if len(line) > budget:
+                if not shown and budget > 0:
+                    shown.append(f"{m['role'].capitalize()}: …{m['content'].strip()[-budget:]}")
+                break
+            shown.append(line)
+            budget -= len(line) + 2
+        conversation = "\n\n".join(reversed(shown)) or "(none: the request opens the conversation)"
+        return [{"role": "user", "content": self.render("contrastive_rewrite", conversation=conversation,
+                                                        instruction=instruction)}]
 
     def user_simulator_messages(self, messages: list[dict]) -> list[dict]:
         """The user simulator's prompt: the instructions as a system message, then the conversation

@@ -63,6 +63,6 @@ def simulate(
 
     flows = [context_flow(s, settings, prompts, gkey, outbox) for s in states.values()
              if not s.dropped and s.next_turn <= settings.turns]
-    Driver(engines, settings.max_attempts, stats).run(flows, commit)
+    Driver(engines, settings.max_attempts, stats, settings.on_length, settings.max_continuations).run(flows, commit)
     stats.completed = sum(1 for s in states.values() if not s.dropped and s.next_turn > settings.turns)
     return stats

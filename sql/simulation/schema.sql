@@ -54,8 +54,13 @@ CREATE TABLE IF NOT EXISTS music.simulated_branches (
     assistant_attempts   INTEGER NOT NULL,
     user_tokens          INTEGER NOT NULL,
     assistant_tokens     INTEGER NOT NULL,
+    user_finish          VARCHAR NOT NULL DEFAULT 'stop',  -- 'stop' | 'trimmed' | 'continued' (on_length)
+    assistant_finish     VARCHAR NOT NULL DEFAULT 'stop',
     created_at           TIMESTAMP NOT NULL DEFAULT current_timestamp
 );
+-- Warehouses created before on_length existed: their turns were all sampled whole ('stop').
+ALTER TABLE music.simulated_branches ADD COLUMN IF NOT EXISTS user_finish VARCHAR DEFAULT 'stop';
+ALTER TABLE music.simulated_branches ADD COLUMN IF NOT EXISTS assistant_finish VARCHAR DEFAULT 'stop';
 
 -- Contexts the simulation gave up on, with the reason: nothing is dropped silently, and a rerun
 -- does not try them again under the same generation key.

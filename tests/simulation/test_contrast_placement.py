@@ -95,8 +95,12 @@ def test_the_contrast_is_in_the_rejected_assistants_prompts_from_c_on_and_nowher
         note = PACKAGED.render("contrastive_assistant", modified=modified)
         assert modified in note and shows_private_note(note, PACKAGED.private_note_markers)
 
-        # the rewrite is asked of the shared turn-c request
-        assert original in sent[(cid, "rejected", c, "rewrite")][0][-1]["content"]
+        # the rewrite is asked of the shared turn-c request, in its conversation (seed context and
+        # the shared turns before c; their latest messages within rewrite_context_chars)
+        (rewrite_prompt,) = sent[(cid, "rejected", c, "rewrite")]
+        assert rewrite_prompt == PACKAGED.rewrite_messages(ctx.messages + shared, original, settings.rewrite_context_chars)
+        assert original in rewrite_prompt[-1]["content"]
+        assert (ctx.messages + shared)[-1]["content"] in rewrite_prompt[-1]["content"]
         # before c (and the user message at c): one prompt each, built on the shared history only
         for t in range(1, c + 1):
             history = ctx.messages + shared[:2 * (t - 1)]
@@ -138,3 +142,17 @@ def test_the_contrast_is_in_the_rejected_assistants_prompts_from_c_on_and_nowher
                     assert modified.lower() not in texts.lower()
                     assert not shows_private_note(texts, PACKAGED.private_note_markers)
                 assert not any(o in "\n".join(m["content"] for m in assistant_prompt) for o in others)
+
+
+def test_the_rewriters_view_of_the_conversation_is_bounded_to_its_latest_messages():
+    history = [{"role": "user", "content": f"Question {i} " + "x" * 200} if i % 2 == 0 else
+               {"role": "assistant", "content": f"Answer {i} " + "y" * 200} for i in range(10)]
+    (prompt,) = PACKAGED.rewrite_messages(history, "Make it shorter.", 700)
+    text = prompt["content"]
+    assert "Answer 9" in text and "Question 8" in text and "Question 0" not in text
+    shown = text.split("(do not rewrite it):")[1].split("The user's latest request")[0]
+    assert len(shown.strip()) <= 700
+    (alone,) = PACKAGED.rewrite_messages(history, "Make it shorter.", 0)
+    assert "Question" not in alone["content"] and "Make it shorter." in alone["content"]
+    (long_last,) = PACKAGED.rewrite_messages([{"role": "assistant", "content": "z" * 5000 + " the end"}], "Shorter?", 100)
+    assert "the end" in long_last["content"] and "z" * 200 not in long_last["content"]

@@ -19,7 +19,7 @@ from resources.llm import LLMEngine
 from music_assets.simulation.prompts import PACKAGED
 
 # how the scripted engine tells the stages apart: the user simulator's instructions are its system message
-USER_PROMPT, REWRITE_PROMPT = PACKAGED.render("user_simulator")[:60], "Rewrite the user's request"
+USER_PROMPT, REWRITE_PROMPT = PACKAGED.render("user_simulator")[:60], PACKAGED.templates["contrastive_rewrite"][:40]
 
 
 class ScriptedEngine(LLMEngine):
