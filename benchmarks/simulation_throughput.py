@@ -7,7 +7,7 @@ Prints generated tokens/s for
   (b) a naive loop: the same simulation, one context at a time, and every request sent to the
       engine alone (one conversation at a time: no batching at all),
   (c) raw `vllm.LLM.chat` replaying exactly the requests (a) sent, in turn-synchronous batches
-      (one call per turn, stage and attempt: what a step-by-step batched loop sends),
+      (one call per turn, stage, attempt and continuation: what a step-by-step batched loop sends),
   (c') the same requests in a single `vllm.LLM.chat` call, as if none depended on another (an
       upper bound no simulation can reach: a turn needs the previous one),
 and the ratios a/b (target >= 5) and a/c (target >= 0.8), all on the same engine in one process.
@@ -29,7 +29,7 @@ from pathlib import Path
 from dagster_duckdb import DuckDBResource
 
 from music_assets.simulation.contexts import sample_context
-from music_assets.common.engines import RequestStream, Sampling, per_request
+from music_assets.common.engines import RequestStream, Sampling, continues_final_message, per_request
 from music_assets.simulation.config import SimulationConfig
 from music_assets.simulation.driver import Engines
 from music_assets.simulation.simulate import simulate
@@ -115,9 +115,10 @@ def main():
     parser.add_argument("--contexts", type=int, default=16)
     parser.add_argument("--naive-contexts", type=int, default=4, help="naive loop is slow: a subset")
     parser.add_argument("--turns", type=int, default=3)
-    parser.add_argument("--threads-bind", default="auto")
+    parser.add_argument("--threads-bind", default=ComputeResource().cpu_threads_bind,
+                        help="compute.cpu_threads_bind (default: the product's, chosen from the machine)")
     parser.add_argument("--kv-cache-gib", type=int, default=ComputeResource().cpu_kv_cache_gib,
-                        help="CPU KV cache: at the 1 GiB default, 16 contexts x 2 branches do not all fit")
+                        help="compute.cpu_kv_cache_gib (default: the product's, chosen from the machine)")
     parser.add_argument("--short", action="store_true", help="max tokens 64 / 128 / 64 instead of the defaults")
     args = parser.parse_args()
 
@@ -129,9 +130,10 @@ def main():
     settings = replace(defaults, turns=args.turns, contrast_turn=1, min_contrast_turns=min(2, args.turns),
                        **{f"{r}_sampling": replace(getattr(defaults, f"{r}_sampling"), max_tokens=n)
                           for r, n in lengths.items()})
-    print(f"max tokens: {lengths}, turns {args.turns}, CPU KV cache {args.kv_cache_gib} GiB")
-    engine = VLLMEngine(model=args.model, compute=ComputeResource(cpu_threads_bind=args.threads_bind,
-                                                                  cpu_kv_cache_gib=args.kv_cache_gib))
+    compute = ComputeResource(cpu_threads_bind=args.threads_bind, cpu_kv_cache_gib=args.kv_cache_gib)
+    print(f"max tokens: {lengths}, turns {args.turns}, on_length {settings.on_length}, "
+          f"compute: {compute.vllm_environment()}")
+    engine = VLLMEngine(model=args.model, compute=compute)
     started = time.perf_counter()
     engine.chat([[{"role": "user", "content": "warm up"}]], Sampling(max_tokens=8))
     print(f"engine load + warm-up: {time.perf_counter() - started:.1f}s ({engine.identity()})", flush=True)
@@ -146,6 +148,10 @@ def main():
         tok_a, sec_a, stats = run_simulation(recorder, contexts, settings, Path(tmp) / "a.duckdb", "batched")
         print(f"(a) streamed simulation: {len(contexts)} contexts, {stats.requests} requests, "
               f"{stats.completed} completed, {tok_a} tokens in {sec_a:.1f}s = {tok_a / sec_a:.1f} tok/s", flush=True)
+        print(f"    yield: {stats.completed} of {len(contexts)} contexts finished "
+              f"({stats.completed / len(contexts):.0%}); dropped {dict(stats.dropped)}; "
+              f"{stats.continuations} continuations, {stats.trimmed} trimmed; "
+              f"{tok_a / max(1, stats.completed):.0f} generated tokens per MUSIC pair", flush=True)
 
         llm.reset_prefix_cache()
         tok_b = sec_b = 0.0
@@ -158,7 +164,7 @@ def main():
     stage_order = {"user": 0, "rewrite": 1, "assistant": 2}
     waves: dict[tuple, list] = {}
     for key, conversation, sampling, seed in recorder.requests:
-        waves.setdefault((key.turn, stage_order[key.stage], key.attempt), []).append((conversation, sampling, seed))
+        waves.setdefault((key.turn, stage_order[key.stage], key.attempt, key.continuation), []).append((conversation, sampling, seed))
     tok_c, sec_c = replay(llm, [waves[w] for w in sorted(waves)])
     print(f"(c) raw vllm.LLM.chat, same requests in {len(waves)} turn-synchronous batches: "
           f"{tok_c} tokens in {sec_c:.1f}s = {tok_c / sec_c:.1f} tok/s", flush=True)
@@ -176,12 +182,17 @@ def replay(llm, batches) -> tuple[int, float]:
     llm.reset_prefix_cache()
     tokens, seconds = 0, 0.0
     for batch in batches:
-        params = [SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=seed)
-                  for _, s, seed in batch]
-        started = time.perf_counter()
-        outs = llm.chat([conversation for conversation, _, _ in batch], params, use_tqdm=False)
-        seconds += time.perf_counter() - started
-        tokens += sum(len(c.token_ids) for o in outs for c in o.outputs)
+        for continuing in (False, True):  # a continuation (`on_length: continue`) goes on with its last message
+            part = [r for r in batch if continues_final_message(r[0]) == continuing]
+            if not part:
+                continue
+            params = [SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                                     seed=seed) for _, s, seed in part]
+            started = time.perf_counter()
+            outs = llm.chat([conversation for conversation, _, _ in part], params, use_tqdm=False,
+                            add_generation_prompt=not continuing, continue_final_message=continuing)
+            seconds += time.perf_counter() - started
+            tokens += sum(len(c.token_ids) for o in outs for c in o.outputs)
     return tokens, seconds
 
 

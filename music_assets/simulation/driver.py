@@ -51,6 +51,7 @@ class RequestKey(NamedTuple):
     turn: int
     stage: str
     attempt: int
+    continuation: int = 0  # >0: the request continues the attempt's cut message (`on_length: continue`)
 
 
 @dataclass
@@ -123,7 +124,7 @@ class Driver:
                 self.stats.continuations += 1
             else:
                 step.attempts[i] += 1
-            key = RequestKey(next(self.serial), job.context_id, job.turn, job.stage, step.attempts[i])
+            key = RequestKey(next(self.serial), job.context_id, job.turn, job.stage, step.attempts[i], step.continuations[i])
             self.in_flight[key] = (step, i)
             seed = (attempt_seed(job.seed, step.attempts[i]) + 104729 * step.continuations[i]) % 2**31
             self.streams[job.stage].submit(key, conversation, job.sampling, seed)
