@@ -73,23 +73,29 @@ class Prompts:
         return text.strip()
 
     def rewrite_messages(self, history: list[dict], instruction: str, max_chars: int) -> list[dict]:
-        """The rewriter's prompt: the turn-c request with the conversation before it, so that a
-        follow-up ("make it shorter") is rewritten knowing what "it" is. The conversation is
-        bounded to its latest messages within `max_chars` (an engine context is finite and the
-        oldest turns matter least); a latest message longer than that keeps its end."""
-        shown: list[str] = []
+        """The rewriter's prompt: the conversation before the turn-c request, as the chat it is,
+        then the rewrite instruction with the request; so a follow-up ("make it shorter") is
+        rewritten knowing what "it" is. The conversation is bounded to its latest messages within
+        `max_chars` (an engine context is finite and the oldest turns matter least); a latest
+        message longer than that keeps its end.
+
+        Why a chat and not a transcript pasted into the instruction: SmolLM2-135M copied the
+        pasted "User: ..." lines into its rewrite (measured on the demo), and the chat form is the
+        branches' own prefix, which vLLM's prefix cache already holds."""
+        shown: list[dict] = []
         budget = max_chars
         for m in reversed(history):
-            line = f"{m['role'].capitalize()}: {m['content'].strip()}"
-            if len(line) > budget:
+            text = m["content"].strip()
+            if len(text) > budget:
                 if not shown and budget > 0:
-                    shown.append(f"{m['role'].capitalize()}: …{m['content'].strip()[-budget:]}")
+                    shown.append({"role": m["role"], "content": "…" + text[-budget:]})
                 break
-            shown.append(line)
-            budget -= len(line) + 2
-        conversation = "\n\n".join(reversed(shown)) or "(none: the request opens the conversation)"
-        return [{"role": "user", "content": self.render("contrastive_rewrite", conversation=conversation,
-                                                        instruction=instruction)}]
+            shown.append({"role": m["role"], "content": text})
+            budget -= len(text)
+        shown.reverse()
+        while shown and shown[0]["role"] != "user":  # chat templates expect a user turn first
+            shown.pop(0)
+        return shown + [{"role": "user", "content": self.render("contrastive_rewrite", instruction=instruction)}]
 
     def user_simulator_messages(self, messages: list[dict]) -> list[dict]:
         """The user simulator's prompt: the instructions as a system message, then the conversation

@@ -40,7 +40,7 @@ class RecordingEngine(LLMEngine):
         for conv, seed in zip(conversations, seeds):
             if conv[0]["role"] == "system":
                 text = f"Could you tell me more, question q{seed}?"
-            elif conv[0]["content"].startswith("Rewrite the user's request"):
+            elif conv[-1]["content"].startswith(PACKAGED.templates["contrastive_rewrite"][:40]):
                 text = f"A subtly different request about goats, variant r{seed}"
             else:
                 text = f"Here is answer a{seed}."
@@ -100,7 +100,7 @@ def test_the_contrast_is_in_the_rejected_assistants_prompts_from_c_on_and_nowher
         (rewrite_prompt,) = sent[(cid, "rejected", c, "rewrite")]
         assert rewrite_prompt == PACKAGED.rewrite_messages(ctx.messages + shared, original, settings.rewrite_context_chars)
         assert original in rewrite_prompt[-1]["content"]
-        assert (ctx.messages + shared)[-1]["content"] in rewrite_prompt[-1]["content"]
+        assert rewrite_prompt[:-1] == (ctx.messages + shared)[-len(rewrite_prompt) + 1:]  # the chat so far, as is
         # before c (and the user message at c): one prompt each, built on the shared history only
         for t in range(1, c + 1):
             history = ctx.messages + shared[:2 * (t - 1)]
@@ -147,12 +147,13 @@ def test_the_contrast_is_in_the_rejected_assistants_prompts_from_c_on_and_nowher
 def test_the_rewriters_view_of_the_conversation_is_bounded_to_its_latest_messages():
     history = [{"role": "user", "content": f"Question {i} " + "x" * 200} if i % 2 == 0 else
                {"role": "assistant", "content": f"Answer {i} " + "y" * 200} for i in range(10)]
-    (prompt,) = PACKAGED.rewrite_messages(history, "Make it shorter.", 700)
-    text = prompt["content"]
-    assert "Answer 9" in text and "Question 8" in text and "Question 0" not in text
-    shown = text.split("(do not rewrite it):")[1].split("The user's latest request")[0]
-    assert len(shown.strip()) <= 700
-    (alone,) = PACKAGED.rewrite_messages(history, "Make it shorter.", 0)
-    assert "Question" not in alone["content"] and "Make it shorter." in alone["content"]
-    (long_last,) = PACKAGED.rewrite_messages([{"role": "assistant", "content": "z" * 5000 + " the end"}], "Shorter?", 100)
-    assert "the end" in long_last["content"] and "z" * 200 not in long_last["content"]
+    prompt = PACKAGED.rewrite_messages(history, "Make it shorter.", 900)
+    assert [m["content"][:9] for m in prompt[:-1]] == ["Question ", "Answer 7 ", "Question ", "Answer 9 "]
+    assert prompt[0]["content"].startswith("Question 6") and prompt[-1]["role"] == "user"
+    assert sum(len(m["content"]) for m in prompt[:-1]) <= 900
+    assert "Make it shorter." in prompt[-1]["content"] and "Question" not in prompt[-1]["content"]
+    assert PACKAGED.rewrite_messages(history, "Make it shorter.", 0) == prompt[-1:]
+    long_last = PACKAGED.rewrite_messages([{"role": "user", "content": "z" * 5000 + " the end"}], "Shorter?", 100)
+    assert long_last[0]["content"].endswith("the end") and len(long_last[0]["content"]) == 101
+    # a window that would open with an answer starts at the next user turn instead
+    assert PACKAGED.rewrite_messages(history[:2], "Again?", 215)[0]["role"] == "user"

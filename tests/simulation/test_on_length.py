@@ -34,7 +34,7 @@ class CuttingEngine(LLMEngine):
                 out.append(Generation(["And what about the next step?"], ["stop"], 6))
             elif conv[-1]["role"] == "assistant":  # a continuation of the cut answer
                 out.append(Generation([TAIL], ["length" if self.always_cut else "stop"], 4))
-            elif "Rewrite" in conv[0]["content"][:20]:
+            elif conv[-1]["content"].startswith("Rewrite"):
                 out.append(Generation(["A subtly different request about goats"], ["stop"], 6))
             else:
                 out.append(Generation([HEAD], ["length"], 9))
@@ -65,7 +65,7 @@ def test_continue_finishes_the_cut_answer_in_the_same_message():
     assert continued and all(c[-1]["content"] == HEAD for c in continued)
     # the continuation extends the cut request: same conversation, the cut answer appended
     first_try = next(c for c in REQUESTS if c[-1]["role"] == "user" and not c[0]["content"].startswith(USER_PROMPT)
-                     and "Rewrite" not in c[0]["content"][:20])
+                     and not c[-1]["content"].startswith("Rewrite"))
     assert any(c[:-1] == first_try for c in continued)
     # tokens of both requests count for the kept answer
     assert {r["assistant_tokens"] for r in store.rows} == {9 + 4}
@@ -78,7 +78,7 @@ def test_continue_gives_up_after_max_continuations_and_retries_then_drops():
                 max_attempts=2)
     assert stats.completed == 0 and dict(stats.dropped) == {"truncated": 5}
     answer_requests = [c for c in REQUESTS if not c[0]["content"].startswith(USER_PROMPT)
-                       and "Rewrite" not in c[0]["content"][:20]]
+                       and not c[-1]["content"].startswith("Rewrite")]
     # per context, turn 1: 2 attempts x (1 + 2 continuations) for the first branch to fail (both
     # branches are asked at c; the context drops at its first failure)
     assert len(answer_requests) == 5 * 2 * 2 * 3

@@ -34,7 +34,7 @@ class ScriptedEngine(LLMEngine):
         for conv, seed in zip(conversations, seeds):
             text = "\n".join(m["content"] for m in conv)
             stage = ("user" if conv[0]["content"].startswith(USER_PROMPT)
-                     else "rewrite" if text.startswith(REWRITE_PROMPT) else "assistant")
+                     else "rewrite" if conv[-1]["content"].startswith(REWRITE_PROMPT) else "assistant")
             marker = next((m for m in ("ctx-a", "ctx-b", "ctx-c", "ctx-d", "ctx-e") if m in text), "")
             CALLS.append((stage, marker))
             BATCHES[-1].append((stage, marker))
