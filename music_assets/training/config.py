@@ -17,6 +17,7 @@ from music_assets.common.config import setting
 
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-pure")
 STRATEGIES = ("ddp", "fsdp")
+PREFIX_SHARING = ("auto", "on", "off")
 
 
 @dataclass
@@ -43,6 +44,10 @@ class TrainConfig:
     group_by_length: bool = setting(True, help="batches of similar length: less padding")
     gradient_checkpointing: bool = setting(
         False, help="recompute activations in backward: less memory, ~30% slower")
+    prefix_sharing: str = setting(
+        "auto", help="on: a pair is one packed row [shared prefix | chosen | rejected] (the prefix's forward and "
+                     "backward run once; decoders of the Llama family with sdpa/eager attention) | off: each side in "
+                     "full | auto: on where the model allows it and the pairs share enough of their tokens")
     eval_every: int = setting(50, help="steps between validation passes (0: only at the end)")
     select: str = setting(
         "last", help="which weights the checkpoint holds: last (the final step's, as a fixed-step recipe means) | "
@@ -58,6 +63,8 @@ class TrainConfig:
             raise ValueError(f"lr_scheduler must be linear, cosine or constant, got {self.lr_scheduler!r}")
         if self.select not in ("last", "best"):
             raise ValueError(f"select must be last or best, got {self.select!r}")
+        if self.prefix_sharing not in PREFIX_SHARING:
+            raise ValueError(f"prefix_sharing must be one of {', '.join(PREFIX_SHARING)}, got {self.prefix_sharing!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from music_assets.training.config import TrainConfig
+from music_assets.training.prefix_packing import packed_rewards, packing_refusal, pair_prefix_length
 from music_assets.training.rm_data import DataError, EncodedPair
 
 
@@ -50,6 +51,8 @@ class TrainResult:
     best_validation_accuracy: float | None = None
     stopped_early: bool = False
     resumed_from_step: int = 0
+    prefix_sharing: str = "off"  # how pairs were encoded: 'packed' (shared prefix once) or 'off'
+    shared_fraction: float = 0.0  # mean share of a pair's tokens in the prefix its sides share
     history: list = field(default_factory=list)  # {"step", "loss", "train_accuracy", "lr", "validation_accuracy"?}
 
     @property
@@ -168,6 +171,7 @@ class _Parts:
     autocast: torch.autocast
     dist: bool
     fsdp: bool = False
+    rewards: Callable = None  # `rewards` or `packed_rewards` (see `_pair_rewards_fn`)
 
 
 @dataclass
@@ -227,6 +231,7 @@ def train(
 
     parts = _setup(model, cfg, total, dist, strategy)
     result, best, window = TrainResult(), _Best(), _Window()
+    parts.rewards, result.prefix_sharing, result.shared_fraction = _pair_rewards_fn(model, train_pairs, cfg)
     state_file = state_dir / "training_state.pt" if state_dir else None
     scratch = Path(tempfile.mkdtemp(prefix="rm-best-")) if cfg.select == "best" and not state_dir else None
     best_file = (state_dir or scratch) / "best_weights.pt" if cfg.select == "best" else None
@@ -261,6 +266,34 @@ def train(
     if scratch:
         shutil.rmtree(scratch, ignore_errors=True)
     return result
+
+
+# Below this mean share of a side in the shared prefix, packing does not pay: the packed row is
+# almost as long as both sides, and SDPA with a dense mask is slower than with a padding mask.
+# Measured (benchmarks/prefix_training.py, SmolLM2-135M fp32): see benchmarks/README.md.
+AUTO_MIN_SHARED_FRACTION = 0.3
+
+
+def shared_fraction(pairs: list[EncodedPair]) -> float:
+    """Mean share of a pair's longer side that lies in the prefix both sides share (packing saves
+    about half of it: the prefix runs once instead of twice)."""
+    if not pairs:
+        return 0.0
+    return sum(pair_prefix_length(p.chosen, p.rejected) / p.length for p in pairs) / len(pairs)
+
+
+def _pair_rewards_fn(model, pairs: list[EncodedPair], cfg: TrainConfig) -> tuple[Callable, str, float]:
+    """How a micro-batch's rewards are computed (`prefix_sharing`): packed pairs (prefix_packing.py:
+    same loss and gradients, the shared prefix run once) or each side in full."""
+    fraction = shared_fraction(pairs)
+    if cfg.prefix_sharing == "off":
+        return rewards, "off", fraction
+    refusal = packing_refusal(model)
+    if cfg.prefix_sharing == "on" and refusal:
+        raise DataError(f"training.options.prefix_sharing is on, but this backbone cannot be packed: {refusal}")
+    if refusal or (cfg.prefix_sharing == "auto" and fraction < AUTO_MIN_SHARED_FRACTION):
+        return rewards, "off", fraction
+    return packed_rewards, "packed", fraction
 
 
 def _check_inputs(train_pairs: list[EncodedPair], cfg: TrainConfig, world: int) -> None:
@@ -402,7 +435,7 @@ def _optimizer_step(parts: _Parts, pairs: list[EncodedPair], cfg: TrainConfig, p
         # DDP reduces gradients on the last micro-batch only; FSDP reduce-scatters each one into the shards
         ctx = parts.ddp_model.no_sync() if parts.dist and not parts.fsdp and not sync else nullcontext()
         with ctx, parts.autocast:
-            c, r = rewards(parts.ddp_model, chunk, pad_id)
+            c, r = parts.rewards(parts.ddp_model, chunk, pad_id)
             loss = bt_loss(c, r, cfg) * len(chunk) / len(pairs)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}: stopping (lower the learning rate?)")

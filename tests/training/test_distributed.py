@@ -59,11 +59,22 @@ def test_fsdp_on_two_processes_matches_one_process(splits, tmp_path):
     a standard Hugging Face folder gathered from the shards."""
     from transformers import AutoModelForSequenceClassification
 
-    run_side_by_side({"single": (_job(splits, tmp_path / "single", max_steps=4), 1),
-                      "fsdp": (_job(splits, tmp_path / "fsdp", "fsdp", max_steps=4), 2)}, tmp_path)
+    run_side_by_side({"single": (_job(splits, tmp_path / "single", max_steps=4, prefix_sharing="on"), 1),
+                      "fsdp": (_job(splits, tmp_path / "fsdp", "fsdp", max_steps=4, prefix_sharing="on"), 2),
+                      "unpacked": (_job(splits, tmp_path / "unpacked", max_steps=4, prefix_sharing="off"), 1)},
+                     tmp_path)
     worst = _max_difference(tmp_path / "single", tmp_path / "fsdp")
     print(f"max |single - fsdp| weight difference: {worst:.2e}")
     assert worst < 1e-5
+    # packed pairs (the shared prefix once), under FSDP too: the weights after 4 steps equal
+    # training each side in full
+    packed = _max_difference(tmp_path / "single", tmp_path / "unpacked")
+    print(f"max |packed - unpacked| weight difference: {packed:.2e}")
+    assert packed < 1e-4
+    kinds = {name: json.loads((tmp_path / name / "music_metadata.json").read_text())["metrics"]
+             for name in ("single", "fsdp", "unpacked")}
+    assert [kinds[n]["prefix_sharing"] for n in ("single", "fsdp", "unpacked")] == ["packed", "packed", "off"]
+    assert kinds["single"]["shared_prefix_fraction"] > 0
     meta = json.loads((tmp_path / "fsdp" / "music_metadata.json").read_text())
     assert meta["metrics"]["strategy"] == "fsdp" and meta["metrics"]["processes"] == 2
     assert meta["metrics"]["precision"] == meta["config"]["precision"]
@@ -143,3 +154,23 @@ def test_a_gpu_asked_for_where_there_is_none_fails_at_once_with_the_reason():
     with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
         training_device({"device": "cuda"})
     assert training_device({"device": "cpu"}) == (torch.device("cpu"), "gloo")
+
+
+def test_prefix_sharing_auto_packs_where_the_model_allows_it_and_the_pairs_share_enough():
+    from music_assets.training.rm_data import DataError, EncodedPair
+    from music_assets.training.trainer import AUTO_MIN_SHARED_FRACTION, _pair_rewards_fn, packed_rewards, rewards
+
+    model, _ = load_backbone("builtin:tiny-llama", 0)
+    long_prefix = [EncodedPair(list(range(40)) + [1, 2], list(range(40)) + [3])]
+    short_prefix = [EncodedPair([5, 1, 2, 3, 4], [5, 6, 7, 8])]
+    assert _pair_rewards_fn(model, long_prefix, TrainConfig(prefix_sharing="auto"))[:2] == (packed_rewards, "packed")
+    fn, kind, fraction = _pair_rewards_fn(model, short_prefix, TrainConfig(prefix_sharing="auto"))
+    assert (fn, kind) == (rewards, "off") and fraction < AUTO_MIN_SHARED_FRACTION
+    assert _pair_rewards_fn(model, short_prefix, TrainConfig(prefix_sharing="on"))[1] == "packed"
+    assert _pair_rewards_fn(model, long_prefix, TrainConfig(prefix_sharing="off"))[1] == "off"
+    encoder, _ = load_backbone("builtin:minilm", 0)
+    assert _pair_rewards_fn(encoder, long_prefix, TrainConfig(prefix_sharing="auto"))[1] == "off"
+    with pytest.raises(DataError, match="prefix_sharing is on.*bert"):
+        _pair_rewards_fn(encoder, long_prefix, TrainConfig(prefix_sharing="on"))
+    with pytest.raises(ValueError, match="prefix_sharing"):
+        TrainConfig(prefix_sharing="yes")

@@ -1,0 +1,195 @@
+"""Prefix-shared Bradley-Terry training for decoder reward models: a pair's shared context runs once.
+
+Chosen and rejected usually share a long context (the conversation so far) and differ only in the
+last reply. The usual forward encodes each side in full, so the context's forward and backward run
+twice. Here a pair is one row, `[shared prefix | chosen suffix | rejected suffix]`, with
+
+- a 4D attention mask: every token attends causally to the prefix and to the earlier tokens of its
+  own segment; the rejected suffix never sees the chosen suffix. Right padding attends only to
+  itself (a row with nothing to attend to would give NaNs in SDPA), and no real token sees it;
+- position ids that restart after the prefix: both suffixes run from `prefix_length`, so each
+  suffix token has exactly the position (and, with RoPE, the attention scores) it would have in its
+  side encoded alone;
+- the two reward positions per row: the last token of each suffix, or the prefix's last token
+  when a suffix is empty (that side *is* the prefix, and causality makes the prefix's last hidden
+  state that side's last hidden state).
+
+So r_chosen and r_rejected equal the unpacked ones up to float rounding, and so do the loss and every
+gradient (tests/training/test_prefix_packing.py checks this to 1e-4 in fp32, also under DDP).
+
+How transformers 5.x takes the mask (read in 5.19's `masking_utils.py` and `modeling_llama.py`): a
+4D tensor given as `attention_mask` is returned as-is by `create_causal_mask` (no causal or padding
+mask is added, no packed-sequence detection from position ids runs) and handed to the attention
+function unchanged. SDPA takes a bool mask (True = may attend) or an additive float one; the eager
+path *adds* the mask to the scores, so it needs the additive form (0 or the dtype's minimum). The
+batch holds the bool mask; `packed_pair_rewards` converts it for the model's attention kernel.
+Flash-attention and flex kernels take no dense 4D mask and are refused, as are sliding-window
+configs (a 4D mask given as-is would silently drop the window).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+# Model types whose transformers 5.x code takes a dense 4D mask as-is and applies RoPE from
+# `position_ids` (the Llama code path; Mistral, Qwen2 and Qwen3 are generated from it). Each is
+# checked against unpacked scoring in the tests; others (GPT-2's learned positions, Gemma-2's
+# alternating sliding layers, encoders) are refused rather than assumed.
+PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+DENSE_MASK_ATTENTION = frozenset({"sdpa", "eager"})
+
+_PREFIX, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3  # segment ids of a packed row
+
+
+@dataclass
+class PackedBatch:
+    """One row per pair. `attention_mask` is bool [B, 1, L, L], True where a query (dim 2) may
+    attend to a key (dim 3); `chosen_index`/`rejected_index` [B] are where each side's reward is read."""
+
+    input_ids: torch.Tensor  # [B, L], right-padded with pad_id
+    attention_mask: torch.Tensor  # [B, 1, L, L] bool
+    position_ids: torch.Tensor  # [B, L]
+    chosen_index: torch.Tensor  # [B]
+    rejected_index: torch.Tensor  # [B]
+    prefix_lengths: list[int]
+    real_tokens: int  # tokens that are not padding (packed); the unpacked forward's would be sum(len(c) + len(r))
+
+    def to(self, device) -> PackedBatch:
+        move = {k: getattr(self, k).to(device) for k in ("input_ids", "attention_mask", "position_ids",
+                                                          "chosen_index", "rejected_index")}
+        return PackedBatch(**move, prefix_lengths=self.prefix_lengths, real_tokens=self.real_tokens)
+
+
+def pair_prefix_length(chosen_ids: Sequence[int], rejected_ids: Sequence[int]) -> int:
+    """How many leading tokens the two sides share (the part a packed row encodes once)."""
+    n = 0
+    for a, b in zip(chosen_ids, rejected_ids):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def _sides(pair, row: int) -> tuple[list[int], list[int]]:
+    """(chosen, rejected) token ids of an `EncodedPair`-like object or a (chosen, rejected) tuple."""
+    chosen, rejected = (pair.chosen, pair.rejected) if hasattr(pair, "chosen") else pair
+    for side, ids in (("chosen", chosen), ("rejected", rejected)):
+        if len(ids) == 0:
+            raise ValueError(f"pair {row}: the {side} side has no tokens; there is nothing to read its reward from")
+    return list(chosen), list(rejected)
+
+
+def pack_pairs(pairs: Sequence, pad_id: int) -> PackedBatch:
+    """Packs pairs (`EncodedPair`s or (chosen_ids, rejected_ids) tuples) into right-padded rows
+    `[prefix | chosen suffix | rejected suffix]` with the mask, positions and reward indices above."""
+    if not pairs:
+        raise ValueError("pack_pairs needs at least one pair")
+    rows, segments, positions, chosen_at, rejected_at, prefixes = [], [], [], [], [], []
+    for row, pair in enumerate(pairs):
+        chosen, rejected = _sides(pair, row)
+        p = pair_prefix_length(chosen, rejected)
+        c, r = chosen[p:], rejected[p:]
+        rows.append(chosen[:p] + c + r)
+        segments.append([_PREFIX] * p + [_CHOSEN] * len(c) + [_REJECTED] * len(r))
+        positions.append(list(range(p)) + list(range(p, p + len(c))) + list(range(p, p + len(r))))
+        chosen_at.append(p + len(c) - 1)  # p - 1 when the chosen suffix is empty: the prefix's last token
+        rejected_at.append(p + len(c) + len(r) - 1 if r else p - 1)
+        prefixes.append(p)
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    segment = torch.full((len(rows), width), _PAD, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, seg, pos) in enumerate(zip(rows, segments, positions)):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        segment[i, : len(ids)] = torch.tensor(seg)
+        position_ids[i, : len(ids)] = torch.tensor(pos)
+    return PackedBatch(input_ids, _allowed(segment), position_ids, torch.tensor(chosen_at), torch.tensor(rejected_at),
+                       prefixes, sum(len(ids) for ids in rows))
+
+
+def _allowed(segment: torch.Tensor) -> torch.Tensor:
+    """The bool [B, 1, L, L] mask from segment ids [B, L]: causal, and a key must be in the prefix or
+    in the query's own segment; a padding query sees only itself, and no real query sees padding
+    (padding comes after every real token, and causality hides later keys)."""
+    width = segment.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    q, k = segment[:, :, None], segment[:, None, :]
+    real = causal & ((k == _PREFIX) | (k == q)) & (q != _PAD)
+    own = torch.eye(width, dtype=torch.bool) & (q == _PAD)
+    return (real | own)[:, None]
+
+
+def unwrap(model):
+    """The Hugging Face model inside a DDP wrapper (FSDP2 shards the model in place: it is its own)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def packing_refusal(model) -> str | None:
+    """Why `model` cannot be trained with packed pairs, or None when it can."""
+    model = unwrap(model)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in PACKABLE_MODEL_TYPES:
+        return (f"model type {model_type!r} is not one whose attention takes a 4D mask and RoPE position ids "
+                f"as given (packable: {', '.join(sorted(PACKABLE_MODEL_TYPES))}); encoders never are")
+    if not isinstance(getattr(model, "score", None), torch.nn.Module):
+        return f"{type(model).__name__} has no `score` head (load it with AutoModelForSequenceClassification)"
+    if getattr(config, "sliding_window", None) is not None:
+        return f"sliding-window attention (window {config.sliding_window}) would be lost under a dense 4D mask"
+    attn = getattr(config, "_attn_implementation", None)
+    if attn not in DENSE_MASK_ATTENTION:
+        return f"attention implementation {attn!r} takes no dense 4D mask (use sdpa or eager)"
+    return None
+
+
+def supports_prefix_packing(model) -> bool:
+    """Whether `model` (bare or DDP-wrapped) is a decoder reward model that packed pairs give the same
+    rewards as unpacked ones: a Llama-family type with a `score` head, full attention, SDPA or eager."""
+    return packing_refusal(model) is None
+
+
+def _attention_mask_for(model, allowed: torch.Tensor) -> torch.Tensor:
+    """The mask as the model's attention kernel reads it: bool for SDPA, additive (0 / dtype minimum,
+    in the weights' dtype) for eager, which adds it to the scores."""
+    if model.config._attn_implementation == "sdpa":
+        return allowed
+    dtype = model.get_input_embeddings().weight.dtype
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+def packed_pair_rewards(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected) [B], fp32, for a packed batch in one forward pass.
+
+    `model` is taken as given: the bare model, its DDP wrapper or an FSDP2-sharded one. The forward goes
+    through the model's own `__call__` (backbone with the explicit 4D mask and position ids, then
+    `score`), never around it: DDP reduces gradients only for a forward that went through its wrapper
+    (its reducer ignores the backward of any other), and FSDP2 gathers the root's weights (embeddings,
+    norm, head) in the root module's forward hooks. The per-token scores are taken from the `score`
+    head by a forward hook, and read at the two reward positions of every row; the model's own pooling
+    (at its last non-pad token, one per row) is left unused.
+    """
+    inner = unwrap(model)
+    refusal = packing_refusal(inner)
+    if refusal:
+        raise ValueError(f"prefix packing is not possible for this model: {refusal}")
+    device = inner.get_input_embeddings().weight.device
+    batch = batch.to(device)
+    captured = []
+    handle = inner.score.register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        model(input_ids=batch.input_ids, attention_mask=_attention_mask_for(inner, batch.attention_mask),
+              position_ids=batch.position_ids, use_cache=False)
+    finally:
+        handle.remove()
+    scores = captured[-1][..., 0].float()  # [B, L]
+    rows = torch.arange(scores.shape[0], device=device)
+    return scores[rows, batch.chosen_index], scores[rows, batch.rejected_index]
+
+
+def packed_rewards(model, pairs: Sequence, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`trainer.rewards` with packing: the same arguments and result, for a micro-batch of pairs."""
+    return packed_pair_rewards(model, pack_pairs(pairs, pad_id))

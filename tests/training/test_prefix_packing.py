@@ -1,0 +1,223 @@
+"""Prefix-shared pair packing: one row `[prefix | chosen suffix | rejected suffix]` per pair gives the
+same Bradley-Terry loss and the same gradient of every parameter as encoding both sides in full (the
+trainer's `rewards`), in fp32 to 1e-4: on the tiny Llama (SDPA and eager), SmolLM2-135M, tiny random
+Mistral / Qwen2 / Qwen3, and under DDP on 2 processes (gloo). Edge cases: an empty chosen or rejected
+suffix, one-token suffixes, suffixes of different lengths, no shared prefix, and a batch mixing them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from music_assets.training.prefix_packing import (
+    pack_pairs,
+    packed_pair_rewards,
+    packing_refusal,
+    pair_prefix_length,
+    supports_prefix_packing,
+)
+from music_assets.training.rm_data import EncodedPair
+from music_assets.training.train_rm import load_backbone
+from music_assets.training.trainer import TrainConfig, bt_loss, rewards
+from tests.helpers import REPO
+
+TOLERANCE = 1e-4
+CASES = ("different lengths", "empty chosen suffix", "empty rejected suffix", "one-token suffixes", "no shared prefix")
+
+
+def edge_pairs(tok) -> dict[str, tuple[list[int], list[int]]]:
+    """One pair per edge case, from real chat text in `tok`'s own tokens (no side ends in the pad
+    token, where the model's own pooling would read another token)."""
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    prompt = ids("<|im_start|>user\nCan you suggest a good book to read this week?<|im_end|>\n<|im_start|>assistant\n")
+    long_reply = ids("Sure, I recommend the history of Rome, step by step.<|im_end|>\n")
+    short_reply = ids("No.<|im_end|>\n")
+    one, other = ids("Yes")[:1], ids("Hmm")[:1]
+    assert long_reply[0] != short_reply[0] and one != other
+    return {"different lengths": (prompt + long_reply, prompt + short_reply),
+            "empty chosen suffix": (prompt, prompt + long_reply),
+            "empty rejected suffix": (prompt + short_reply, prompt),
+            "one-token suffixes": (prompt + one, prompt + other),
+            "no shared prefix": (long_reply, short_reply)}
+
+
+def batch_of(tok, case: str) -> list[tuple[list[int], list[int]]]:
+    pairs = edge_pairs(tok)
+    return list(pairs.values()) if case == "mixed" else [pairs[case]]
+
+
+def loss_and_grads(model, loss: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
+def unpacked(model, pairs, pad_id):
+    """The trainer's own forward (each side in full, right-padded, 2D attention mask) and BT loss."""
+    return loss_and_grads(model, bt_loss(*rewards(model, [EncodedPair(*p) for p in pairs], pad_id), TrainConfig()))
+
+
+def packed(model, pairs, pad_id):
+    return loss_and_grads(model, bt_loss(*packed_pair_rewards(model, pack_pairs(pairs, pad_id)), TrainConfig()))
+
+
+def assert_same_training_signal(model, pairs, pad_id) -> float:
+    """Loss and every parameter's gradient, packed vs unpacked; returns the largest difference."""
+    loss_u, grads_u = unpacked(model, pairs, pad_id)
+    loss_p, grads_p = packed(model, pairs, pad_id)
+    assert grads_u.keys() == grads_p.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+    worst = max((grads_u[n] - grads_p[n]).abs().max().item() for n in grads_u)
+    assert abs(loss_u - loss_p) < TOLERANCE, (loss_u, loss_p)
+    assert worst < TOLERANCE, f"largest gradient difference {worst:.2e}"
+    assert max(g.abs().max().item() for g in grads_u.values()) > 100 * TOLERANCE  # a real signal to compare
+    return max(worst, abs(loss_u - loss_p))
+
+
+def test_a_packed_row_holds_the_prefix_once_and_each_suffix_sees_only_the_prefix_and_itself():
+    pad = 0
+    batch = pack_pairs([([5, 6, 7, 8], [5, 6, 9]), ([3, 4], [3])], pad)
+    assert pair_prefix_length([5, 6, 7, 8], [5, 6, 9]) == 2 and pair_prefix_length([1], [2]) == 0
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [3, 4, pad, pad, pad]]
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 2]  # the rejected suffix restarts after the prefix
+    assert batch.chosen_index.tolist() == [3, 1] and batch.rejected_index.tolist() == [4, 0]  # empty: prefix end
+    assert batch.prefix_lengths == [2, 1] and batch.real_tokens == 7
+    mask = batch.attention_mask
+    assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.bool
+    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0],
+                                         [1, 1, 0, 0, 0],
+                                         [1, 1, 1, 0, 0],
+                                         [1, 1, 1, 1, 0],
+                                         [1, 1, 0, 0, 1]]  # rejected: prefix and itself, never chosen
+    assert mask[1, 0].int().tolist() == [[1, 0, 0, 0, 0],
+                                         [1, 1, 0, 0, 0],
+                                         [0, 0, 1, 0, 0],  # padding sees only itself; no real token sees it
+                                         [0, 0, 0, 1, 0],
+                                         [0, 0, 0, 0, 1]]
+    with pytest.raises(ValueError, match="pair 1: the rejected side has no tokens"):
+        pack_pairs([([1], [2]), ([1], [])], pad)
+
+
+@pytest.fixture(scope="module")
+def tiny_sdpa():
+    return load_backbone("builtin:tiny-llama", 0, "sdpa")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [*CASES, "mixed"])
+def test_tiny_llama_packed_loss_and_gradients_equal_unpacked(tiny_sdpa, case):
+    model, tok = tiny_sdpa
+    assert supports_prefix_packing(model)
+    assert_same_training_signal(model, batch_of(tok, case), tok.pad_token_id)
+
+
+@pytest.mark.slow
+def test_eager_attention_takes_the_additive_mask_and_padding_changes_nothing():
+    model, tok = load_backbone("builtin:tiny-llama", 0, "eager")
+    assert model.config._attn_implementation == "eager"
+    assert_same_training_signal(model, batch_of(tok, "mixed"), tok.pad_token_id)
+    # a pair alone and in a batch padded to a longer row: the same rewards
+    pairs = batch_of(tok, "mixed")
+    with torch.no_grad():
+        together = torch.stack(packed_pair_rewards(model, pack_pairs(pairs, tok.pad_token_id)), 1)
+        alone = torch.cat([torch.stack(packed_pair_rewards(model, pack_pairs([p], tok.pad_token_id)), 1)
+                           for p in pairs])
+    assert (together - alone).abs().max().item() < 1e-5
+
+
+@pytest.mark.slow
+def test_smollm2_packed_loss_and_gradients_equal_unpacked():
+    model, tok = load_backbone("builtin:smollm2", 0)
+    assert model.config.model_type == "llama" and next(model.parameters()).dtype == torch.float32
+    worst = assert_same_training_signal(model, batch_of(tok, "mixed"), tok.pad_token_id)
+    print(f"SmolLM2-135M, mixed edge-case batch: largest loss/gradient difference {worst:.2e}")
+
+
+def tiny_random(model_type: str, tok, sliding_window: int | None = None):
+    """A tiny randomly initialised reward model of `model_type` (2 layers, hidden 64) for `tok`."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  num_labels=1, pad_token_id=tok.pad_token_id, sliding_window=sliding_window)
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
+def test_other_llama_family_types_train_the_same_packed(tiny_sdpa, model_type):
+    """The other packable types, as tiny random models (the tiny Llama's tokenizer): they share
+    Llama's mask and RoPE code path, and this checks they really do."""
+    _, tok = tiny_sdpa
+    model = tiny_random(model_type, tok)
+    assert supports_prefix_packing(model)
+    assert_same_training_signal(model, batch_of(tok, "mixed"), tok.pad_token_id)
+
+
+@pytest.mark.slow
+def test_models_it_cannot_pack_are_refused_with_the_reason(tiny_sdpa):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    minilm, _ = load_backbone("builtin:minilm", 0)
+    assert not supports_prefix_packing(minilm)
+    assert "model type 'bert'" in packing_refusal(minilm)
+    model, tok = tiny_sdpa
+    folder = model.name_or_path
+    assert "no `score` head" in packing_refusal(AutoModelForCausalLM.from_pretrained(folder))
+    assert "sliding-window" in packing_refusal(tiny_random("mistral", tok, sliding_window=64))
+    flex = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, attn_implementation="flex_attention")
+    assert "takes no dense 4D mask" in packing_refusal(flex)
+    with pytest.raises(ValueError, match="prefix packing is not possible for this model: model type 'bert'"):
+        packed_pair_rewards(minilm, pack_pairs(batch_of(tok, "mixed"), 0))
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_gives_the_single_process_unpacked_gradients(tiny_sdpa, tmp_path):
+    """torchrun, gloo: each rank packs half of the mixed batch and runs it through its DDP wrapper;
+    after the backward (gradients averaged across ranks) both ranks hold the gradient of one process
+    running the whole batch unpacked."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tests.training.test_prefix_packing", str(tmp_path)]
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+        try:
+            assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:  # the launcher and its ranks must not outlive the test
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    model, tok = tiny_sdpa
+    loss, expected = unpacked(model, batch_of(tok, "mixed")[:4], tok.pad_token_id)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got.keys() == expected.keys()
+        assert max((got[n] - expected[n]).abs().max().item() for n in expected) < TOLERANCE
+
+
+def _ddp_rank(out: Path) -> None:
+    """One rank of the DDP test: half of the first 4 mixed pairs, packed, one backward through DDP."""
+    torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank()
+    torch.set_num_threads(1)
+    model, tok = load_backbone("builtin:tiny-llama", 0, "sdpa")
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    mine = batch_of(tok, "mixed")[:4][2 * rank : 2 * rank + 2]
+    bt_loss(*packed_pair_rewards(ddp, pack_pairs(mine, tok.pad_token_id)), TrainConfig()).backward()
+    torch.save({n: p.grad for n, p in model.named_parameters()}, out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _ddp_rank(Path(sys.argv[1]))
