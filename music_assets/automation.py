@@ -5,11 +5,14 @@ Two mechanisms, each for what it can see:
 
 - `seed_folder_sensor` watches *sources*. Every tick it lists the seed catalog (the embedded
   sample, `seed_sources` from the config, Hugging Face ids included, and every file in
-  `seeds_dir`) and compares each source's fingerprint (sha256 of the file) with its cursor. A
-  new source becomes a dynamic partition and one run of `seed_chain` (ingestion -> contexts ->
-  simulation -> MUSIC pairs) for that partition only; a file whose content changed gets a new
-  run (the run key holds the hash, so Dagster does not drop it as a duplicate); an unchanged
-  source gets nothing, so the other partitions are never regenerated.
+  `seeds_dir`) and compares each source's fingerprint (sha256 of the file) with its cursor, per
+  partition. A new source becomes a dynamic partition (a source with `shards: K`, K partitions)
+  and one run of `seed_chain` (ingestion -> contexts -> simulation -> MUSIC pairs) per partition,
+  so the shards of a large source run side by side; a file whose content changed gets a new run
+  per partition (the run key holds the hash, so Dagster does not drop it as a duplicate); an
+  unchanged source gets nothing, so the other partitions are never regenerated. A source whose
+  registered partitions were made with another shard count is skipped with the reason (see
+  `music_assets/seeds/shards.py`): re-sharding would move rows between partitions.
 - `nightly_refresh` is declarative automation. Each asset (partition) carries the condition
   `NIGHTLY_REFRESH`: between 03:00 and 12:00 UTC, materialize it if it is missing (once per
   night, so a failing partition is not retried in a loop) or stale (its code version changed, or
@@ -85,57 +88,66 @@ class SourceScan:
 
     run_requests: list[RunRequest] = field(default_factory=list)
     new_partitions: list[str] = field(default_factory=list)
-    fingerprints: dict[str, str] = field(default_factory=dict)  # the next cursor: source -> sha256
-    unchanged: list[str] = field(default_factory=list)
+    fingerprints: dict[str, str] = field(default_factory=dict)  # the next cursor: partition key -> sha256
+    unchanged: list[str] = field(default_factory=list)  # partition keys
     skipped: dict[str, str] = field(default_factory=dict)  # source -> why nothing was decided this tick
 
 
 def scan_sources(catalog: SeedCatalog, seen: dict[str, str], instance) -> SourceScan:
     """Decides which sources need a run of the seed chain.
 
-    `seen` is the cursor: the fingerprint each source had when its last run was requested. A
-    source the cursor has never seen (first tick, or a cursor reset) is compared with the
-    `source_sha256` its latest ingestion recorded in the instance instead, so turning the sensor
-    on over an existing warehouse does not regenerate what is already there. A source that cannot
-    be read is skipped with its reason and keeps its old cursor entry (retried next tick); it
-    never stops the others.
+    `seen` is the cursor: the fingerprint each partition (a source, or a shard of one: all shards
+    of a source share its file's fingerprint, computed once per tick) had when its last run was
+    requested. A partition the cursor has never seen (first tick, or a cursor reset) is compared
+    with the `source_sha256` its latest ingestion recorded in the instance instead, so turning the
+    sensor on over an existing warehouse does not regenerate what is already there. A source that
+    cannot be read, or whose shard count changed, is skipped with its reason and keeps its old
+    cursor entries (retried next tick); it never stops the others.
     """
     scan = SourceScan(fingerprints=dict(seen))
     partitions = set(instance.get_dynamic_partitions(seed_partitions.name))
+    conflicts = catalog.shard_conflicts(partitions)
     for name in catalog.names():
+        if name in conflicts:
+            scan.skipped[name] = conflicts[name]
+            continue
         try:
-            source = catalog.resolve(name)
+            source = catalog.source(name)
             fingerprint = source.fingerprint()
         except Exception as exc:  # a bad config entry or an unreadable file: report it, go on
             scan.skipped[name] = f"cannot read: {type(exc).__name__}: {exc}"
             continue
-        before = seen[name] if name in seen else _recorded_fingerprint(instance, name, partitions)
-        if before == fingerprint:
-            scan.fingerprints[name] = fingerprint
-            scan.unchanged.append(name)
-            continue
-        unavailable = _hf_unavailable(source) if source.hf_dataset else None
+        changed = {}
+        for key in catalog.partition_keys(name):
+            before = seen[key] if key in seen else _recorded_fingerprint(instance, key, partitions)
+            if before == fingerprint:
+                scan.fingerprints[key] = fingerprint
+                scan.unchanged.append(key)
+            else:
+                changed[key] = before
+        unavailable = _hf_unavailable(source) if changed and source.hf_dataset else None
         if unavailable:
             scan.skipped[name] = unavailable
             continue
-        scan.fingerprints[name] = fingerprint
-        if name not in partitions:
-            scan.new_partitions.append(name)
-        scan.run_requests.append(RunRequest(
-            partition_key=name,
-            # Dagster launches a run key once per sensor: naming the change (not just the new hash)
-            # lets a file that is changed back to earlier content run again.
-            run_key=f"{name}@{(before or 'new')[:16]}->{fingerprint[:16]}",
-            tags={FINGERPRINT_TAG: fingerprint, CHANGE_TAG: "new" if before is None else "changed"},
-        ))
+        for key, before in changed.items():
+            scan.fingerprints[key] = fingerprint
+            if key not in partitions:
+                scan.new_partitions.append(key)
+            scan.run_requests.append(RunRequest(
+                partition_key=key,
+                # Dagster launches a run key once per sensor: naming the change (not just the new hash)
+                # lets a file that is changed back to earlier content run again.
+                run_key=f"{key}@{(before or 'new')[:16]}->{fingerprint[:16]}",
+                tags={FINGERPRINT_TAG: fingerprint, CHANGE_TAG: "new" if before is None else "changed"},
+            ))
     return scan
 
 
-def _recorded_fingerprint(instance, name: str, partitions: set[str]) -> str | None:
+def _recorded_fingerprint(instance, key: str, partitions: set[str]) -> str | None:
     """The file hash the partition's latest ingestion recorded, if it was ever ingested."""
-    if name not in partitions:
+    if key not in partitions:
         return None
-    record = latest_materialization(instance, AssetKey("seed_conversations"), name)
+    record = latest_materialization(instance, AssetKey("seed_conversations"), key)
     entry = record.asset_materialization.metadata.get("source_sha256") if record else None
     return entry.value if entry is not None else None
 
@@ -166,7 +178,7 @@ def _hf_unavailable(source: ResolvedSource) -> str | None:
     minimum_interval_seconds=30,
     default_status=DefaultSensorStatus.STOPPED,
     description="New or changed seed sources (files in seeds_dir, configured paths and HF ids): "
-                "adds the partition and runs that partition's seed chain.",
+                "adds the partition (one per shard) and runs each partition's seed chain.",
 )
 def seed_folder_sensor(context: SensorEvaluationContext, seed_catalog: SeedCatalog) -> SensorResult:
     seen = json.loads(context.cursor) if context.cursor else {}

@@ -48,11 +48,15 @@ def _instance(settings):
 
 
 def register_sources(instance, catalog) -> list[str]:
-    """Adds every source the catalog knows as a dynamic partition; returns the new ones."""
+    """Adds every source the catalog knows as a dynamic partition (K for a source with `shards: K`);
+    returns the new ones. Refuses, adding nothing, when a source's shard count changed."""
     from music_assets.common.partitions import seed_partitions
 
     known = set(instance.get_dynamic_partitions(seed_partitions.name))
-    new = [name for name in catalog.names() if name not in known]
+    conflicts = catalog.shard_conflicts(known)
+    if conflicts:
+        raise ConfigError("; ".join(conflicts.values()))
+    new = [key for key in catalog.partition_keys() if key not in known]
     if new:
         instance.add_dynamic_partitions(seed_partitions.name, new)
     return new
@@ -74,8 +78,11 @@ def cmd_demo(args) -> int:
     # the code versions these settings give (the demo's training options are part of reward_model's)
     seed_assets, data_assets, training_assets, evaluation_assets, judged_assets, report_assets = run_groups(settings)
     instance = _instance(settings)
-    register_sources(instance, resources["seed_catalog"])
-    for key in args.source or ["embedded"]:
+    catalog = resources["seed_catalog"]
+    register_sources(instance, catalog)
+    # a sharded source's name stands for all its shards (one run each, one after the other here)
+    keys = [k for s in args.source or ["embedded"] for k in (catalog.partition_keys(s) if s in catalog.names() else [s])]
+    for key in keys:
         print(f"demo: seed source {key!r}: ingestion, contexts, simulation, MUSIC pairs")
         if not _run(seed_assets, key, instance, resources):
             return 1
@@ -139,8 +146,12 @@ def cmd_sources(args) -> int:
     instance = _instance(settings)
     new = register_sources(instance, catalog)
     for name in catalog.names():
-        src = catalog.resolve(name)
-        print(f"{name:<24} {src.format:<24} {src.location}{'  (new)' if name in new else ''}")
+        keys = catalog.partition_keys(name)
+        src = catalog.source(name)
+        shards = f"  ({len(keys)} shards: {keys[0]} .. {keys[-1]})" if len(keys) > 1 else ""
+        fresh = sum(k in new for k in keys)
+        note = "" if not fresh else "  (new)" if fresh == len(keys) else f"  ({fresh} new partitions)"
+        print(f"{name:<24} {src.format:<24} {src.location}{shards}{note}")
     return 0
 
 
@@ -191,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML config (default: $MUSIC_CONFIG, else built-in defaults)")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="materialize the asset graph on the embedded defaults")
-    demo.add_argument("--source", action="append", help="seed source(s) to run (default: embedded)")
+    demo.add_argument("--source", action="append",
+                      help="seed source(s) or shard partition(s) to run; a sharded source's name runs every shard "
+                           "(default: embedded)")
     demo.add_argument("--max-contexts", type=int, default=None,
                       help="seed contexts simulated per source (over simulation.max_contexts; configs/demo.yaml: 8)")
     demo.add_argument("--skip-training", action="store_true",
@@ -202,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     config.add_argument("--max-contexts", type=int, default=None, help=argparse.SUPPRESS)
     config.add_argument("--help-text", action="store_true", help="print each setting's description above it")
     config.set_defaults(func=cmd_config)
-    sources = sub.add_parser("sources", help="register every known seed source as a partition and list them")
+    sources = sub.add_parser("sources", help="register every known seed source as a partition (one per shard) "
+                                             "and list them")
     sources.set_defaults(func=cmd_sources)
     lineage = sub.add_parser("lineage", help="seed sources, prompts, models and upstream data versions behind a checkpoint")
     lineage.add_argument("target", nargs="?", default="music", metavar="CHECKPOINT_OR_VARIANT",

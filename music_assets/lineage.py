@@ -2,7 +2,9 @@
 
 `music-assets lineage [CHECKPOINT_OR_VARIANT] [--json]` reports, for a checkpoint folder (or a
 variant's LATEST checkpoint):
-- the seed sources in its training data, with the sha256 of each file as it was ingested;
+- the seed sources in its training data, with the sha256 of each file as it was ingested (one
+  entry per partition: a sharded source's shards each, with a warning when its shards in the
+  training data are not all there or were cut from different versions of its file);
 - the prompt version, engines (models) and sampling settings that simulated its MUSIC pairs;
 - the data version of every upstream asset, per partition, as it was when the model was trained.
 
@@ -27,6 +29,7 @@ from dagster import AssetKey, AssetRecordsFilter
 
 from music_assets.common.metadata import latest_materialization
 from music_assets.common.tables import sql
+from music_assets.seeds.shards import partition_keys, split_partition_key
 from music_assets.training.train_rm import METADATA_FILE
 
 DATA_VERSION_TAG = "dagster/data_version"
@@ -188,6 +191,7 @@ def checkpoint_lineage(target: str, settings, instance) -> dict:
                                "per_split": composition.get("per_split"), "per_source": composition.get("per_source")}
     per_source_db, generations = _pairs_if_current(report, settings, instance, variant, splits.get("data_version"))
     report["seed_sources"] = [_seed_source(n, composition, per_source_db) for n in by_asset.get("seed_conversations", [])]
+    report["warnings"] += shard_warnings(report["seed_sources"])
     report["simulation"] = [_simulation(n, generations) for n in by_asset.get("simulated_branches", [])]
     report["upstream"] = [{k: v for k, v in n.items() if k != "metadata"} for n in upstream]
     return report
@@ -212,8 +216,10 @@ def _pairs_if_current(report, settings, instance, variant, trained_on):
 def _seed_source(node: dict, composition: dict, per_source_db: list[dict] | None) -> dict:
     md = node.get("metadata", {})
     source = node["partition"]
+    name, shard = split_partition_key(source) if source is not None else (None, None)
     out = {
-        "source": source, "location": md.get("source_location"), "sha256": md.get("source_sha256"),
+        "source": source, "source_name": name, "shard": None if shard is None else [shard.number, shard.count],
+        "location": md.get("source_location"), "sha256": md.get("source_sha256"),
         "rows": md.get("dagster/row_count"), "rows_quarantined": md.get("rows_quarantined"),
         "data_version": node.get("data_version"), "ingested_at": node.get("materialized_at"),
         "pairs_in_training_data": (composition.get("per_source") or {}).get(source, 0),
@@ -221,6 +227,28 @@ def _seed_source(node: dict, composition: dict, per_source_db: list[dict] | None
     if per_source_db is not None:
         out["pairs_by_origin"] = {r["origin"]: r["pairs"] for r in per_source_db if r["source"] == source}
     return out
+
+
+def shard_warnings(seed_sources: list[dict]) -> list[str]:
+    """What is wrong with the sharded sources among a checkpoint's seed partitions: a shard that
+    never fed it (the model saw part of the source), or shards ingested from different versions of
+    the file (some rows of the file's older version, some of the newer)."""
+    by_name: dict[str, list[dict]] = {}
+    for s in seed_sources:
+        if s.get("shard") is not None:
+            by_name.setdefault(s["source_name"], []).append(s)
+    warnings = []
+    for name, shards in sorted(by_name.items()):
+        count = shards[0]["shard"][1]
+        missing = sorted(set(partition_keys(name, count)) - {s["source"] for s in shards if s["sha256"] is not None})
+        if missing:
+            warnings.append(f"seed source {name!r}: {len(missing)} of its {count} shards were not ingested before "
+                            f"training ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+        versions = {s["sha256"] for s in shards if s["sha256"] is not None}
+        if len(versions) > 1:
+            warnings.append(f"seed source {name!r}: its shards were ingested from {len(versions)} different versions "
+                            f"of {shards[0]['location']} (sha256 {', '.join(sorted(v[:12] for v in versions))})")
+    return warnings
 
 
 def _simulation(node: dict, generations: list[dict] | None) -> dict:

@@ -14,6 +14,7 @@ engine batch at once (`LLM.enqueue_chat`, then engine steps).
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import threading
 
@@ -37,6 +38,7 @@ _STREAMS: dict[tuple, _VLLMStream] = {}
 _ENGINES_LOCK = threading.Lock()
 _ACCEPTS_SYSTEM: dict[int, bool] = {}  # id(loaded engine) -> its chat template renders system messages
 PROMPT_MARGIN_TOKENS = 8  # vLLM's own count of a rendered prompt may add a special token or two
+CONTEXT_STEP = 1024  # `sized_for` grows contexts in steps, so similar batches share one engine
 
 
 class VLLMEngine(LLMEngine):
@@ -68,11 +70,7 @@ class VLLMEngine(LLMEngine):
     def _prompt_lengths(llm, conversations) -> list[int]:
         """Prompt tokens per conversation, as the chat template renders it. vLLM rejects a whole
         batch when one prompt does not fit the context, so callers refuse that one request instead."""
-        tokenizer = llm.get_tokenizer()
-        # Rendered to text, then counted: `apply_chat_template(tokenize=True)` returns a dict under
-        # transformers 5, whose len() is its number of keys, not of tokens.
-        return [len(tokenizer.encode(tokenizer.apply_chat_template(c, tokenize=False, **_template_flags(c)),
-                                     add_special_tokens=False)) for c in conversations]
+        return _count_prompt_tokens(llm.get_tokenizer(), conversations)
 
     @staticmethod
     def _as_template_takes_them(llm, conversations: list) -> list:
@@ -81,6 +79,40 @@ class VLLMEngine(LLMEngine):
         if id(llm) not in _ACCEPTS_SYSTEM:
             _ACCEPTS_SYSTEM[id(llm)] = template_accepts_system(llm.get_tokenizer())
         return conversations if _ACCEPTS_SYSTEM[id(llm)] else [fold_system_messages(c) for c in conversations]
+
+    def sized_for(self, conversations: list, answer_tokens: int) -> VLLMEngine:
+        """This engine, or a copy whose context (`max_model_len`) holds the longest of
+        `conversations` plus an answer of `answer_tokens`, in steps of CONTEXT_STEP, at most the
+        model's own limit (`model_context_limit`). For callers whose prompts outgrow the configured
+        context (the judge reads two whole conversations): a prompt that does not fit is refused,
+        and an answer that reaches the end of the context is cut, whatever `max_tokens` says.
+
+        Counted with the model's tokenizer, before any engine is loaded. The copy is an engine like
+        any other, cached under its own key. On a GPU each engine claims `gpu_memory_utilization`
+        of the memory for itself, so the model's other engines are shut down first (a later call
+        on them reloads them)."""
+        tokenizer = _tokenizer(self.model)
+        if not template_accepts_system(tokenizer):
+            conversations = [fold_system_messages(c) for c in conversations]
+        longest = max(_count_prompt_tokens(tokenizer, conversations), default=0)
+        needed = longest + answer_tokens + PROMPT_MARGIN_TOKENS + 1
+        if needed <= self.compute.max_model_len:
+            return self
+        limit = model_context_limit(self.model) or self.compute.max_model_len  # unknown: vLLM would refuse more
+        size = min(-(-needed // CONTEXT_STEP) * CONTEXT_STEP, max(limit, self.compute.max_model_len))
+        log = get_dagster_logger()
+        if size < needed:
+            log.warning(f"{self.model}: prompts of up to {longest} tokens and answers of {answer_tokens} need "
+                        f"{needed} tokens of context, more than the model's {limit}; the longest will be refused "
+                        "or cut")
+        if size == self.compute.max_model_len:
+            return self
+        log.info(f"{self.model}: prompts of up to {longest} tokens + {answer_tokens} answer tokens: "
+                 f"max_model_len {self.compute.max_model_len} -> {size}")
+        sized = self.model_copy(update={"compute": self.compute.model_copy(update={"max_model_len": size})})
+        if self.compute.device.startswith("cuda"):
+            release_vllm_engines(model=self.model, keep=sized._key())
+        return sized
 
     def _fits(self, length: int) -> bool:
         return length + PROMPT_MARGIN_TOKENS < self.compute.max_model_len
@@ -122,6 +154,33 @@ class VLLMEngine(LLMEngine):
 
     def identity(self):
         return {**super().identity(), "dtype": self.compute.resolved_dtype()}
+
+
+@functools.cache
+def _tokenizer(model: str):
+    """The model's tokenizer, loaded on its own: counting prompts needs no engine."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(model))
+
+
+def _count_prompt_tokens(tokenizer, conversations) -> list[int]:
+    # Rendered to text, then counted: `apply_chat_template(tokenize=True)` returns a dict under
+    # transformers 5, whose len() is its number of keys, not of tokens.
+    return [len(tokenizer.encode(tokenizer.apply_chat_template(c, tokenize=False, **_template_flags(c)),
+                                 add_special_tokens=False)) for c in conversations]
+
+
+def model_context_limit(model: str) -> int | None:
+    """The longest context the model was built for, from its config (the keys vLLM itself reads;
+    vLLM refuses a longer `max_model_len`), or None when the config names none."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(model)).get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
 
 
 def template_accepts_system(tokenizer) -> bool:
@@ -201,16 +260,18 @@ class _VLLMStream(RequestStream):
         self.keys, self.ready = {}, []
 
 
-def release_vllm_engines() -> None:
-    """Shuts down the cached in-process engines and their worker processes.
+def release_vllm_engines(model: str | None = None, keep: tuple | None = None) -> None:
+    """Shuts down the cached in-process engines and their worker processes (only `model`'s, all
+    but the one cached under `keep`, when given).
 
     Registered with atexit: left to garbage collection at interpreter exit, vLLM's engine core
     client can hang the process after the work is done (seen with pytest)."""
     with _ENGINES_LOCK:
-        engines = list(_ENGINES.values())
-        _ENGINES.clear()
-        _ACCEPTS_SYSTEM.clear()
-        _STREAMS.clear()
+        keys = [k for k in _ENGINES if (model is None or k[0] == model) and k != keep]
+        engines = [_ENGINES.pop(k) for k in keys]
+        for k, llm in zip(keys, engines):
+            _STREAMS.pop(k, None)
+            _ACCEPTS_SYSTEM.pop(id(llm), None)
     for llm in engines:
         try:
             llm.llm_engine.engine_core.shutdown()

@@ -12,6 +12,7 @@ from dagster import AssetExecutionContext, DataVersion, MaterializeResult, Metad
 from dagster_duckdb import DuckDBResource
 
 from music_assets.evaluation.best_of_n_assets import agreement_markdown, bon_summary
+from music_assets.evaluation.judge import ERROR_REASONS
 from music_assets.evaluation.scorers import load_checkpoint, score_rows
 from music_assets.common.hashing import stable_hash
 from music_assets.common.metadata import table_metadata
@@ -40,7 +41,7 @@ def rm_evaluation(context: AssetExecutionContext, checkpoints: CheckpointStore, 
     rewardbench_sets = {name for name, spec in data.settings().eval_sets.items() if spec.rewardbench}
     with duckdb.get_connection() as con:
         rows = con.execute(sql("evaluation/evaluation_rows")).pl().to_dicts()
-    scored, skipped = score_rows(model, tok, encoder, rows)
+    scored, skipped, paths = score_rows(model, tok, encoder, rows)
     frame = pl.DataFrame(scored, schema={"eval_set": pl.String, "item_id": pl.String, "subset": pl.String,
                                          "user_turns": pl.Int32, "r_chosen": pl.Float64, "r_rejected": pl.Float64})
     frame = frame.with_columns(variant=pl.lit(variant), checkpoint=pl.lit(folder))
@@ -59,6 +60,10 @@ def rm_evaluation(context: AssetExecutionContext, checkpoints: CheckpointStore, 
         metadata={**table_metadata(frame, frame.select("eval_set", "item_id", "user_turns", "r_chosen", "r_rejected")),
                   "checkpoint": MetadataValue.path(folder),
                   "accuracy": MetadataValue.json(summary), "skipped": MetadataValue.json(dict(skipped)),
+                  # sequences scored with their pair's shared prefix run once, and whole (same rewards)
+                  "scoring_paths": MetadataValue.json(dict(paths)),
+                  # pairs cut to the checkpoint's max length (difference_truncated: only their last tokens fit)
+                  "truncation": MetadataValue.json(encoder.stats.as_dict()),
                   # RewardBench-set pairs in subsets RewardBench does not define: scored, in no section
                   "unknown_subsets": MetadataValue.json(dict(unknown))},
     )
@@ -75,7 +80,7 @@ def evaluation_report(context: AssetExecutionContext, data: CurationResource, ev
         scores = con.execute("SELECT * FROM music.rm_scores").pl()
         judgments = con.execute("SELECT * FROM music.bon_judgments").pl()
         agreement = con.execute(sql("evaluation/judge_agreement")).pl()
-        judged_pairs = con.execute("SELECT count(*) FROM music.judge_verdicts").fetchone()[0]
+        judged_pairs = dict(con.execute("SELECT reason, count(*) FROM music.judge_verdicts GROUP BY reason").fetchall())
     out_dir = Path(data.settings().exports_dir).parent / "reports"
     out_dir.mkdir(parents=True, exist_ok=True)
     rewardbench_sets = {name for name, spec in data.settings().eval_sets.items() if spec.rewardbench}
@@ -186,10 +191,11 @@ def _rewardbench_section(name: str, part: pl.DataFrame, variants: list[str], out
     return lines + [""], plot
 
 
-def best_of_n_section(judgments: pl.DataFrame, agreement: pl.DataFrame, judged_pairs: int, out_dir: Path,
+def best_of_n_section(judgments: pl.DataFrame, agreement: pl.DataFrame, judged_pairs: dict[str, int], out_dir: Path,
                       samples: int, seed: int) -> tuple[str, list[str]]:
     """Win rate of the MUSIC RM's Best-of-N conversations against the baseline RM's, per N, as
-    the judge saw them in both orders; judge parse failures and drops are stated, not hidden."""
+    the judge saw them in both orders, over the pairs it decided (`bon_summary`); judge errors (by
+    reason) and drops are stated beside it, not hidden. `judged_pairs`: judge_agreement's pairs by reason."""
     lines = ["", "## Multi-turn Best-of-N (LLM judge, both orders)", ""]
     if judgments.height == 0:
         return "\n".join(lines + ["_Not run: materialize best_of_n._", ""]), []
@@ -198,31 +204,40 @@ def best_of_n_section(judgments: pl.DataFrame, agreement: pl.DataFrame, judged_p
     if largest < SMALL_SAMPLE:
         lines += [f"**Tiny sample (at most {largest} judged contexts per N): these figures show the mechanics, not which "
                   "reward model is better.**", ""]
-    outputs = sum(s["judge_outputs"] for s in summary.values())
-    unparsed = sum(s["unparsed"] for s in summary.values())
-    if outputs and unparsed / outputs > 0.5:
-        lines += [f"**The judge gave no readable verdict in {unparsed} of {outputs} answers**: those pairs count as "
-                  "ties. Use a stronger judge model (`models: {judge: ...}`).", ""]
+    asked = sum(s["asked"] for s in summary.values())
+    errors = sum(s["errors"] for s in summary.values())
+    if asked and errors / asked > 0.5:
+        lines += [f"**The judge could not judge {errors} of the {asked} pairs it was asked about** (see the errors "
+                  "column): they are left out of the win rates. Use a stronger judge model (`models: {judge: ...}`) "
+                  "or a longer `evaluation.judge_sampling.max_tokens` if its answers were cut.", ""]
     lines += ["At every assistant turn the policy samples N answers and each reward model keeps its best; the",
               "judge compares the MUSIC RM's final conversation with the baseline RM's twice, in both orders. A",
-              "win or loss counts only when both orders agree; everything else is a tie. Win rate = (wins + ties/2) / n,",
+              "win or loss counts only when both orders agree; a judge tie or disagreeing orders are a tie. A pair",
+              "without a verdict in either order is a judge error, not a tie: errors are counted by reason (refused:",
+              "the prompt did not fit the judge's context; cut: the answer hit max_tokens before its verdict;",
+              "unparsed: no verdict) and left out of n. Win rate = (wins + ties/2) / n over the pairs the judge decided,",
               f"95% bootstrap interval over contexts ({samples} resamples). Sources: "
               + ", ".join(f"{s} ({c})" for s, c in sorted(Counter(judgments.filter(pl.col("n") == judgments["n"].min())["source"].to_list()).items())) + ".", "",
-              "| N | n | MUSIC wins | ties | losses | win rate [95% CI] | judge outputs unparsed | identical conversations | dropped | verdict |",
+              "| N | n (decided) | MUSIC wins | ties | losses | win rate [95% CI] | judge errors: refused / cut / unparsed "
+              "| identical conversations | dropped | verdict |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for n, s in summary.items():
         significant = s["n"] and (s["ci95"][0] > 0.5 or s["ci95"][1] < 0.5)
         lines.append(f"| {n} | {s['n']} | {s['wins']} | {s['ties']} | {s['losses']} | "
                      f"{s['win_rate']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | "
-                     f"{s['unparsed']} of {s['judge_outputs']} ({100 * s['unparsed_share']:.0f}%) | "
+                     f"{s['errors']} of {s['asked']} ({100 * s['error_share']:.0f}%): "
+                     f"{' / '.join(str(count) for count in s['judge_errors'].values())} | "
                      f"{s['reasons'].get('identical', 0)} | {sum(s['dropped'].values())} | "
                      f"{'significant' if significant else 'not significant (the interval contains 0.5)'} |")
     plot = _plot_win_rate(summary, out_dir / "win_rate_by_n.png")
     lines += ["", f"![win rate by N]({plot})", "", "## Judge agreement", ""]
-    if judged_pairs == 0:
+    if not judged_pairs:
         lines += ["_Not run: materialize judge_agreement._"]
     else:
-        lines += [f"The judge compared {judged_pairs} evaluation pairs in both orders; agreement is measured on the pairs it decided.", "",
+        failed = {r: judged_pairs.get(r, 0) for r in ERROR_REASONS}
+        lines += [f"The judge compared {sum(judged_pairs.values())} evaluation pairs in both orders and could not judge "
+                  f"{sum(failed.values())} of them (" + ", ".join(f"{r}: {c}" for r, c in failed.items())
+                  + "); agreement is measured on the pairs it decided for one side.", "",
                   agreement_markdown(agreement)]
     return "\n".join(lines) + "\n", [plot]
 

@@ -29,7 +29,8 @@ from music_assets.simulation.prompts import PACKAGED, Prompts
 from music_assets.common.generation import BatchGenerator, Failure, GenerationStats, basic_validator
 from music_assets.simulation.validators import user_validator
 
-Scorer = Callable[[list[list[Message]]], list[float]]  # conversations -> rewards
+# groups of conversations (one group: the N candidates for one conversation) -> their rewards
+Scorer = Callable[[list[list[list[Message]]]], list[list[float]]]
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,8 @@ def run_best_of_n(contexts: list[EvalContext], scorers: dict[str, Scorer], polic
         candidates = _candidates(live, turn, policy, settings, stats)
         for variant, scorer in scorers.items():
             mine = [(r, cands) for r, cands in zip(live, candidates) if r.variant == variant and cands]
-            flat = [r.messages + [{"role": "assistant", "content": text}] for r, cands in mine for text, _ in cands]
-            rewards = iter(scorer(flat) if flat else [])
-            for r, cands in mine:
-                scores = [next(rewards) for _ in cands]
+            groups = [[r.messages + [{"role": "assistant", "content": text}] for text, _ in cands] for r, cands in mine]
+            for (r, cands), scores in zip(mine, scorer(groups) if groups else []):
                 best = max(range(len(cands)), key=lambda i: (scores[i], -i))  # first of equal rewards
                 r.picks.append({"turn": turn, "candidates": [text for text, _ in cands], "rewards": scores,
                                 "picked": best, "cut": cands[best][1] == "length"})
@@ -169,7 +168,8 @@ def judge_best_of_n(runs: list[Conversation], judge: ChatEngine, settings: Evalu
                     first: str = "baseline", second: str = "music", prompts: Prompts = PACKAGED) -> list[dict]:
     """One row per (context, N): the judge's order-swapped comparison of the two reward models'
     final conversations and the outcome from `second`'s side (win | tie | loss). A context that
-    either model could not finish gets no outcome, only its drop reason."""
+    either model could not finish gets no outcome, only its drop reason; a pair the judge could not
+    judge gets no outcome either, only its error reason (judge.ERROR_REASONS)."""
     by = {(r.ctx.context_id, r.n, r.variant): r for r in runs}
     keys = sorted({(r.ctx.context_id, r.n) for r in runs}, key=lambda k: (k[1], k[0]))
     judged, rows = [], []
@@ -185,7 +185,7 @@ def judge_best_of_n(runs: list[Conversation], judge: ChatEngine, settings: Evalu
         judge, [(a.messages, b.messages) for _, a, b in judged], settings.judge_sampling,
         [_seed(settings, a.ctx, a.n, 0, "judge") for _, a, _ in judged], prompts)
     for (row, _, _), j in zip(judged, verdicts):
-        row.update(outcome={"second": "win", "first": "loss", "tie": "tie"}[j.preferred], reason=j.reason,
+        row.update(outcome={"second": "win", "first": "loss", "tie": "tie", None: None}[j.preferred], reason=j.reason,
                    verdict_forward=j.verdict_forward, verdict_swapped=j.verdict_swapped,
                    raw_forward=j.raw_forward, raw_swapped=j.raw_swapped)
     return rows

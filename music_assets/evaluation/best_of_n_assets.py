@@ -17,7 +17,7 @@ from dagster_duckdb import DuckDBResource
 from music_assets.evaluation.best_of_n import EvalContext, judge_best_of_n, run_best_of_n
 from music_assets.evaluation.scorers import conversation_scorer
 from music_assets.common.hashing import stable_hash
-from music_assets.evaluation.judge import judge_pairs
+from music_assets.evaluation.judge import DECIDED_REASONS, ERROR_REASONS, judge_pairs
 from music_assets.common.metadata import render_conversation, table_metadata
 from music_assets.simulation.prompts import PACKAGED, Prompts
 from music_assets.evaluation.scoring import win_rate
@@ -66,7 +66,8 @@ def best_of_n(context: AssetExecutionContext, evaluation: EvaluationResource, si
               judge: LLMEngine, duckdb: DuckDBResource) -> MaterializeResult:
     """Multi-turn Best-of-N for N in `evaluation.best_of_n`: each reward model picks among the
     policy's N candidates at every turn; the judge compares baseline and MUSIC conversations in
-    both orders. Win/tie/loss per N with a bootstrap interval, and the judge's unparsed share."""
+    both orders. Win/tie/loss per N with a bootstrap interval over the pairs the judge decided, and
+    the judge's errors by reason beside them (see `bon_summary`)."""
     settings = evaluation.settings()
     prompts = simulation.settings().prompts()  # the user simulator's and the judge's templates
     folders = {v: str(checkpoints.local_copy(v)) for v in (FIRST, SECOND)}
@@ -100,9 +101,13 @@ def best_of_n(context: AssetExecutionContext, evaluation: EvaluationResource, si
             "settings": MetadataValue.json(settings.run_settings()),
             "checkpoints": MetadataValue.json(folders),
             "win_rate_by_n": MetadataValue.json(summary),
+            "judge_errors": MetadataValue.json({r: sum(s["judge_errors"][r] for s in summary.values())
+                                                for r in ERROR_REASONS}),
             "contexts": len(contexts),
             "contexts_by_source": MetadataValue.json(dict(Counter(c.ctx.source for c in runs if c.variant == FIRST and c.n == settings.best_of_n[0]))),
             "policy_tokens_generated": stats.completion_tokens,
+            # candidates scored with their conversation's prefix run once, and whole (same rewards)
+            "scoring_paths": MetadataValue.json({v: dict(s.paths) for v, s in scorers.items()}),
             "engine_requests": stats.requests,
             "example": MetadataValue.md(_example(runs)),
         },
@@ -110,20 +115,26 @@ def best_of_n(context: AssetExecutionContext, evaluation: EvaluationResource, si
 
 
 def bon_summary(verdicts: pl.DataFrame, samples: int, seed: int) -> dict:
-    """Per N: MUSIC's wins/ties/losses against the baseline, win rate with a bootstrap 95%
-    interval, the judge outputs that could not be parsed, and the contexts dropped (by reason)."""
+    """Per N: MUSIC's wins/ties/losses against the baseline, its win rate with a bootstrap 95%
+    interval, the judge's errors by reason and the contexts dropped (by reason).
+
+    The rule: wins, ties, losses, `n` and the win rate ((wins + ties/2) / n) count only the pairs the
+    judge *decided*: consistent verdicts, its own ties, inconsistent orders (a tie) and identical
+    conversations (a tie without asking). Judge errors (`judge_error`: the engine refused the prompt;
+    `judge_truncated`: the answer was cut before its verdict; `unparsed`: no verdict) are left out of
+    the rate and counted beside it, as are dropped contexts: a judge that fails shows as errors, not
+    as a win rate pulled towards 0.5. `error_share` is errors over the pairs sent to the judge."""
     out = {}
     for (n,), part in verdicts.sort("n").group_by("n", maintain_order=True):
-        judged = part.filter(pl.col("outcome").is_not_null())
-        wr = win_rate(judged["outcome"].to_list(), samples, seed)
-        outputs = 2 * judged.filter(pl.col("reason") != "identical").height
-        # identical conversations are not sent to the judge (their verdicts are C/C, never NULL)
-        unparsed = judged.select(pl.col("verdict_forward").is_null().sum() + pl.col("verdict_swapped").is_null().sum()
-                                 ).item() if judged.height else 0
-        out[str(n)] = {**wr.as_dict(), "judge_outputs": outputs, "unparsed": int(unparsed),
-                       "unparsed_share": round(unparsed / outputs, 4) if outputs else 0.0,
-                       "reasons": dict(Counter(judged["reason"].to_list())),
-                       "dropped": dict(Counter(part.filter(pl.col("outcome").is_null())["drop_reason"].to_list()))}
+        reasons = Counter(part.filter(pl.col("drop_reason").is_null())["reason"].to_list())
+        decided = part.filter(pl.col("reason").is_in(list(DECIDED_REASONS)))
+        errors = {r: reasons.get(r, 0) for r in ERROR_REASONS}
+        asked = decided.height - reasons.get("identical", 0) + sum(errors.values())
+        out[str(n)] = {**win_rate(decided["outcome"].to_list(), samples, seed).as_dict(),
+                       "judge_errors": errors, "errors": sum(errors.values()), "asked": asked,
+                       "error_share": round(sum(errors.values()) / asked, 4) if asked else 0.0,
+                       "reasons": dict(reasons),
+                       "dropped": dict(Counter(part.filter(pl.col("drop_reason").is_not_null())["drop_reason"].to_list()))}
     return out
 
 
@@ -139,7 +150,8 @@ def _example(runs) -> str:
 def judge_agreement(context: AssetExecutionContext, evaluation: EvaluationResource, simulation: SimulationResource,
                     judge: LLMEngine, duckdb: DuckDBResource) -> MaterializeResult:
     """The judge's order-swapped preference on up to `evaluation.agreement_pairs` pairs per
-    evaluation set, and how often each reward model's preference agrees with it."""
+    evaluation set, and how often each reward model's preference agrees with it, on the pairs the
+    judge decided; pairs it could not judge are counted by error reason, not taken as ties."""
     settings = evaluation.settings()
     with duckdb.get_connection() as con:
         rows = con.execute(sql("evaluation/evaluation_rows")).pl().to_dicts()
@@ -153,27 +165,30 @@ def judge_agreement(context: AssetExecutionContext, evaluation: EvaluationResour
                             simulation.settings().prompts())
     verdicts = frame("judge_verdicts", [
         {"eval_set": r["eval_set"], "item_id": r["item_id"],
-         "preferred": {"first": "chosen", "second": "rejected", "tie": "tie"}[j.preferred], "reason": j.reason,
+         "preferred": {"first": "chosen", "second": "rejected", "tie": "tie", None: None}[j.preferred],
+         "reason": j.reason,
          "verdict_forward": j.verdict_forward, "verdict_swapped": j.verdict_swapped,
          "raw_forward": j.raw_forward, "raw_swapped": j.raw_swapped} for r, j in zip(picked, judgments)])
     with duckdb.get_connection() as con:
         replace_rows(con, {"judge_verdicts": verdicts})
         agreement = con.execute(sql("evaluation/judge_agreement")).pl()
-    unparsed = sum(j.unparsed_outputs for j in judgments)
+    errors = Counter(j.reason for j in judgments if j.error)
+    asked = sum(j.reason != "identical" for j in judgments)
     return MaterializeResult(
         data_version=DataVersion(stable_hash([verdicts["item_id"].to_list(), verdicts["preferred"].to_list()])),
         metadata={
             **table_metadata(verdicts, verdicts.select("eval_set", "item_id", "preferred", "reason")),
             "agreement": MetadataValue.md(agreement_markdown(agreement)),
             "reasons": MetadataValue.json(dict(Counter(verdicts["reason"].to_list()))),
-            "judge_unparsed_share": round(unparsed / (2 * len(judgments)), 4) if judgments else 0.0,
+            "judge_errors": MetadataValue.json({r: errors.get(r, 0) for r in ERROR_REASONS}),
+            "judge_error_share": round(sum(errors.values()) / asked, 4) if asked else 0.0,
         },
     )
 
 
 def agreement_markdown(agreement: pl.DataFrame) -> str:
     if agreement.height == 0:
-        return "_The judge decided no pair (all ties or unparsed), so agreement cannot be measured._"
+        return "_The judge decided no pair (all ties or judge errors), so agreement cannot be measured._"
     lines = ["| evaluation set | reward model | pairs the judge decided | agreement with judge | judge agrees with label |",
              "| --- | --- | --- | --- | --- |"]
     for r in agreement.iter_rows(named=True):

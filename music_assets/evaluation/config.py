@@ -25,8 +25,13 @@ class EvaluationConfig:
         factory=lambda: Sampling(temperature=0.8, max_tokens=256), help="the policy's sampling of the N candidates")
     user_sampling: Sampling = setting(
         factory=lambda: Sampling(temperature=0.8, max_tokens=96), help="the user simulator's sampling")
+    # The judge prompt asks for a few sentences of comparison, then the verdict: the answer must hold both, and
+    # one cut before its verdict is a judge error (judge_truncated). The judge's context is sized for its
+    # longest prompt plus this many tokens.
     judge_sampling: Sampling = setting(
-        factory=lambda: Sampling(temperature=0.0, top_p=1.0, max_tokens=256), help="the judge's sampling")
+        factory=lambda: Sampling(temperature=0.0, top_p=1.0, max_tokens=512),
+        help="the judge's sampling; max_tokens must hold its explanation and the verdict after it (an answer cut "
+             "before the verdict is a judge error, not a tie)")
     bootstrap_samples: int = setting(2000, help="bootstrap resamples for the win-rate intervals")
     agreement_pairs: int = setting(64, help="judged pairs per evaluation set for judge agreement")
 

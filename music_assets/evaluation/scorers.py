@@ -1,5 +1,9 @@
-"""Scores a reward-model checkpoint on evaluation pairs (no Dagster): batched, length-sorted,
-under `torch.inference_mode()` (see `trainer.pairwise_scores`)."""
+"""Scores a reward-model checkpoint on evaluation pairs and Best-of-N candidates (no Dagster):
+batched, length-sorted, under `torch.inference_mode()`. The sequences scored together share a
+prefix (a pair's conversation before its answers, the N candidates' conversation so far); for
+decoder reward models that prefix runs once (`prefix_scoring.grouped_scores`), for encoders and
+short prefixes every sequence runs whole. Both paths give the same rewards; each caller reports
+which path scored how many sequences."""
 
 from __future__ import annotations
 
@@ -7,8 +11,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from music_assets.evaluation.prefix_scoring import grouped_scores
 from music_assets.training.rm_data import PairEncoder
-from music_assets.training.trainer import pairwise_scores, sequence_scores
 from music_assets.training.train_rm import METADATA_FILE
 
 
@@ -29,21 +33,32 @@ def load_checkpoint(folder: str | Path, device: str = "cpu", attn_implementation
     return model, tok, PairEncoder(tok, meta["config"]["max_length"], template)
 
 
+class ConversationScorer:
+    """Groups of conversations -> their rewards under a checkpoint. A group is what is compared
+    (Best-of-N's N candidates for one conversation), so its members share their prefix; `paths`
+    counts the sequences each scoring path took. A conversation longer than the checkpoint's max
+    length keeps its end (the part being compared)."""
+
+    def __init__(self, folder: str | Path, device: str = "cpu", attn_implementation: str | None = None):
+        self.model, self.tok, self.encoder = load_checkpoint(folder, device, attn_implementation)
+        self.paths: Counter = Counter()
+
+    def __call__(self, groups: list[list[list[dict]]]) -> list[list[float]]:
+        encoded = [[self.encoder.encode_one(c) for c in group] for group in groups]
+        scores, paths = grouped_scores(self.model, encoded, self.tok.pad_token_id)
+        self.paths.update(paths)
+        return scores
+
+
 def conversation_scorer(folder: str | Path, device: str = "cpu", attn_implementation: str | None = None):
-    """conversations -> rewards under a checkpoint: batched, length-sorted, inference mode; a
-    conversation longer than the checkpoint's max length keeps its end (the part being compared)."""
-    model, tok, encoder = load_checkpoint(folder, device, attn_implementation)
-
-    def score(conversations: list[list[dict]]) -> list[float]:
-        return sequence_scores(model, [encoder.encode_one(c) for c in conversations], tok.pad_token_id)
-
-    return score
+    return ConversationScorer(folder, device, attn_implementation)
 
 
-def score_rows(model, tok, encoder: PairEncoder, rows: list[dict], batch_size: int | None = None) -> tuple[list[dict], Counter]:
-    """Rewards for evaluation rows ({eval_set, item_id, subset, user_turns, chosen, rejected}).
-    Rows that cannot be scored are skipped and counted by reason, never silently dropped:
-    an empty response or a missing side."""
+def score_rows(model, tok, encoder: PairEncoder, rows: list[dict]) -> tuple[list[dict], Counter, Counter]:
+    """Rewards for evaluation rows ({eval_set, item_id, subset, user_turns, chosen, rejected}),
+    with the sequences each scoring path took (see the module docstring). Rows that cannot be
+    scored are skipped and counted by reason, never silently dropped: an empty response or a
+    missing side."""
     skipped: Counter = Counter()
     kept, encoded = [], []
     for row in rows:
@@ -53,10 +68,10 @@ def score_rows(model, tok, encoder: PairEncoder, rows: list[dict], batch_size: i
             continue
         kept.append(row)
         encoded.append(encoder.encode(row["chosen"], row["rejected"], row["item_id"]))
-    scores = pairwise_scores(model, encoded, tok.pad_token_id, batch_size)
+    scores, paths = grouped_scores(model, [[p.chosen, p.rejected] for p in encoded], tok.pad_token_id)
     out = [{"eval_set": r["eval_set"], "item_id": r["item_id"], "subset": r.get("subset"),
             "user_turns": r["user_turns"], "r_chosen": c, "r_rejected": j} for r, (c, j) in zip(kept, scores)]
-    return out, skipped
+    return out, skipped, paths
 
 
 def _invalid(row: dict) -> str | None:

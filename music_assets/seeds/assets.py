@@ -1,4 +1,6 @@
-"""Seed ingestion: one seed source (partition) in, normalized pairs and quarantined rows out.
+"""Seed ingestion: one seed source (partition) in, normalized pairs and quarantined rows out. A
+source configured with `shards: K` is K partitions, each ingesting its own rows of the file
+(music_assets/seeds/shards.py); the tables' `source` column is the partition key.
 
 A multi-asset writes both tables in one pass over the source, so a row is either normalized or
 quarantined, never both and never neither (the check `rows_accounted_for` would say otherwise).
@@ -60,7 +62,9 @@ EXAMPLE_PAIRS = 2
 )
 def seed_ingestion(context: AssetExecutionContext, seed_catalog: SeedCatalog):
     source = seed_catalog.resolve(context.partition_key)
-    context.log.info(f"ingesting seed source {source.name!r} from {source.location} (format {source.format})")
+    shard = {} if source.shard is None else {"shard": f"{source.shard.number} of {source.shard.count}"}
+    context.log.info(f"ingesting seed source {source.name!r}{' shard ' + shard['shard'] if shard else ''} "
+                     f"from {source.location} (format {source.format})")
     fingerprint = source.fingerprint()
     result = ingest(source, seed_catalog.max_message_chars)
 
@@ -76,6 +80,7 @@ def seed_ingestion(context: AssetExecutionContext, seed_catalog: SeedCatalog):
             **table_metadata(pairs, pairs.select("pair_id", "format", "user_turns", "prefix_messages", "chosen")),
             "source_location": source.location,
             "source_sha256": fingerprint,
+            **shard,
             "rows_read": result.total,
             "rows_quarantined": len(result.quarantine),
             "quarantine_share": round(share, 4),

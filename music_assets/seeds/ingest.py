@@ -1,4 +1,5 @@
-"""Turns one seed source into normalized rows and quarantine rows (no Dagster, no database).
+"""Turns one seed source (or one shard of it) into normalized rows and quarantine rows (no
+Dagster, no database).
 
 Kept free of Dagster so the rules can be tested directly and reused by the CLI. The asset in
 `music_assets/seeds/assets.py` wraps this and writes the two tables.
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from music_assets.common.hashing import stable_hash
 from music_assets.seeds.formats import DEFAULT_MAX_MESSAGE_CHARS, RowRejected, normalize, shared_prefix_length
 from music_assets.seeds.reader import ResolvedSource
+from music_assets.seeds.shards import seed_pair_id
 
 
 @dataclass
@@ -34,24 +36,27 @@ class IngestResult:
 
 
 def ingest(source: ResolvedSource, max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS) -> IngestResult:
+    """The rows of `source` (of its shard, if it is one). The `source` column is the partition key,
+    the pair id `<source name>/<row_number>` whatever the shard (see music_assets/seeds/shards.py)."""
     result = IngestResult()
+    partition = source.partition_key
     for raw in source.rows():
         if raw.error is not None:
-            result.quarantine.append(_quarantine(source.name, raw.row_number, "malformed_json", "", raw.error, raw.raw))
+            result.quarantine.append(_quarantine(partition, raw.row_number, "malformed_json", "", raw.error, raw.raw))
             continue
         try:
             pair = normalize(raw.record, source.format, max_message_chars)
         except RowRejected as exc:
             result.quarantine.append(
-                _quarantine(source.name, raw.row_number, exc.rule, exc.field, exc.reason, raw.raw)
+                _quarantine(partition, raw.row_number, exc.rule, exc.field, exc.reason, raw.raw)
             )
             continue
         prefix = shared_prefix_length(pair.chosen, pair.rejected) if pair.kind == "pair" else len(pair.chosen)
         result.pairs.append(
             {
-                "source": source.name,
+                "source": partition,
                 "row_number": raw.row_number,
-                "pair_id": f"{source.name}/{raw.row_number}",
+                "pair_id": seed_pair_id(source.name, raw.row_number),
                 "kind": pair.kind,
                 "format": pair.format,
                 "original_id": _printable(pair.original_id) if pair.original_id else None,

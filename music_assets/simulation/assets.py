@@ -27,6 +27,7 @@ from music_assets.common.hashing import stable_hash
 from music_assets.common.metadata import render_conversation, table_metadata
 from music_assets.simulation.pairs import assemble_pairs, assistant_turns_differing
 from music_assets.common.partitions import seed_partitions
+from music_assets.seeds.shards import split_partition_key
 from music_assets.simulation.prompts import PACKAGED, Prompts
 from music_assets.simulation.driver import Engines
 from music_assets.simulation.simulate import generation_key, simulate
@@ -61,11 +62,14 @@ def seed_contexts(
     context: AssetExecutionContext, seed_conversations: pl.DataFrame, simulation: SimulationResource
 ) -> Output[pl.DataFrame]:
     """Conversation prefixes (first k exchanges of each seed pair's chosen side) to simulate from;
-    with `max_contexts`, a seeded sample of the pairs (see `choose_contexts`)."""
+    with `max_contexts`, a seeded sample of the pairs (see `choose_contexts`). `max_contexts` is per
+    source: a shard samples its part (`Shard.quota`) of its own pairs, as it cannot see the others."""
     cfg = simulation.settings()
+    shard = split_partition_key(context.partition_key)[1]
+    limit = shard.quota(cfg.max_contexts) if shard is not None and cfg.max_contexts is not None else cfg.max_contexts
     pairs = seed_conversations.filter(pl.col("kind") == "pair")
     rows, skipped = choose_contexts(pairs.to_dicts(), cfg.min_context_exchanges, cfg.max_context_exchanges, cfg.seed,
-                                    cfg.max_contexts)
+                                    limit)
     df = frame("seed_contexts", rows)
     return Output(
         df,

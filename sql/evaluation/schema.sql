@@ -32,30 +32,35 @@ CREATE TABLE IF NOT EXISTS music.bon_conversations (
 );
 
 -- The judge's order-swapped verdict on the baseline vs MUSIC conversations of a (context, n).
--- outcome is from MUSIC's side; NULL when either conversation was dropped (drop_reason says why).
+-- outcome is from MUSIC's side; NULL when either conversation was dropped (drop_reason says why) or
+-- when the judge could not judge the pair (reason: judge_error | judge_truncated | unparsed).
 CREATE TABLE IF NOT EXISTS music.bon_judgments (
     run_key         VARCHAR NOT NULL,
     source          VARCHAR NOT NULL,
     context_id      VARCHAR NOT NULL,
     n               INTEGER NOT NULL,
     outcome         VARCHAR,        -- 'win' | 'tie' | 'loss'
-    reason          VARCHAR,        -- consistent | judge_tie | inconsistent | unparsed | judge_error | identical
-    verdict_forward VARCHAR,        -- baseline shown as A: 'A' | 'B' | 'C' | NULL (unparsed)
+    -- decided: consistent | judge_tie | inconsistent | identical; errors: judge_error | judge_truncated | unparsed
+    reason          VARCHAR,
+    verdict_forward VARCHAR,        -- baseline shown as A: 'A' | 'B' | 'C' | NULL (no verdict)
     verdict_swapped VARCHAR,        -- MUSIC shown as A
-    raw_forward     VARCHAR,
+    raw_forward     VARCHAR,        -- the judge's answer, or the engine's refusal (judge_error)
     raw_swapped     VARCHAR,
     drop_reason     VARCHAR
 );
 
 -- The judge's order-swapped preference on evaluation pairs (chosen shown first, then swapped),
--- to measure how often each reward model agrees with the judge.
+-- to measure how often each reward model agrees with the judge. preferred is NULL when the judge
+-- could not judge the pair (reason: judge_error | judge_truncated | unparsed, as in bon_judgments).
 CREATE TABLE IF NOT EXISTS music.judge_verdicts (
     eval_set        VARCHAR NOT NULL,
     item_id         VARCHAR NOT NULL,
-    preferred       VARCHAR NOT NULL,   -- 'chosen' | 'rejected' | 'tie'
+    preferred       VARCHAR,            -- 'chosen' | 'rejected' | 'tie' | NULL (judge error)
     reason          VARCHAR NOT NULL,
     verdict_forward VARCHAR,
     verdict_swapped VARCHAR,
     raw_forward     VARCHAR NOT NULL,
     raw_swapped     VARCHAR NOT NULL
 );
+-- Warehouses created before judge errors existed: preferred was NOT NULL there.
+ALTER TABLE music.judge_verdicts ALTER COLUMN preferred DROP NOT NULL;

@@ -6,9 +6,12 @@ CREATE SCHEMA IF NOT EXISTS music;
 
 -- One row per preference pair (kind = 'pair') or prompt-only context (kind = 'prompts').
 CREATE TABLE IF NOT EXISTS music.seed_conversations (
-    source            VARCHAR NOT NULL,   -- seed partition key
+    -- seed partition key: the source name, or '<name>/shard-NNN-of-KKK' for a source with `shards: K`
+    -- (music_assets/seeds/shards.py). Every partition-scoped statement (the IO manager's replace,
+    -- the simulation's resume queries) filters on it, so shards never touch each other's rows.
+    source            VARCHAR NOT NULL,
     row_number        BIGINT NOT NULL,    -- 1-based line / record number in the source
-    pair_id           VARCHAR NOT NULL,   -- '<source>/<row_number>', unique across sources
+    pair_id           VARCHAR NOT NULL,   -- '<source name>/<row_number>' (no shard in it), unique across sources
     kind              VARCHAR NOT NULL,   -- 'pair' | 'prompts'
     format            VARCHAR NOT NULL,   -- input format the row was parsed as
     original_id       VARCHAR,            -- the source's own id, when it has one
@@ -25,7 +28,7 @@ CREATE TABLE IF NOT EXISTS music.seed_conversations (
 
 -- Rows that could not be normalized: nothing is dropped without a trace.
 CREATE TABLE IF NOT EXISTS music.seed_quarantine (
-    source      VARCHAR NOT NULL,
+    source      VARCHAR NOT NULL,   -- seed partition key, as in seed_conversations
     row_number  BIGINT NOT NULL,
     rule        VARCHAR NOT NULL,   -- short class: malformed_json, missing_field, empty_message, ...
     field       VARCHAR NOT NULL,   -- the field at fault ('' when the whole record is)

@@ -1,13 +1,17 @@
 """Best-of-N bookkeeping against hand-computed values: judge verdict parsing, the order-swap
-consistency rule, bootstrap win rates, the per-N summary, and where Best-of-N contexts start."""
+consistency rule, bootstrap win rates, the per-N summary and report (judge errors apart from ties),
+judge agreement, and where Best-of-N contexts start."""
 
+import duckdb
+import polars as pl
 import pytest
 
+from music_assets.evaluation.assets import best_of_n_section
 from music_assets.evaluation.best_of_n import EvalContext
 from music_assets.evaluation.best_of_n_assets import bon_summary, eval_contexts, sample_ids
 from music_assets.evaluation.judge import combine, judge_prompt, parse_verdict
 from music_assets.evaluation.scoring import win_rate
-from music_assets.common.tables import frame
+from music_assets.common.tables import create_schema, frame, sql
 
 
 def test_parse_verdict_takes_the_last_bracketed_verdict_and_reports_none():
@@ -25,7 +29,7 @@ def test_order_swapped_verdicts_count_only_when_consistent():
     assert combine("A", "A") == ("tie", "inconsistent")  # position bias: it always picked A
     assert combine("C", "C") == ("tie", "judge_tie")
     assert combine("A", "C") == ("tie", "inconsistent")
-    assert combine(None, "B") == ("tie", "unparsed")
+    assert combine(None, "B") == (None, "unparsed")  # no verdict: a judge error, not a tie
 
 
 def test_judge_prompt_shows_both_conversations_and_the_verdict_format():
@@ -45,24 +49,57 @@ def test_win_rate_counts_ties_as_half_and_bootstraps_over_contexts():
         win_rate(["draw"])
 
 
-def test_summary_states_unparsed_judge_outputs_and_drops_per_n():
+def _verdicts():
     row = {"run_key": "k", "source": "mt_bench", "raw_forward": "", "raw_swapped": "", "drop_reason": None}
-    verdicts = frame("bon_judgments", [
+    return frame("bon_judgments", [
         {**row, "context_id": "a", "n": 2, "outcome": "win", "reason": "consistent", "verdict_forward": "B", "verdict_swapped": "A"},
-        {**row, "context_id": "b", "n": 2, "outcome": "tie", "reason": "unparsed", "verdict_forward": None, "verdict_swapped": "A"},
+        {**row, "context_id": "b", "n": 2, "outcome": None, "reason": "unparsed", "verdict_forward": None, "verdict_swapped": "A"},
         {**row, "context_id": "c", "n": 2, "outcome": "tie", "reason": "identical", "verdict_forward": "C", "verdict_swapped": "C"},
         {**row, "context_id": "d", "n": 2, "outcome": None, "reason": None, "verdict_forward": None,
          "verdict_swapped": None, "drop_reason": "policy:empty"},
+        {**row, "context_id": "e", "n": 2, "outcome": None, "reason": "judge_truncated", "verdict_forward": None,
+         "verdict_swapped": "B"},
+        {**row, "context_id": "f", "n": 2, "outcome": None, "reason": "judge_error", "verdict_forward": None,
+         "verdict_swapped": None, "raw_forward": "prompt of 5000 tokens exceeds max_model_len 4096"},
+        {**row, "context_id": "g", "n": 2, "outcome": "tie", "reason": "judge_tie", "verdict_forward": "C", "verdict_swapped": "C"},
         {**row, "context_id": "a", "n": 4, "outcome": "loss", "reason": "consistent", "verdict_forward": "A", "verdict_swapped": "B"},
     ])
-    s = bon_summary(verdicts, samples=500, seed=0)
+
+
+def test_summary_counts_judge_errors_apart_from_ties_and_out_of_the_win_rate():
+    s = bon_summary(_verdicts(), samples=500, seed=0)
     two = s["2"]
+    # decided: a (win), c (identical: a tie), g (judge tie); errors: b, e, f; d was dropped
     assert (two["n"], two["wins"], two["ties"], two["losses"]) == (3, 1, 2, 0)
-    assert two["win_rate"] == pytest.approx(2 / 3, abs=1e-4)
-    # identical conversations are not sent to the judge: 2 judged contexts = 4 outputs, 1 unparsed
-    assert (two["judge_outputs"], two["unparsed"], two["unparsed_share"]) == (4, 1, 0.25)
+    assert two["win_rate"] == pytest.approx(2 / 3, abs=1e-4)  # (1 + 2/2) / 3: the three errors are not ties
+    assert two["judge_errors"] == {"judge_error": 1, "judge_truncated": 1, "unparsed": 1} and two["errors"] == 3
+    assert (two["asked"], two["error_share"]) == (5, 0.6)  # identical conversations are not sent to the judge
     assert two["dropped"] == {"policy:empty": 1} and two["reasons"]["identical"] == 1
-    assert s["4"]["win_rate"] == 0.0 and s["4"]["n"] == 1
+    assert s["4"]["win_rate"] == 0.0 and s["4"]["n"] == 1 and s["4"]["errors"] == 0
+
+
+def test_the_report_shows_errors_by_reason_beside_wins_ties_and_losses(tmp_path):
+    agreement = pl.DataFrame(schema={"variant": pl.String, "eval_set": pl.String, "n": pl.Int64, "agree": pl.Int64,
+                                     "judge_prefers_chosen": pl.Int64})
+    text, _ = best_of_n_section(_verdicts(), agreement, {"consistent": 2, "judge_truncated": 5, "judge_error": 1},
+                                tmp_path, samples=200, seed=0)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines()
+            if line.startswith("| 2 ") or line.startswith("| 4 ")}
+    n, wins, ties, losses, rate, errors = rows["2"][:6]
+    assert (n, wins, ties, losses) == ("3", "1", "2", "0") and rate.startswith("0.667")
+    assert errors == "3 of 5 (60%): 1 / 1 / 1"  # refused / cut / unparsed
+    assert "refused / cut / unparsed" in text and "**The judge could not judge" not in text  # 3 of 6: not most
+    assert "could not judge 6 of them (judge_error: 1, judge_truncated: 5, unparsed: 0)" in text
+
+
+def test_judge_agreement_leaves_out_the_pairs_the_judge_could_not_judge():
+    con = duckdb.connect()
+    create_schema(con)
+    con.execute("INSERT INTO music.rm_scores VALUES ('music', 'ck', 'rb', 'i1', NULL, 1, 2.0, 1.0), "
+                "('music', 'ck', 'rb', 'i2', NULL, 1, 2.0, 1.0), ('music', 'ck', 'rb', 'i3', NULL, 1, 2.0, 1.0)")
+    con.execute("INSERT INTO music.judge_verdicts VALUES ('rb', 'i1', 'chosen', 'consistent', 'A', 'B', '', ''), "
+                "('rb', 'i2', NULL, 'judge_truncated', NULL, 'B', '', ''), ('rb', 'i3', 'tie', 'judge_tie', 'C', 'C', '', '')")
+    assert con.execute(sql("evaluation/judge_agreement")).fetchall() == [("music", "rb", 1, 1, 1)]
 
 
 def test_best_of_n_contexts_start_at_a_user_request():
@@ -80,3 +117,20 @@ def test_best_of_n_contexts_start_at_a_user_request():
     ids = [f"id{i}" for i in range(50)]
     assert sample_ids(ids, 5, 0) == sample_ids(list(reversed(ids)), 5, 0) and len(sample_ids(ids, 5, 0)) == 5
     assert sample_ids(ids, 5, 0) != sample_ids(ids, 5, 1)
+
+
+def test_a_warehouse_from_before_judge_errors_accepts_them(tmp_path):
+    """judge_verdicts.preferred was NOT NULL; a judge error stores NULL there. An existing
+    warehouse is altered when the schema is created, its rows kept."""
+    import duckdb
+
+    from music_assets.common.tables import create_schema
+
+    con = duckdb.connect(str(tmp_path / "old.duckdb"))
+    con.execute("CREATE SCHEMA music; CREATE TABLE music.judge_verdicts (eval_set VARCHAR NOT NULL, "
+                "item_id VARCHAR NOT NULL, preferred VARCHAR NOT NULL, reason VARCHAR NOT NULL)")
+    con.execute("INSERT INTO music.judge_verdicts VALUES ('s', 'i1', 'chosen', 'consistent')")
+    create_schema(con)
+    con.execute("INSERT INTO music.judge_verdicts (eval_set, item_id, preferred, reason) VALUES ('s', 'i2', NULL, 'unparsed')")
+    assert con.execute("SELECT item_id, preferred FROM music.judge_verdicts ORDER BY 1").fetchall() == [
+        ("i1", "chosen"), ("i2", None)]

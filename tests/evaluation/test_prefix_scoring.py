@@ -1,0 +1,178 @@
+"""Prefix-shared reward scoring gives the rewards of full-sequence scoring (`sequence_scores`), within
+1e-4 in fp32, on real decoder reward models: the tiny Llama for every edge case, a small Mistral with
+a sliding window, SmolLM2-135M for a pair and a Best-of-4 group; encoders are refused."""
+
+import random
+
+import pytest
+import torch
+
+from music_assets.evaluation.prefix_scoring import shared_prefix_scores, split_shared_prefix, supports_prefix_sharing
+from music_assets.training.rm_data import PairEncoder
+from music_assets.training.train_rm import load_backbone
+from music_assets.training.trainer import sequence_scores
+
+TOLERANCE = 1e-4
+
+
+def _head_with_spread(model):
+    """A random score head with rewards of order 1 (the fresh head gives ~0.1), so that a reward read
+    at the wrong token or position shows far above the tolerance."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        torch.nn.init.normal_(model.score.weight, std=0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = load_backbone("builtin:tiny-llama", 0)
+    return _head_with_spread(model), tok
+
+
+def _tokens(rng: random.Random, n: int, pad_id: int, vocab: int) -> list[int]:
+    return [rng.choice([t for t in range(3, vocab) if t != pad_id]) for _ in range(n)]
+
+
+def _assert_matches_full_scoring(model, groups, pad_id, **kw):
+    shared = shared_prefix_scores(model, groups, pad_id, **kw)
+    full = sequence_scores(model, [s for g in groups for s in g], pad_id)
+    assert [len(g) for g in shared] == [len(g) for g in groups]
+    diff = max(abs(a - b) for a, b in zip([v for g in shared for v in g], full))
+    assert diff <= TOLERANCE, f"largest difference from full-sequence scoring {diff:.2e}"
+    return shared
+
+
+def test_split_shared_prefix():
+    assert split_shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2]]) == ([1, 2], [[3, 4], [5], []])
+    assert split_shared_prefix([[1, 2], [1, 2]]) == ([1, 2], [[], []])
+    assert split_shared_prefix([[1, 2], [3]]) == ([], [[1, 2], [3]])
+    assert split_shared_prefix([[4, 5, 6]]) == ([4, 5, 6], [[]])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_edge_cases_match_full_sequence_scoring(tiny, attn):
+    model, tok = tiny
+    model.config._attn_implementation = attn
+    rng = random.Random(0)
+    t = lambda n: _tokens(rng, n, tok.pad_token_id, len(tok))  # noqa: E731
+    long, short = t(40), t(6)
+    groups = [
+        [long + t(5), long + t(17), long, long + t(1)],  # lengths differ; an empty and a one-token suffix
+        [short + t(2), short + t(9)],  # a short prefix in the same batch as a long one
+        [short[:1] + t(3), short[:1] + t(1)],  # a one-token prefix
+        [[7] + t(4), [8] + t(6)],  # nothing shared
+        [long[:10] + t(3), long[:10] + t(3), long[:10] + t(3), long[:10] + t(3)],  # Best-of-4
+        [short, short],  # identical: both rewards at the prefix's last token
+        [t(1)],
+    ]
+    try:
+        one_batch = _assert_matches_full_scoring(model, groups, tok.pad_token_id, max_batch_tokens=10**6)
+        per_group = _assert_matches_full_scoring(model, groups, tok.pad_token_id, max_batch_tokens=1)
+        assert max(abs(a - b) for x, y in zip(one_batch, per_group) for a, b in zip(x, y)) <= TOLERANCE
+        calls = []
+        hook = model.model.register_forward_hook(lambda *a: calls.append(1))
+        shared_prefix_scores(model, groups, tok.pad_token_id, max_batch_tokens=10**6)
+        hook.remove()
+        assert len(calls) == 3  # all shared prefixes, then all their suffixes; the groups sharing nothing
+    finally:
+        model.config._attn_implementation = "sdpa"
+
+
+def test_reward_is_read_at_the_true_last_token_even_when_it_is_the_pad_id(tiny):
+    """HF's classifier takes the last token that is not `pad_token_id`; a sequence ending with that id
+    (SmolLM2 pads with `<|im_end|>`) is read at its true end here, as an unpadded forward reads it."""
+    model, tok = tiny
+    rng = random.Random(1)
+    prefix = _tokens(rng, 12, tok.pad_token_id, len(tok))
+    seqs = [prefix + [5, tok.pad_token_id], prefix + [6, 7, 8]]
+    got = shared_prefix_scores(model, [seqs], tok.pad_token_id)[0]
+    pad, model.config.pad_token_id = model.config.pad_token_id, None  # no padding search: the last token
+    try:
+        with torch.inference_mode():
+            ends = [model(input_ids=torch.tensor([s])).logits[0, 0].item() for s in seqs]
+    finally:
+        model.config.pad_token_id = pad
+    assert max(abs(a - b) for a, b in zip(got, ends)) <= TOLERANCE
+
+
+def test_truncated_pairs_split_exactly(tiny):
+    """The caller truncates first (the pair encoder drops shared context from the left); the split of
+    what is left is exact and scores as the whole truncated sequences do."""
+    model, tok = tiny
+    context = [{"role": "user", "content": f"turn {i} about a longer shared context"} for i in range(12)]
+    answers = [("yes, gladly", "no"), ("a reply", "a different and much longer reply")]
+    encode = lambda max_length, a, b: PairEncoder(tok, max_length).encode(  # noqa: E731
+        context + [{"role": "assistant", "content": a}], context + [{"role": "assistant", "content": b}])
+    groups = [[p.chosen, p.rejected] for p in (encode(64, a, b) for a, b in answers)]
+    whole = [encode(10_000, a, b) for a, b in answers]
+    for seqs, untruncated in zip(groups, whole):
+        prefix, suffixes = split_shared_prefix(seqs)
+        assert max(len(s) for s in seqs) <= 64 < untruncated.length and prefix
+        assert [prefix + s for s in suffixes] == seqs
+    _assert_matches_full_scoring(model, groups, tok.pad_token_id)
+
+
+def test_sliding_window_model_matches_full_scoring():
+    """Mistral with an 8-token window: groups longer than the window are scored alone, because
+    padding inside a batch would push real tokens out of the window (mixing them errs by ~1)."""
+    from transformers import MistralConfig, MistralForSequenceClassification
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=8, num_labels=1, pad_token_id=0)
+    model = _head_with_spread(MistralForSequenceClassification(config))
+    rng = random.Random(1)
+    t = lambda n: _tokens(rng, n, 0, 100)  # noqa: E731
+    long, short = t(15), t(3)
+    _assert_matches_full_scoring(model, [[long + t(5), long + t(12), long], [short + t(2), short + t(9)],
+                                         [short[:2] + t(3), short[:2] + t(4)]], 0, max_batch_tokens=10**6)
+
+
+def test_encoders_are_refused_and_bad_input_is_named(tiny):
+    encoder, _ = load_backbone("builtin:minilm", 0)
+    assert supports_prefix_sharing(tiny[0]) and not supports_prefix_sharing(encoder)
+    with pytest.raises(ValueError, match="BertForSequenceClassification cannot share prefixes"):
+        shared_prefix_scores(encoder, [[[1, 2], [1, 3]]], 0)
+    with pytest.raises(ValueError, match="group 1, sequence 0: empty token sequence"):
+        shared_prefix_scores(tiny[0], [[[5, 6]], [[], [5]]], 0)
+    with pytest.raises(ValueError, match="group 0: no sequences"):
+        shared_prefix_scores(tiny[0], [[]], 0)
+
+
+def test_smollm2_pair_and_best_of_four():
+    model, tok = load_backbone("builtin:smollm2", 0)
+    render = lambda msgs: tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]  # noqa: E731
+    context = [{"role": "user", "content": "Plan a three-day trip to Lisbon for a family with two kids."},
+               {"role": "assistant", "content": "Day one: Belem and the tower; day two: the aquarium."},
+               {"role": "user", "content": "We don't like museums. Change day one."}]
+    answers = ["Then spend day one at the beach in Cascais.", "Day one: the Gulbenkian museum.",
+               "Try the Sintra palaces and gardens instead.", "Ok."]
+    best_of_4 = [render(context + [{"role": "assistant", "content": a}]) for a in answers]
+    pair = best_of_4[:2]
+    assert len(split_shared_prefix(best_of_4)[0]) > 60
+    _assert_matches_full_scoring(model, [pair, best_of_4], tok.pad_token_id)
+
+
+def test_grouped_scores_takes_the_shared_path_only_where_it_pays(tiny):
+    """`grouped_scores` (what rm_evaluation and best_of_n call): decoder groups with a long common
+    prefix run it once, short prefixes, single sequences and encoders run whole; the rewards are
+    the same either way, and the paths are counted per sequence."""
+    from music_assets.evaluation.prefix_scoring import MIN_SHARED_PREFIX_TOKENS, grouped_scores
+
+    model, tok = tiny
+    rng = random.Random(3)
+    long_prefix = _tokens(rng, MIN_SHARED_PREFIX_TOKENS + 10, tok.pad_token_id, 200)
+    short_prefix = _tokens(rng, MIN_SHARED_PREFIX_TOKENS - 10, tok.pad_token_id, 200)
+    groups = [[long_prefix + _tokens(rng, n, tok.pad_token_id, 200) for n in (3, 7, 1)],
+              [short_prefix + _tokens(rng, n, tok.pad_token_id, 200) for n in (4, 5)],
+              [_tokens(rng, 12, tok.pad_token_id, 200)]]
+    scores, paths = grouped_scores(model, groups, tok.pad_token_id)
+    assert paths == {"prefix_shared": 3, "full": 3}
+    full = sequence_scores(model, [s for g in groups for s in g], tok.pad_token_id)
+    assert max(abs(a - b) for a, b in zip([v for g in scores for v in g], full)) <= TOLERANCE
+    encoder, enc_tok = load_backbone("builtin:minilm", 0)
+    enc_groups = [[[101, 7592, 2088, 102], [101, 7592, 2088, 2017, 102]]]
+    enc_scores, enc_paths = grouped_scores(encoder, enc_groups, enc_tok.pad_token_id)
+    assert enc_paths == {"full": 2}
+    assert enc_scores == [sequence_scores(encoder, enc_groups[0], enc_tok.pad_token_id)]
