@@ -30,10 +30,13 @@ class SimulationConfig:
         None, help="fixed contrast turn c (1-based); None: drawn per context from [1, T - min_contrast_turns + 1]")
     min_contrast_turns: int = setting(2, help="the rejected branch is flawed in at least this many turns")
     max_attempts: int = setting(3, help="tries per generation (the first included) before a context is dropped")
+    # Measured on the demo (SmolLM2-135M, 8 contexts, T=2): trim finished 8 of 8 contexts at 880
+    # generated tokens per MUSIC pair, continue 5 of 8 at 2,501 (SmolLM2's cut answers loop, and a
+    # loop continued is still cut), retry 5 of 8 before this setting existed.
     on_length: str = setting(
-        "continue", help="a user or assistant message cut at max_tokens: retry (sample it anew), trim (keep it up to "
-                         "its last complete sentence; the row says 'trimmed'), or continue (the engine goes on writing "
-                         "the same message, up to max_continuations times, then it is retried)")
+        "trim", help="a user or assistant message cut at max_tokens: trim (keep it up to its last complete sentence; "
+                     "the row says 'trimmed'), retry (sample it anew), or continue (the engine goes on writing the "
+                     "same message, up to max_continuations times, then it is retried)")
     max_continuations: int = setting(
         2, help="with on_length: continue, how many times a cut message is continued (a message is then at most "
                 "(1 + max_continuations) x max_tokens long)")
