@@ -24,6 +24,7 @@ from dagster import (
 from dagster_duckdb import DuckDBResource
 
 from music_assets.curation.dedup import DedupResult, deduplicate
+from music_assets.curation.prompt_sets import unique_prompts
 from music_assets.common.hashing import stable_hash
 from music_assets.seeds.ingest import ingest
 from music_assets.common.metadata import markdown_preview, table_metadata
@@ -32,7 +33,7 @@ from music_assets.common.tables import frame, replace_rows, sql
 from resources.stage_config import CurationResource
 from resources.seed_catalog import validate_source_name
 
-EVAL_VERSION = "eval-items-v2"
+EVAL_VERSION = "eval-items-v3"  # v3: one prompt per item in prompt-only sets (repeats dropped)
 DEDUP_VERSION = "dedup-v1"
 SPLITS_VERSION = "splits-v1"
 
@@ -40,13 +41,15 @@ SPLITS_VERSION = "splits-v1"
 @asset(code_version=EVAL_VERSION, group_name="curation", pool="duckdb_writers")
 def eval_items(context: AssetExecutionContext, data: CurationResource, duckdb: DuckDBResource) -> MaterializeResult:
     """Registered evaluation sets (a file or a Hugging Face dataset), normalized like the seeds,
-    each row's `subset` kept; bad rows go to eval_quarantine."""
-    items, quarantine, fingerprints = [], [], {}
+    each row's `subset` kept; bad rows go to eval_quarantine. A prompt-only set (MT-Bench, HH or
+    UltraInteract prompts) keeps one row per prompt (music_assets/curation/prompt_sets.py)."""
+    items, quarantine, fingerprints, repeated = [], [], {}, {}
     for name, spec in sorted(data.settings().eval_sets.items()):
         source = spec.source(validate_source_name(name))
         fingerprints[name] = source.fingerprint()
         result = ingest(source)
-        for row, item_id in zip(result.pairs, item_ids(name, result.pairs)):
+        rows, repeated[name] = unique_prompts(result.pairs)
+        for row, item_id in zip(rows, item_ids(name, rows)):
             extra = json.loads(row["extra"]) if row["extra"] else {}
             items.append(
                 {"eval_set": name, "item_id": item_id, "row_number": row["row_number"], "kind": row["kind"],
@@ -56,7 +59,8 @@ def eval_items(context: AssetExecutionContext, data: CurationResource, duckdb: D
             )
         quarantine += [{"eval_set": name, **{k: q[k] for k in ("row_number", "rule", "field", "reason", "raw_excerpt")}}
                        for q in result.quarantine]
-        context.log.info(f"eval set {name}: {len(result.pairs)} items, {len(result.quarantine)} quarantined")
+        context.log.info(f"eval set {name}: {len(rows)} items, {repeated[name]} repeated prompts dropped, "
+                         f"{len(result.quarantine)} quarantined")
     df, bad = frame("eval_items", items), frame("eval_quarantine", quarantine)
     with duckdb.get_connection() as con:
         replace_rows(con, {"eval_items": df, "eval_quarantine": bad})
@@ -66,6 +70,7 @@ def eval_items(context: AssetExecutionContext, data: CurationResource, duckdb: D
             **table_metadata(df, df.select("item_id", "kind", "subset", "user_turns")),
             "items_per_set": MetadataValue.json(dict(Counter(df["eval_set"].to_list()))),
             "quarantined": MetadataValue.json(dict(Counter(bad["rule"].to_list()))),
+            "repeated_prompts_dropped": MetadataValue.json(repeated),
             "file_sha256": MetadataValue.json(fingerprints),
         },
     )

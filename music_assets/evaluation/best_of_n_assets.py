@@ -16,7 +16,7 @@ from dagster_duckdb import DuckDBResource
 
 from music_assets.evaluation.best_of_n import EvalContext, judge_best_of_n, run_best_of_n
 from music_assets.evaluation.scorers import conversation_scorer
-from music_assets.common.hashing import stable_hash
+from music_assets.common.hashing import seeded_sample, stable_hash
 from music_assets.evaluation.judge import DECIDED_REASONS, ERROR_REASONS, judge_pairs
 from music_assets.common.metadata import render_conversation, table_metadata
 from music_assets.simulation.prompts import PACKAGED, Prompts
@@ -35,19 +35,26 @@ FIRST, SECOND = "baseline", "music"  # outcomes are reported from MUSIC's side
 
 
 def sample_ids(ids: list[str], limit: int | None, seed: int) -> set[str]:
-    """A seeded, order-independent sample: the `limit` ids with the smallest hash."""
-    ranked = sorted(ids, key=lambda i: stable_hash([seed, i]))
-    return set(ranked if limit is None else ranked[:limit])
+    """A seeded, order-independent sample: the `limit` ids that rank first under `hash_rank`."""
+    return set(seeded_sample(ids, limit, seed))
 
 
-def eval_contexts(rows: list[dict], limit: int | None, seed: int) -> list[EvalContext]:
-    """Best-of-N starting points from sql/bon_contexts.sql rows. A held-out seed conversation
-    loses its last answer (Best-of-N writes it); a prompt-only set (MT-Bench) starts from its
+def eval_contexts(rows: list[dict], limit: int | None, seed: int,
+                  limits: dict[str, int] | None = None) -> list[EvalContext]:
+    """Best-of-N starting points from sql/bon_contexts.sql rows, a seeded sample of `limit` per
+    source (`limits` sets a named source's own). A held-out seed conversation loses its last
+    answer (Best-of-N writes it); a prompt-only set (MT-Bench, HH, UltraInteract) starts from its
     first user turn and keeps the later ones as the user's scripted next messages."""
+    limits = limits or {}
+    sources = sorted({r["source"] for r in rows})
+    unknown = sorted(set(limits) - set(sources) - {"heldout_seed"})
+    if unknown:  # a misspelt set would silently get `limit` instead
+        raise ValueError(f"evaluation.max_contexts names {', '.join(unknown)}, which is no Best-of-N source "
+                         f"(sources: {', '.join(sorted({'heldout_seed', *sources}))}; a set needs prompt-only items)")
     contexts = []
-    for source in sorted({r["source"] for r in rows}):
+    for source in sources:
         mine = [r for r in rows if r["source"] == source]
-        keep = sample_ids([r["context_id"] for r in mine], limit, seed)
+        keep = sample_ids([r["context_id"] for r in mine], limits.get(source, limit), seed)
         for r in mine:
             if r["context_id"] not in keep:
                 continue
@@ -73,7 +80,7 @@ def best_of_n(context: AssetExecutionContext, evaluation: EvaluationResource, si
     folders = {v: str(checkpoints.local_copy(v)) for v in (FIRST, SECOND)}
     with duckdb.get_connection() as con:
         rows = con.execute(sql("evaluation/bon_contexts")).pl().to_dicts()
-    contexts = eval_contexts(rows, settings.contexts_per_source, settings.seed)
+    contexts = eval_contexts(rows, settings.contexts_per_source, settings.seed, settings.max_contexts)
     if not contexts:
         raise ValueError("no Best-of-N contexts: no held-out seed test conversations and no prompt-only evaluation set")
     run_key = stable_hash({"settings": settings.run_settings(), "checkpoints": folders, "prompts": prompts.judge_version,

@@ -19,6 +19,11 @@ class EvaluationConfig:
     contexts_per_source: int | None = setting(
         None, help="Best-of-N contexts per source (held-out seed test conversations, each prompt-only evaluation "
                    "set); chosen by a seeded hash so runs are comparable; None: all")
+    # Here rather than on the evaluation set: it is a Best-of-N setting like the one above, drawn with the same
+    # `seed`, and it can also size (or, with 0, turn off) the held-out seed contexts, which are no evaluation set.
+    max_contexts: dict[str, int] = setting(
+        factory=dict, help="Best-of-N contexts for a named source (an evaluation set's name or 'heldout_seed'), over "
+                           "contexts_per_source; the paper: {hh: 1000, ultrainteract: 1000, heldout_seed: 0}")
     seed: int = setting(0, help="seeds context sampling, every generation and the bootstrap")
     max_attempts: int = setting(3, help="tries per user message or candidate set, the first included")
     policy_sampling: Sampling = setting(
@@ -38,6 +43,8 @@ class EvaluationConfig:
     def __post_init__(self):
         if not self.best_of_n or any(n < 1 for n in self.best_of_n):
             raise ValueError(f"evaluation.best_of_n: every N must be >= 1, got {list(self.best_of_n)}")
+        if any(limit < 0 for limit in self.max_contexts.values()):
+            raise ValueError(f"evaluation.max_contexts: every limit must be >= 0, got {dict(self.max_contexts)}")
         if self.turns < 1:
             raise ValueError("evaluation.turns must be >= 1")
         for name in ("policy_sampling", "user_sampling", "judge_sampling"):

@@ -15,6 +15,15 @@ Formats (auto-detected from a record's keys, or named in config):
 - `llmbar`: `input`, `output_1`, `output_2`, `label` (1 or 2 names the better output).
 - `prompts`: prompt-only records (MT-Bench `turns`): user turns without responses, kept as
   evaluation contexts (`kind = 'prompts'`, `rejected` empty), never as training pairs.
+- `hh_prompts`: the Best-of-N prompts the paper drew from Anthropic HH: an HH-RLHF row reduced to
+  the first human turn of its `chosen` transcript (the rest of the conversation is the answer
+  under test, so it is dropped). Prompt-only, like `prompts`.
+- `ultrainteract`: UltraInteract prompts, prompt-only as in the paper: the `instruction` of an
+  `openbmb/UltraInteract_sft` row, or the first (user) turn of an `UltraInteract_pair` row's
+  `trajectory`. Its id is the row's `parent_id`, which every row of one instruction shares, so
+  the evaluation set keeps one prompt per parent (music_assets/curation/prompt_sets.py).
+The two Best-of-N formats are never auto-detected: an HH row is a training pair unless a set says
+otherwise, and an UltraInteract_pair row has pair-like `chosen`/`rejected` strings.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
-FORMATS = ("conversational", "hh_rlhf", "prompt_chosen_rejected", "llmbar", "prompts")
+FORMATS = ("conversational", "hh_rlhf", "prompt_chosen_rejected", "llmbar", "prompts", "hh_prompts", "ultrainteract")
 DEFAULT_MAX_MESSAGE_CHARS = 20_000
 
 # Keys we understand per format; any other key is kept in the `extra` column as JSON.
@@ -80,7 +89,7 @@ def normalize(record: Any, fmt: str = "auto", max_chars: int = DEFAULT_MAX_MESSA
     if fmt not in FORMATS:
         raise ValueError(f"unknown seed format {fmt!r}; expected one of {FORMATS} or 'auto'")
     pair = _PARSERS[fmt](record)
-    pair.original_id = _original_id(record)
+    pair.original_id = pair.original_id or _original_id(record)  # a parser may name a better id
     known = _KNOWN_KEYS[fmt] | set(_ID_KEYS)
     pair.extra = {k: v for k, v in record.items() if k not in known}
     for side in ("chosen", "rejected"):
@@ -165,12 +174,43 @@ def _prompts(record: dict) -> NormalizedPair:
     return NormalizedPair("prompts", "prompts", users, [])
 
 
+def _hh_prompts(record: dict) -> NormalizedPair:
+    turns = _parse_transcript(_require(record, "chosen"), "chosen")
+    if not turns or turns[0]["role"] != "user":
+        raise RowRejected("unrecognized_shape", "`chosen` does not start with a 'Human:' turn", "chosen")
+    return NormalizedPair("prompts", "hh_prompts", turns[:1], [])
+
+
+def _ultrainteract(record: dict) -> NormalizedPair:
+    if record.get("trajectory") is not None:  # UltraInteract_pair: the first turn is the instruction
+        trajectory, name = record["trajectory"], "trajectory[0].value"
+        if not isinstance(trajectory, list) or not trajectory:
+            raise RowRejected("wrong_type", "`trajectory` must be a non-empty list of {from, value} turns", "trajectory")
+        first = trajectory[0] if isinstance(trajectory[0], dict) else {}
+        if first.get("from") != "user":
+            raise RowRejected("unrecognized_shape", f"`trajectory[0].from` must be 'user', found {first.get('from')!r}",
+                              "trajectory[0].from")
+        text = _string(first.get("value"), name)
+    else:  # UltraInteract_sft
+        name = "instruction"
+        text = _string(_require(record, name), name)
+    if not text.strip():
+        raise RowRejected("empty_message", f"`{name}` is empty", name)
+    parent = record.get("parent_id")
+    if parent is not None and not isinstance(parent, (str, int)):
+        raise RowRejected("wrong_type", f"`parent_id` must be a string, found {type(parent).__name__}", "parent_id")
+    return NormalizedPair("prompts", "ultrainteract", [{"role": "user", "content": text}], [],
+                          original_id=str(parent) if parent not in (None, "") else None)
+
+
 _PARSERS = {
     "conversational": _conversational,
     "hh_rlhf": _hh_rlhf,
     "prompt_chosen_rejected": _prompt_chosen_rejected,
     "llmbar": _llmbar,
     "prompts": _prompts,
+    "hh_prompts": _hh_prompts,
+    "ultrainteract": _ultrainteract,
 }
 _KNOWN_KEYS = {
     "conversational": {"prompt", "chosen", "rejected"},
@@ -178,6 +218,10 @@ _KNOWN_KEYS = {
     "prompt_chosen_rejected": {"prompt", "chosen", "rejected"},
     "llmbar": {"input", "output_1", "output_2", "label"},
     "prompts": {"turns"},
+    "hh_prompts": {"chosen", "rejected"},
+    # the answers and the rest of a trajectory are not part of a prompt-only item; `task` and
+    # `dataset` (Coding / Math_CoT / ..., and the benchmark it came from) stay in `extra`
+    "ultrainteract": {"instruction", "response", "trajectory", "chosen", "rejected", "parent_id"},
 }
 
 

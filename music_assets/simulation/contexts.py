@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from music_assets.common.hashing import stable_hash
+from music_assets.common.hashing import seeded_sample, stable_hash
 
 
 def exchanges(messages: list[dict]) -> int:
@@ -45,7 +45,6 @@ def choose_contexts(pairs: list[dict], min_k: int, max_k: int, seed: int,
     pair ranks below it."""
     eligible = [p for p in pairs if exchanges(p["chosen"]) >= min_k]
     skipped = len(pairs) - len(eligible)
-    if max_contexts is not None:
-        eligible = sorted(eligible, key=lambda p: (stable_hash([seed, p["pair_id"]]), p["row_number"]))[:max_contexts]
+    eligible = seeded_sample(eligible, max_contexts, seed, key=lambda p: p["pair_id"])
     contexts = [sample_context(p, min_k, max_k, seed) for p in sorted(eligible, key=lambda p: p["row_number"])]
     return contexts, skipped
