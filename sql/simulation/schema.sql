@@ -4,6 +4,9 @@
 -- The DuckDB Polars IO manager inserts DataFrames positionally, and music_assets/common/tables.py
 -- derives each DataFrame's Polars schema from these statements, so the schema files are the one
 -- definition of the columns. music_assets/common/tables.py runs them all, in stage order.
+-- The same statements run on DuckLake (the shared warehouse), which has neither keys nor defaults
+-- other than literals: the keys noted below are kept by the statements that insert (anti-joins,
+-- MERGE), and those statements set the timestamps.
 CREATE SCHEMA IF NOT EXISTS music;
 
 -- The prefixes the simulation continues: the first k exchanges of a seed pair's chosen side.
@@ -40,7 +43,7 @@ CREATE TABLE IF NOT EXISTS music.music_pairs (
 -- Turns before the contrast turn are shared by both branches (branch = 'shared'); from the contrast
 -- turn on there is one 'chosen' and one 'rejected' row per turn.
 CREATE TABLE IF NOT EXISTS music.simulated_branches (
-    turn_key             VARCHAR PRIMARY KEY,  -- hash(context_id, branch, turn, generation_key)
+    turn_key             VARCHAR NOT NULL,     -- the key: hash(context_id, branch, turn, generation_key)
     generation_key       VARCHAR NOT NULL,     -- hash(prompt version, models, sampling, settings)
     source               VARCHAR NOT NULL,     -- seed partition key
     context_id           VARCHAR NOT NULL,
@@ -56,14 +59,14 @@ CREATE TABLE IF NOT EXISTS music.simulated_branches (
     assistant_tokens     INTEGER NOT NULL,
     user_finish          VARCHAR NOT NULL DEFAULT 'stop',  -- 'stop' | 'trimmed' | 'continued' (on_length)
     assistant_finish     VARCHAR NOT NULL DEFAULT 'stop',
-    created_at           TIMESTAMP NOT NULL DEFAULT current_timestamp
+    created_at           TIMESTAMP NOT NULL
 );
 -- Warehouses created before on_length existed: their turns were all sampled whole ('stop').
 ALTER TABLE music.simulated_branches ADD COLUMN IF NOT EXISTS user_finish VARCHAR DEFAULT 'stop';
 ALTER TABLE music.simulated_branches ADD COLUMN IF NOT EXISTS assistant_finish VARCHAR DEFAULT 'stop';
 
 -- Contexts the simulation gave up on, with the reason: nothing is dropped silently, and a rerun
--- does not try them again under the same generation key.
+-- does not try them again under the same generation key. The key: (generation_key, context_id).
 CREATE TABLE IF NOT EXISTS music.simulation_drops (
     generation_key VARCHAR NOT NULL,
     source         VARCHAR NOT NULL,
@@ -72,17 +75,16 @@ CREATE TABLE IF NOT EXISTS music.simulation_drops (
     stage          VARCHAR NOT NULL,   -- 'user' | 'rewrite' | 'assistant'
     reason         VARCHAR NOT NULL,   -- 'empty', 'truncated', 'user_answered_as_assistant', 'rewrite_unchanged', ...
     last_output    VARCHAR NOT NULL,   -- excerpt of the last rejected output
-    created_at     TIMESTAMP NOT NULL DEFAULT current_timestamp,
-    PRIMARY KEY (generation_key, context_id)
+    created_at     TIMESTAMP NOT NULL
 );
 
 -- The generation key each seed partition was last simulated under, with what it stands for:
 -- music_pairs assembles exactly these rows, and the lineage audit reads models and settings here.
 CREATE TABLE IF NOT EXISTS music.simulation_runs (
-    source         VARCHAR PRIMARY KEY,
+    source         VARCHAR NOT NULL,   -- the key
     generation_key VARCHAR NOT NULL,
     prompt_version VARCHAR NOT NULL,
     models         VARCHAR NOT NULL,   -- JSON
     settings       VARCHAR NOT NULL,   -- JSON, sampling parameters included
-    finished_at    TIMESTAMP NOT NULL DEFAULT current_timestamp
+    finished_at    TIMESTAMP NOT NULL
 );
