@@ -60,9 +60,9 @@ class RecordingStream(RequestStream):
     def __init__(self, inner: RequestStream, requests: list):
         self.inner, self.requests = inner, requests
 
-    def submit(self, key, conversation, sampling, seed=None):
+    def submit(self, key, conversation, sampling, seed=None, session=None):
         self.requests.append((key, conversation, sampling, seed))
-        self.inner.submit(key, conversation, sampling, seed)
+        self.inner.submit(key, conversation, sampling, seed, session=session)
 
     def wait(self):
         return self.inner.wait()

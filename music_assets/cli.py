@@ -192,6 +192,18 @@ def cmd_plan_training(args) -> int:
     return 0
 
 
+def cmd_check_config(args) -> int:
+    """Checks a config (every key and value, as any command does) and prints the plan of its run:
+    partitions, requests and tokens per stage, GPU memory per training rank, what is still needed.
+    Exit 0 when the plan fits, 1 when it does not (2, as everywhere, for an invalid config)."""
+    from music_assets.check_config import check, render
+
+    settings = load_settings(args.file)
+    plan = check(settings, args.gpu_memory_gib)
+    print(render(plan, args.file))
+    return 1 if plan.problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from dagster import BetaWarning, PreviewWarning
 
@@ -234,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                       help="over training.options.gradient_checkpointing")
     plan.set_defaults(func=cmd_plan_training)
+    check = sub.add_parser("check-config", help="check a config without running anything and print the plan of its "
+                                                "run: partitions, requests and tokens per stage, GPU memory, what "
+                                                "it still needs")
+    check.add_argument("file", help="the YAML config to check")
+    check.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    check.set_defaults(func=cmd_check_config)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

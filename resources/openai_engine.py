@@ -6,7 +6,9 @@ is never stored or logged.
 A module of its own because it shares nothing with the in-process vLLM backend but the base class:
 it is an HTTP client, its retry policy and the parsing of chat completions. `chat` fans a step's
 batch out over a bounded pool of HTTP requests; `stream()` posts each submitted request at once
-(bounded concurrency) and hands back responses as they arrive.
+(bounded concurrency) and hands back responses as they arrive; a request submitted with a
+session (the simulation's context id) names it in a header, for a router in front of a fleet of
+replicas to keep each conversation on the replica that has its prefix cached (docs/scale-out.md).
 """
 
 from __future__ import annotations
@@ -61,6 +63,13 @@ class OpenAIEngine(LLMEngine):
         "auto", description="system messages: auto (sent as such until the server refuses the system role, then "
                             "folded into the first user turn), native, or fold (always)")
 
+    # A fleet of replicas behind a router (vllm-router --policy consistent_hash hashes this header
+    # first): each request names its conversation, so all turns of a context, both branches
+    # included, go to the replica that holds their shared prefix in its KV cache.
+    session_header: str | None = Field(
+        "X-Session-ID", description="header carrying each request's session (the simulation's context id), for a "
+                                    "router's session affinity; null: send none")
+
     def chat(self, conversations, sampling, seeds=None):
         if not conversations:
             return []
@@ -88,14 +97,14 @@ class OpenAIEngine(LLMEngine):
     def folds_system(self) -> bool:
         return self.system_role == "fold" or (self.system_role == "auto" and self._key() in _FOLDS_SYSTEM)
 
-    def _post_with_retries(self, client, body: dict, policy: _RetryPolicy) -> Generation:
+    def _post_with_retries(self, client, body: dict, policy: _RetryPolicy, headers: dict | None = None) -> Generation:
         import httpx
 
         url = self.base_url.rstrip("/") + "/chat/completions"
         last = ""
         for attempt in range(self.max_retries + 1):
             try:
-                response = client.post(url, json=body)
+                response = client.post(url, json=body, headers=headers)
             except httpx.TransportError as exc:  # refused, reset, timed out, dropped mid-response
                 last = f"{type(exc).__name__}: {exc}"
             else:
@@ -109,7 +118,7 @@ class OpenAIEngine(LLMEngine):
                     get_dagster_logger().warning(f"{url} refused a system message; folding system messages into "
                                                  "the first user turn from now on")
                     return self._post_with_retries(client, {**body, "messages": fold_system_messages(body["messages"])},
-                                                   policy)
+                                                   policy, headers)
                 if response.status_code not in RETRY_STATUS:
                     # This request is refused (e.g. prompt too long): report it, keep the batch going.
                     return Generation([""], ["error"], error=f"{url} rejected the request ({last})")
@@ -140,7 +149,7 @@ class _HTTPStream(RequestStream):
         self.pool = ThreadPoolExecutor(max_workers=engine.max_concurrency)
         self.futures: dict = {}  # Future -> caller's key
 
-    def submit(self, key, conversation, sampling, seed=None):
+    def submit(self, key, conversation, sampling, seed=None, session=None):
         if self.engine.folds_system():
             conversation = fold_system_messages(conversation)
         body = {"model": self.engine.model, "messages": conversation, **sampling.as_dict()}
@@ -148,7 +157,8 @@ class _HTTPStream(RequestStream):
             body.update(continue_final_message=True, add_generation_prompt=False)
         if seed is not None:
             body["seed"] = seed
-        self.futures[self.pool.submit(self.engine._post_with_retries, self.client, body, self.policy)] = key
+        headers = {self.engine.session_header: session} if session and self.engine.session_header else None
+        self.futures[self.pool.submit(self.engine._post_with_retries, self.client, body, self.policy, headers)] = key
 
     def wait(self):
         done, _ = futures_wait(self.futures, return_when=FIRST_COMPLETED)

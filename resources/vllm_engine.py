@@ -226,7 +226,7 @@ class _VLLMStream(RequestStream):
     def __init__(self, engine: VLLMEngine, llm):
         self.engine, self.llm, self.keys, self.ready = engine, llm, {}, []
 
-    def submit(self, key, conversation, sampling, seed=None):
+    def submit(self, key, conversation, sampling, seed=None, session=None):  # one engine: no session to route
         (conversation,) = self.engine._as_template_takes_them(self.llm, [conversation])
         (length,) = self.engine._prompt_lengths(self.llm, [conversation])
         if not self.engine._fits(length):

@@ -96,9 +96,16 @@ class RequestStream:
     queued request is finished and returns `(key, Generation)` for all that are. A caller that
     submits a request as soon as the answer it depends on arrives keeps the engine's batch full,
     instead of waiting for the slowest request of a step (or for a retry of one request) while
-    the engine runs almost empty."""
+    the engine runs almost empty.
 
-    def submit(self, key, conversation: list[Message], sampling: Sampling, seed: int | None = None) -> None:
+    `session` names the conversation a request belongs to (the simulation passes its context id):
+    every request of a session extends the same prefix, so a backend in front of several replicas
+    can send them all to the one that has that prefix cached (the OpenAI backend puts it in a
+    header a router hashes on). A backend with one engine has nothing to route and ignores it. It
+    is an argument, not something read from `key`, because keys stay the caller's own business."""
+
+    def submit(self, key, conversation: list[Message], sampling: Sampling, seed: int | None = None,
+               session: str | None = None) -> None:
         raise NotImplementedError
 
     def wait(self) -> list[tuple[object, Generation]]:
@@ -118,7 +125,7 @@ class BatchedStream(RequestStream):
     def __init__(self, engine: ChatEngine):
         self.engine, self.queue = engine, []
 
-    def submit(self, key, conversation, sampling, seed=None):
+    def submit(self, key, conversation, sampling, seed=None, session=None):
         self.queue.append((key, conversation, sampling, seed))
 
     def wait(self):

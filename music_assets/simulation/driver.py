@@ -127,7 +127,7 @@ class Driver:
             key = RequestKey(next(self.serial), job.context_id, job.turn, job.stage, step.attempts[i], step.continuations[i])
             self.in_flight[key] = (step, i)
             seed = (attempt_seed(job.seed, step.attempts[i]) + 104729 * step.continuations[i]) % 2**31
-            self.streams[job.stage].submit(key, conversation, job.sampling, seed)
+            self.streams[job.stage].submit(key, conversation, job.sampling, seed, session=job.context_id)
             self.stats.requests += 1
         self.outgoing = []
 

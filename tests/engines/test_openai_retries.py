@@ -10,6 +10,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from music_assets.common.engines import EngineError, Sampling
+from music_assets.simulation.config import SimulationConfig
+from music_assets.simulation.driver import Engines
+from music_assets.simulation.simulate import simulate
+from music_assets.simulation.state import Context, TurnStore
 from resources.openai_engine import OpenAIEngine
 
 
@@ -169,3 +173,39 @@ def test_a_final_assistant_message_asks_the_server_to_continue_it(server):
     cont, fresh = server.requests
     assert cont["continue_final_message"] is True and cont["add_generation_prompt"] is False
     assert "continue_final_message" not in fresh
+
+
+@pytest.mark.parametrize("server", [[]], indirect=True)
+def test_a_streamed_request_names_its_session_for_the_router(server):
+    """vllm-router's consistent_hash keeps a session on one replica by this header; `chat` has no
+    session to name, and `session_header: null` sends none."""
+    for header, session in (("X-Session-ID", "ctx-1"), (None, "ctx-1"), ("X-Session-ID", None)):
+        stream = engine(server.url, session_header=header).stream()
+        stream.submit("k", [{"role": "user", "content": "hi"}], Sampling(), 1, session=session)
+        stream.wait()
+        stream.close()
+    engine(server.url).chat([[{"role": "user", "content": "hi"}]], Sampling())
+    sent = [{k.lower(): v for k, v in h.items()}.get("x-session-id") for h in server.headers]
+    assert sent == ["ctx-1", None, None, None]
+
+
+class NoStore(TurnStore):
+    def load(self):
+        return [], []
+
+    def commit(self, rows, drops):
+        pass
+
+
+@pytest.mark.parametrize("server", [[]], indirect=True)
+def test_the_simulation_sends_each_request_under_its_context_id(server):
+    """The driver passes each job's context id down to the stream: every request of a simulation
+    carries one, and each context's requests carry its own."""
+    eng = engine(server.url)  # one request at a time: the server's lists of bodies and headers stay in step
+    contexts = [Context(f"ctx-{i}", "s", [{"role": "user", "content": f"Question {i}?"},
+                                           {"role": "assistant", "content": f"Answer {i}."}]) for i in range(3)]
+    simulate(contexts, Engines(eng, eng, eng), SimulationConfig(turns=2), NoStore(), log=lambda _: None)
+    sessions = [{k.lower(): v for k, v in h.items()}.get("x-session-id") for h in server.headers]
+    assert sessions and set(sessions) <= {c.context_id for c in contexts}
+    for body, session in zip(server.requests, sessions):
+        assert f"Question {session[-1]}?" in json.dumps(body["messages"])

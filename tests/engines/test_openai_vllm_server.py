@@ -2,53 +2,21 @@
 (`python -m vllm.entrypoints.openai.api_server`), including a server killed mid-run."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import duckdb
-import httpx
 import pytest
 from dagster import DagsterInstance, materialize
 
 from music_assets.assembly import SEED_ASSETS, build_resources
 from music_assets.devtools.tiny_llama import tiny_llama_dir
 from music_assets.common.partitions import seed_partitions
+from tests.engines.servers import VLLMServer
 from tests.helpers import REPO, TINY_SIM, free_port, load_settings_in, query
 
 pytestmark = pytest.mark.slow
-
-
-class VLLMServer:
-    def __init__(self, model_dir, port):
-        self.model_dir, self.port, self.proc = model_dir, port, None
-
-    def start(self, timeout=600):
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
-             "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(self.port),
-             "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-             # vllm-cpu 0.32.0 crashes when a seeded request is prefilled in chunks (see compute.py)
-             "--no-enable-chunked-prefill"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.proc.poll() is None, "vLLM server exited during start-up"
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/v1/models", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        raise TimeoutError("vLLM server did not become ready")
-
-    def kill(self):
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
 
 
 def run(settings, key="embedded"):
