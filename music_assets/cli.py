@@ -120,7 +120,9 @@ def _run(assets, partition_key, instance, resources) -> bool:
 
 
 def _done(settings) -> int:
-    print(f"demo: done. DuckDB file: {settings.duckdb_path}")
+    from music_assets.lineage import warehouse_name
+
+    print(f"demo: done. Warehouse: {warehouse_name(settings)}")
     print(f"demo: open the UI with: DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev -w workspace.yaml")
     return 0
 

@@ -127,12 +127,28 @@ def _training_event(instance, variant: str, version: str):
     return next((r for r in records if (r.asset_materialization.tags or {}).get(DATA_VERSION_TAG) == version), None)
 
 
-def _duckdb_pairs(duckdb_path: Path, variant: str) -> tuple[list[dict], list[dict]]:
-    """From the warehouse: pairs per (source, origin) in the variant's splits, and its MUSIC pairs
-    grouped by what generated them (generation key, prompt version, models, sampling)."""
+def _read_connection(settings):
+    """A connection for reading the warehouse: the DuckDB file read-only (a writer may be running),
+    or the shared lake (DuckLake: many readers and writers at once)."""
     import duckdb
 
-    con = duckdb.connect(str(duckdb_path), read_only=True)
+    if settings.warehouse.get("backend") == "ducklake":
+        from resources.warehouse import DuckLake, connect_lake
+
+        return connect_lake(DuckLake(**{k: v for k, v in settings.warehouse.items() if k != "backend"}))
+    return duckdb.connect(str(settings.duckdb_path), read_only=True)
+
+
+def warehouse_name(settings) -> str:
+    if settings.warehouse.get("backend") == "ducklake":
+        return f"DuckLake {settings.warehouse.get('data_path')}"
+    return f"DuckDB {settings.duckdb_path}"
+
+
+def _duckdb_pairs(settings, variant: str) -> tuple[list[dict], list[dict]]:
+    """From the warehouse: pairs per (source, origin) in the variant's splits, and its MUSIC pairs
+    grouped by what generated them (generation key, prompt version, models, sampling)."""
+    con = _read_connection(settings)
     try:
         tables = {name for name, in con.execute(sql("lineage/lineage_tables")).fetchall()}
         if "training_splits" not in tables:  # the instance says otherwise: another or a replaced file
@@ -207,9 +223,9 @@ def _pairs_if_current(report, settings, instance, variant, trained_on):
             "pair-level counts from DuckDB are omitted (they would describe newer data)")
         return None, None
     try:
-        return _duckdb_pairs(settings.duckdb_path, variant)
+        return _duckdb_pairs(settings, variant)
     except Exception as exc:  # no file, or a writer holds the lock: the instance's record still stands
-        report["warnings"].append(f"DuckDB {settings.duckdb_path}: {type(exc).__name__}: {exc}; pair-level counts omitted")
+        report["warnings"].append(f"{warehouse_name(settings)}: {type(exc).__name__}: {exc}; pair-level counts omitted")
         return None, None
 
 

@@ -82,3 +82,21 @@ def test_a_missing_extension_package_is_named_with_its_install_line(tmp_path, mo
     with pytest.raises(RuntimeError, match=r"pip install duckdb-ext-ducklake==1\.4\.4\.\*"):
         with lake.get_connection():
             pass
+
+
+def test_the_lineage_audit_reads_the_warehouse_it_is_configured_with(warehouse, tmp_path):
+    """`music-assets lineage` counts pairs from the warehouse: the DuckDB file read-only, or the lake."""
+    from music_assets.lineage import _read_connection, warehouse_name
+    from music_assets.settings import load_settings
+
+    backend = {"backend": "ducklake", **warehouse["ducklake"].model_dump()} if "ducklake" in warehouse else None
+    settings = load_settings(None, environ={"MUSIC_HOME": str(tmp_path / "home")},
+                             flags={"duckdb_path": warehouse["database"]} if backend is None else {"warehouse": backend})
+    Warehouse(**warehouse).setup_for_execution(build_init_resource_context())  # the schema, as a step's set-up
+    con = _read_connection(settings)
+    try:
+        tables = {name for name, in con.execute(sql("lineage/lineage_tables")).fetchall()}
+    finally:
+        con.close()
+    assert {"training_splits", "music_pairs", "simulated_branches"} <= tables
+    assert warehouse_name(settings).startswith("DuckLake" if backend else "DuckDB")
