@@ -24,7 +24,7 @@ from resources.checkpoints import CheckpointStore
 from resources.compute import ComputeResource
 from resources.stage_config import CurationResource, EvaluationResource
 
-EVALUATION_VERSION = "rm-eval-v2"
+EVALUATION_VERSION = "rm-eval-v3"  # v3: rm_scores.scored_by, the report names the scoring path
 SMALL_SAMPLE = 30  # below this many items the report says its figures are mechanics, not evidence
 
 
@@ -43,7 +43,8 @@ def rm_evaluation(context: AssetExecutionContext, checkpoints: CheckpointStore, 
         rows = con.execute(sql("evaluation/evaluation_rows")).pl().to_dicts()
     scored, skipped, paths = score_rows(model, tok, encoder, rows)
     frame = pl.DataFrame(scored, schema={"eval_set": pl.String, "item_id": pl.String, "subset": pl.String,
-                                         "user_turns": pl.Int32, "r_chosen": pl.Float64, "r_rejected": pl.Float64})
+                                         "user_turns": pl.Int32, "r_chosen": pl.Float64, "r_rejected": pl.Float64,
+                                         "scored_by": pl.String})
     frame = frame.with_columns(variant=pl.lit(variant), checkpoint=pl.lit(folder))
     with duckdb.get_connection() as con:
         con.register("new_scores", frame)
@@ -102,6 +103,14 @@ def evaluation_report(context: AssetExecutionContext, data: CurationResource, ev
     )
 
 
+def _paths(part: pl.DataFrame) -> str:
+    """Pairs per scoring path in a set's rows (all variants), e.g. 'prefix_packed 120, full 3'."""
+    if "scored_by" not in part.columns:
+        return "-"
+    counts = Counter(p or "unrecorded" for p in part["scored_by"].to_list())
+    return ", ".join(f"{path} {n}" for path, n in counts.most_common())
+
+
 def mcnemar_p(b: int, c: int) -> float:
     """Two-sided exact McNemar test on discordant pairs (b: only A right, c: only B right)."""
     n = b + c
@@ -124,8 +133,11 @@ def build_report(scores: pl.DataFrame, out_dir: Path, rewardbench_sets: Collecti
                   "mechanics, not model quality.**", ""]
     lines += ["Accuracy = share of pairs whose chosen side gets the higher reward (ties count as wrong and are",
               "listed); 95% Wilson intervals; p = exact McNemar test on the pairs both models scored.", "",
-              "| evaluation set | n | " + " | ".join(f"{v} accuracy [95% CI] (ties)" for v in variants) + " | difference | p | verdict |",
-              "| --- | --- |" + " --- |" * len(variants) + " --- | --- | --- |"]
+              "Scored by: the path that computed the rewards (all give the same rewards; prefix_packed and",
+              "prefix_cached run a pair's shared prefix once, full runs each side whole), pairs per path.", "",
+              "| evaluation set | n | " + " | ".join(f"{v} accuracy [95% CI] (ties)" for v in variants)
+              + " | difference | p | verdict | scored by |",
+              "| --- | --- |" + " --- |" * len(variants) + " --- | --- | --- | --- |"]
     correct = scores.with_columns(correct=pl.col("r_chosen") > pl.col("r_rejected"))
     for (name,), part in correct.group_by("eval_set", maintain_order=True):
         cells, accs = [], {}
@@ -142,7 +154,8 @@ def build_report(scores: pl.DataFrame, out_dir: Path, rewardbench_sets: Collecti
             diff = f"{accs['music'].value - accs['baseline'].value:+.3f}"
             p = f"{p_value:.3g}"
             verdict = "significant" if p_value < 0.05 else "not significant"
-        lines.append(f"| {name} | {part.height // len(variants)} | " + " | ".join(cells) + f" | {diff} | {p} | {verdict} |")
+        lines.append(f"| {name} | {part.height // len(variants)} | " + " | ".join(cells)
+                     + f" | {diff} | {p} | {verdict} | {_paths(part)} |")
 
     plots = [_plot_by_turns(correct, variants, out_dir / "accuracy_by_turns.png")]
     lines += ["", "## Accuracy by number of user turns", "", f"![accuracy by turns]({plots[0]})", ""]

@@ -3,10 +3,16 @@
 The sequences scored together often share most of their tokens: a MUSIC pair's two conversations
 are equal up to the contrast turn, a seed pair up to its last answer, Best-of-N's candidates up to
 the answer. A decoder's hidden states at a token depend only on the tokens before it, so the shared
-prefix can run through the backbone once (`use_cache=True`) and every suffix of its group then runs
-against that key/value cache. The reward is read where `AutoModelForSequenceClassification` reads
-it for the whole sequence, at the last token, through the model's own `score` head; the results
-equal full-sequence scoring (`trainer.sequence_scores`) up to float rounding.
+prefix can run through the backbone once, by either of two kernels:
+- packed rows (`packed_prefix_scores`): a group is one row `[prefix | suffix 1 | ... | suffix k]`
+  with a block mask and positions restarting after the prefix (the layout of packed training,
+  `training/prefix_packing.pack_groups`), one forward, no cache; for decoders that take a dense 4D
+  mask (the Llama family with SDPA or eager attention);
+- a KV cache (`shared_prefix_scores`): the prefix with `use_cache=True`, then every suffix of its
+  group against that cache; for any decoder with a cache (GPT-2, Gemma-2, sliding windows...).
+The reward is read where `AutoModelForSequenceClassification` reads it for the whole sequence, at
+the last token, through the model's own `score` head; the results equal full-sequence scoring
+(`trainer.sequence_scores`) up to float rounding. `grouped_scores` picks the path per group.
 
 Encoders (BERT, MiniLM) attend both ways and have no cache: `supports_prefix_sharing` says no and
 the caller scores whole sequences as before. Truncation to the model's max length is the caller's,
@@ -17,9 +23,12 @@ from __future__ import annotations
 
 import inspect
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from music_assets.training.prefix_packing import attention_mask_for, common_prefix_length, pack_groups, packing_refusal
 
 # Token slots (padding included) per scoring batch: a prefix counts once per group, a suffix once per
 # candidate. On a CPU small batches win (see trainer.CPU_SCORING_BATCH: about 1,000 tokens), a GPU
@@ -27,11 +36,15 @@ import torch
 CPU_BATCH_TOKENS, GPU_BATCH_TOKENS = 2048, 32768
 
 
-# Below this many shared tokens a group is scored whole: running the prefix, then the suffixes
-# against its cache, costs two passes and a cache copy, which a short prefix does not pay back
-# (benchmarks/prefix_scoring.py, SmolLM2-135M fp32 on this CPU: a 16-token prefix 0.93x, 48 tokens
-# 1.15x, 0.2 of a 400-token pair 1.06x).
-MIN_SHARED_PREFIX_TOKENS = 32
+# Below this many shared tokens a group is scored whole. Measured (benchmarks/prefix_sharing.py (d),
+# SmolLM2-135M fp32, real HH pairs with their shared prefix cut to P tokens, CPU seconds, best of 2;
+# the full path timed against itself reads 1.08-1.11x, the order noise): the packed kernel pays at
+# every length tried, 1.34x at 8 tokens, 1.39x at 16, 1.49x at 32 (a packed pair is one row with no
+# padding between sides of unequal length, whereas full scoring pads each side to the batch's
+# longest); the KV-cache kernel, with its second pass and cache copy, breaks even at 8-16 tokens
+# (1.07x, 1.13x), is barely ahead at 32 (1.13x) and ahead at 64 (1.20x; random tokens: 0.94x at 16).
+MIN_SHARED_PREFIX_TOKENS = 8  # packed rows
+MIN_CACHED_PREFIX_TOKENS = 32  # the KV-cache kernel
 
 
 def supports_prefix_sharing(model) -> bool:
@@ -59,10 +72,7 @@ def split_shared_prefix(seqs: list[list[int]]) -> tuple[list[int], list[list[int
     is the prefix itself (then its reward is read at the prefix's last token)."""
     if not seqs:
         raise ValueError("a group to split needs at least one sequence")
-    shortest = min(len(s) for s in seqs)
-    n = 0
-    while n < shortest and all(s[n] == seqs[0][n] for s in seqs):
-        n += 1
+    n = common_prefix_length(seqs)
     return list(seqs[0][:n]), [list(s[n:]) for s in seqs]
 
 
@@ -81,8 +91,9 @@ class _Group:
 def shared_prefix_scores(model, groups: list[list[list[int]]], pad_id: int,
                          max_batch_tokens: int | None = None) -> list[list[float]]:
     """The reward of every sequence of every group (same nesting as `groups`), each group's longest
-    common prefix run once. Groups of similar prefix length are batched together up to
-    `max_batch_tokens` token slots (default by device); a group is never split across batches.
+    common prefix run once, then its suffixes against the prefix's KV cache (copied per suffix).
+    Groups of similar prefix length are batched together up to `max_batch_tokens` token slots
+    (default by device); a group is never split across batches.
 
     `pad_id` only fills padding: every reward is read at its sequence's own last token, counted from
     the lengths, so a sequence may end with the pad token (the full-sequence path, which searches for
@@ -92,41 +103,95 @@ def shared_prefix_scores(model, groups: list[list[list[int]]], pad_id: int,
         raise ValueError(f"{type(model).__name__} cannot share prefixes (not a decoder with a KV cache and a `score` "
                          "head); score its sequences whole with trainer.sequence_scores")
     parts = [_Group(i, *split_shared_prefix(_checked(g, i))) for i, g in enumerate(groups)]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    budget = max_batch_tokens or (CPU_BATCH_TOKENS if device.type == "cpu" else GPU_BATCH_TOKENS)
     out: list[list[float]] = [[0.0] * len(g) for g in groups]
-    try:
-        for batch in _batches(parts, budget, _sliding_window(model)):
+    with _evaluating(model) as device:
+        for batch in _batches(parts, _budget(device, max_batch_tokens), _sliding_window(model)):
             for (gi, si), value in _score_batch(model, batch, pad_id, device).items():
                 out[gi][si] = value
-    finally:
-        model.train(was_training)
     return out
 
 
+@torch.inference_mode()
+def packed_prefix_scores(model, groups: list[list[list[int]]], pad_id: int,
+                         max_batch_tokens: int | None = None) -> list[list[float]]:
+    """The same rewards as `shared_prefix_scores` in one forward per batch and no cache: each group is
+    one row `[prefix | suffix 1 | ... | suffix k]` (`prefix_packing.pack_groups`, the layout packed
+    training uses) whose block mask lets every suffix see the prefix and itself only, with positions
+    restarting after the prefix. Each row's tokens are those of the cache path, without its copy of
+    the prefix's keys and values per suffix; in exchange the dense mask makes attention cost the row's
+    length squared. Batches hold rows of similar length up to `max_batch_tokens` slots (rows x the
+    longest row). Only for models that take a dense 4D mask (`prefix_packing.packing_refusal`)."""
+    refusal = packing_refusal(model)
+    if refusal:
+        raise ValueError(f"{type(model).__name__} cannot score packed rows: {refusal}")
+    parts = sorted((_Group(i, *split_shared_prefix(_checked(g, i))) for i, g in enumerate(groups)),
+                   key=lambda g: g.cost)
+    base = getattr(model, model.base_model_prefix)
+    out: list[list[float]] = [[] for _ in groups]
+    with _evaluating(model) as device:
+        budget, start = _budget(device, max_batch_tokens), 0
+        while start < len(parts):
+            end = start + 1  # rows are sorted by length: the batch's last row is its longest
+            while end < len(parts) and (end + 1 - start) * parts[end].cost <= budget:
+                end += 1
+            batch = [groups[g.index] for g in parts[start:end]]
+            rows = pack_groups(batch, pad_id)
+            hidden = base(input_ids=rows.input_ids.to(device), position_ids=rows.position_ids.to(device),
+                          attention_mask=attention_mask_for(model, rows.attention_mask.to(device))).last_hidden_state
+            row = torch.tensor([b for b, seqs in enumerate(batch) for _ in seqs], device=device)
+            nth = torch.tensor([j for seqs in batch for j in range(len(seqs))], device=device)
+            values = iter(_reward(model, hidden[row, rows.reward_index.to(device)[row, nth]]))
+            for g, seqs in zip(parts[start:end], batch):
+                out[g.index] = [next(values) for _ in seqs]
+            start = end
+    return out
+
+
+def _kernel(model):
+    """(scoring function, path name, fewest shared tokens for it) of the fastest exact path that
+    `model` allows (see `grouped_scores`); (None, 'full', 0) for encoders."""
+    if packing_refusal(model) is None:
+        return packed_prefix_scores, "prefix_packed", MIN_SHARED_PREFIX_TOKENS
+    if supports_prefix_sharing(model):
+        return shared_prefix_scores, "prefix_cached", MIN_CACHED_PREFIX_TOKENS
+    return None, "full", 0
+
+
+def group_paths(model, groups: list[list[list[int]]]) -> list[str]:
+    """The path `grouped_scores` takes for each group: its shared-prefix path when the group has
+    two or more sequences sharing enough tokens, else 'full'."""
+    kernel, path, least = _kernel(model)
+    return [path if kernel and len(g) > 1 and common_prefix_length(g) >= least else "full" for g in groups]
+
+
 def grouped_scores(model, groups: list[list[list[int]]], pad_id: int) -> tuple[list[list[float]], Counter]:
-    """Every group's rewards by the cheaper exact path, and how many sequences each path scored:
-    'prefix_shared' (a decoder, and a group whose sequences share at least
-    `MIN_SHARED_PREFIX_TOKENS`) or 'full' (encoders, short prefixes, single sequences). Both give
-    the same rewards up to float rounding, so the choice is only about speed."""
+    """Every group's rewards by the fastest exact path, and how many sequences each path scored:
+    'prefix_packed' (`packed_prefix_scores`: decoders that take a dense 4D mask, the Llama family
+    with SDPA or eager attention), 'prefix_cached' (`shared_prefix_scores`: other decoders with a KV
+    cache), each only for groups whose sequences share at least `MIN_SHARED_PREFIX_TOKENS` or
+    `MIN_CACHED_PREFIX_TOKENS`; else
+    'full' (encoders, short prefixes, single sequences). All give the same rewards up to float
+    rounding, so the choice is only about speed (`group_paths` says which path each group takes).
+
+    Why packed first (benchmarks/prefix_sharing.py, SmolLM2-135M on real pairs, CPU seconds): real
+    candidates differ in length, and the cache path pads every suffix of a batch to the longest and
+    copies the prefix's cache per suffix, while a packed row holds each suffix at its own length;
+    Best-of-8 on real conversations ran 3.19x faster than full-sequence scoring packed, 2.03x cached."""
     from music_assets.training.trainer import sequence_scores
 
-    decoder = supports_prefix_sharing(model)
-    shared = [i for i, g in enumerate(groups)
-              if decoder and len(g) > 1 and len(split_shared_prefix(g)[0]) >= MIN_SHARED_PREFIX_TOKENS]
-    chosen = set(shared)
-    whole = [i for i in range(len(groups)) if i not in chosen]
+    kernel, path, _ = _kernel(model)
+    paths = group_paths(model, groups)
+    shared = [i for i, p in enumerate(paths) if p != "full"]
+    whole = [i for i, p in enumerate(paths) if p == "full"]
     out: list[list[float]] = [[] for _ in groups]
-    for i, scores in zip(shared, shared_prefix_scores(model, [groups[i] for i in shared], pad_id) if shared else []):
+    for i, scores in zip(shared, kernel(model, [groups[i] for i in shared], pad_id) if shared else []):
         out[i] = scores
     flat = sequence_scores(model, [s for i in whole for s in groups[i]], pad_id) if whole else []
     at = 0
     for i in whole:
         out[i], at = flat[at: at + len(groups[i])], at + len(groups[i])
-    paths = Counter({"prefix_shared": sum(len(groups[i]) for i in shared), "full": len(flat)})
-    return out, +paths
+    counts = Counter({path: sum(len(groups[i]) for i in shared), "full": len(flat)})
+    return out, +counts
 
 
 def _checked(group: list[list[int]], i: int) -> list[list[int]]:
@@ -136,6 +201,21 @@ def _checked(group: list[list[int]], i: int) -> list[list[int]]:
         if not seq:
             raise ValueError(f"group {i}, sequence {j}: empty token sequence (there is no last token to score)")
     return group
+
+
+@contextmanager
+def _evaluating(model):
+    """The model in eval mode (dropout off) for the block, then back to its own mode; yields its device."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield next(model.parameters()).device
+    finally:
+        model.train(was_training)
+
+
+def _budget(device, max_batch_tokens: int | None) -> int:
+    return max_batch_tokens or (CPU_BATCH_TOKENS if device.type == "cpu" else GPU_BATCH_TOKENS)
 
 
 def _sliding_window(model) -> int | None:

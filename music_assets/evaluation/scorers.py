@@ -11,7 +11,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from music_assets.evaluation.prefix_scoring import grouped_scores
+from music_assets.evaluation.prefix_scoring import group_paths, grouped_scores
 from music_assets.training.rm_data import PairEncoder
 from music_assets.training.train_rm import METADATA_FILE
 
@@ -68,9 +68,11 @@ def score_rows(model, tok, encoder: PairEncoder, rows: list[dict]) -> tuple[list
             continue
         kept.append(row)
         encoded.append(encoder.encode(row["chosen"], row["rejected"], row["item_id"]))
-    scores, paths = grouped_scores(model, [[p.chosen, p.rejected] for p in encoded], tok.pad_token_id)
+    groups = [[p.chosen, p.rejected] for p in encoded]
+    scores, paths = grouped_scores(model, groups, tok.pad_token_id)
     out = [{"eval_set": r["eval_set"], "item_id": r["item_id"], "subset": r.get("subset"),
-            "user_turns": r["user_turns"], "r_chosen": c, "r_rejected": j} for r, (c, j) in zip(kept, scores)]
+            "user_turns": r["user_turns"], "r_chosen": c, "r_rejected": j, "scored_by": path}
+           for r, (c, j), path in zip(kept, scores, group_paths(model, groups))]
     return out, skipped, paths
 
 

@@ -16,6 +16,9 @@ twice. Here a pair is one row, `[shared prefix | chosen suffix | rejected suffix
 
 So r_chosen and r_rejected equal the unpacked ones up to float rounding, and so do the loss and every
 gradient (tests/training/test_prefix_packing.py checks this to 1e-4 in fp32, also under DDP).
+The layout is not limited to two suffixes: `pack_groups` packs any group of sequences as
+`[shared prefix | suffix 1 | ... | suffix k]` under the same rules; a pair is its group of two, and
+prefix-shared scoring (`evaluation/prefix_scoring.packed_prefix_scores`) packs Best-of-N's N candidates.
 
 How transformers 5.x takes the mask (read in 5.19's `masking_utils.py` and `modeling_llama.py`): a
 4D tensor given as `attention_mask` is returned as-is by `create_causal_mask` (no causal or padding
@@ -41,7 +44,7 @@ import torch
 PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 DENSE_MASK_ATTENTION = frozenset({"sdpa", "eager"})
 
-_PREFIX, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3  # segment ids of a packed row
+_PREFIX, _PAD = 0, -1  # segment ids of a packed row; suffix j (0-based) is segment j + 1
 
 
 @dataclass
@@ -65,10 +68,14 @@ class PackedBatch:
 
 def pair_prefix_length(chosen_ids: Sequence[int], rejected_ids: Sequence[int]) -> int:
     """How many leading tokens the two sides share (the part a packed row encodes once)."""
+    return common_prefix_length([chosen_ids, rejected_ids])
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all of `seqs` share."""
+    shortest = min((len(s) for s in seqs), default=0)
     n = 0
-    for a, b in zip(chosen_ids, rejected_ids):
-        if a != b:
-            break
+    while n < shortest and all(s[n] == seqs[0][n] for s in seqs):
         n += 1
     return n
 
@@ -87,27 +94,57 @@ def pack_pairs(pairs: Sequence, pad_id: int) -> PackedBatch:
     `[prefix | chosen suffix | rejected suffix]` with the mask, positions and reward indices above."""
     if not pairs:
         raise ValueError("pack_pairs needs at least one pair")
-    rows, segments, positions, chosen_at, rejected_at, prefixes = [], [], [], [], [], []
-    for row, pair in enumerate(pairs):
-        chosen, rejected = _sides(pair, row)
-        p = pair_prefix_length(chosen, rejected)
-        c, r = chosen[p:], rejected[p:]
-        rows.append(chosen[:p] + c + r)
-        segments.append([_PREFIX] * p + [_CHOSEN] * len(c) + [_REJECTED] * len(r))
-        positions.append(list(range(p)) + list(range(p, p + len(c))) + list(range(p, p + len(r))))
-        chosen_at.append(p + len(c) - 1)  # p - 1 when the chosen suffix is empty: the prefix's last token
-        rejected_at.append(p + len(c) + len(r) - 1 if r else p - 1)
+    rows = pack_groups([_sides(pair, row) for row, pair in enumerate(pairs)], pad_id)
+    return PackedBatch(rows.input_ids, rows.attention_mask, rows.position_ids, rows.reward_index[:, 0],
+                       rows.reward_index[:, 1], rows.prefix_lengths, rows.real_tokens)
+
+
+@dataclass
+class PackedGroups:
+    """One row per group of sequences, `[shared prefix | suffix 1 | ... | suffix k]`: a pair is a group
+    of two (`pack_pairs`), Best-of-N's candidates a group of N. `reward_index` [B, K] holds where
+    sequence j of row b is read (K = the largest group; -1 past a smaller group's end)."""
+
+    input_ids: torch.Tensor  # [B, L], right-padded with pad_id
+    attention_mask: torch.Tensor  # [B, 1, L, L] bool
+    position_ids: torch.Tensor  # [B, L]
+    reward_index: torch.Tensor  # [B, K]
+    prefix_lengths: list[int]
+    real_tokens: int
+
+
+def pack_groups(groups: Sequence[Sequence[Sequence[int]]], pad_id: int) -> PackedGroups:
+    """Packs groups of token sequences (each sequence non-empty) into right-padded rows: each group's
+    longest common prefix once, then every sequence's own suffix, each suffix's positions running on
+    from the prefix's length, and each sequence's reward index at its suffix's last token (at the
+    prefix's last token when the suffix is empty)."""
+    rows, segments, positions, reward_at, prefixes = [], [], [], [], []
+    for seqs in groups:
+        p = common_prefix_length(seqs)
+        ids, seg, pos, ends = list(seqs[0][:p]), [_PREFIX] * p, list(range(p)), []
+        for j, seq in enumerate(seqs):
+            suffix = list(seq[p:])
+            ids += suffix
+            seg += [j + 1] * len(suffix)
+            pos += range(p, p + len(suffix))
+            ends.append(len(ids) - 1 if suffix else p - 1)
+        rows.append(ids)
+        segments.append(seg)
+        positions.append(pos)
+        reward_at.append(ends)
         prefixes.append(p)
-    width = max(len(ids) for ids in rows)
+    width, most = max(len(ids) for ids in rows), max(len(e) for e in reward_at)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     segment = torch.full((len(rows), width), _PAD, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, seg, pos) in enumerate(zip(rows, segments, positions)):
+    reward_index = torch.full((len(rows), most), -1, dtype=torch.long)
+    for i, (ids, seg, pos, ends) in enumerate(zip(rows, segments, positions, reward_at)):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         segment[i, : len(ids)] = torch.tensor(seg)
         position_ids[i, : len(ids)] = torch.tensor(pos)
-    return PackedBatch(input_ids, _allowed(segment), position_ids, torch.tensor(chosen_at), torch.tensor(rejected_at),
-                       prefixes, sum(len(ids) for ids in rows))
+        reward_index[i, : len(ends)] = torch.tensor(ends)
+    return PackedGroups(input_ids, _allowed(segment), position_ids, reward_index, prefixes,
+                        sum(len(ids) for ids in rows))
 
 
 def _allowed(segment: torch.Tensor) -> torch.Tensor:
@@ -151,9 +188,9 @@ def supports_prefix_packing(model) -> bool:
     return packing_refusal(model) is None
 
 
-def _attention_mask_for(model, allowed: torch.Tensor) -> torch.Tensor:
-    """The mask as the model's attention kernel reads it: bool for SDPA, additive (0 / dtype minimum,
-    in the weights' dtype) for eager, which adds it to the scores."""
+def attention_mask_for(model, allowed: torch.Tensor) -> torch.Tensor:
+    """The bool mask of `pack_groups`/`pack_pairs` as the model's attention kernel reads it: bool for
+    SDPA, additive (0 / dtype minimum, in the weights' dtype) for eager, which adds it to the scores."""
     if model.config._attn_implementation == "sdpa":
         return allowed
     dtype = model.get_input_embeddings().weight.dtype
@@ -181,7 +218,7 @@ def packed_pair_rewards(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.
     captured = []
     handle = inner.score.register_forward_hook(lambda module, args, output: captured.append(output))
     try:
-        model(input_ids=batch.input_ids, attention_mask=_attention_mask_for(inner, batch.attention_mask),
+        model(input_ids=batch.input_ids, attention_mask=attention_mask_for(inner, batch.attention_mask),
               position_ids=batch.position_ids, use_cache=False)
     finally:
         handle.remove()

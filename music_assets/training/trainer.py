@@ -268,10 +268,12 @@ def train(
     return result
 
 
-# Below this mean share of a side in the shared prefix, packing does not pay: the packed row is
-# almost as long as both sides, and SDPA with a dense mask is slower than with a padding mask.
-# Measured (benchmarks/prefix_training.py, SmolLM2-135M fp32): see benchmarks/README.md.
-AUTO_MIN_SHARED_FRACTION = 0.3
+# Below this mean share of a side in the shared prefix, `auto` does not pack. Measured
+# (benchmarks/prefix_sharing.py (d), SmolLM2-135M fp32, forward + backward on real HH pairs cut to a
+# shared fraction, CPU seconds): packed / unpacked 1.28x at 0.1, 1.27x at 0.2, 1.35x at 0.3, 1.51x at
+# 0.5 (unpacked, both sides pad to the longer one; a packed row has no padding between them), so
+# packing pays from the lowest fraction measured; below it, it is unmeasured.
+AUTO_MIN_SHARED_FRACTION = 0.1
 
 
 def shared_fraction(pairs: list[EncodedPair]) -> float:

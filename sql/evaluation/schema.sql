@@ -14,8 +14,11 @@ CREATE TABLE IF NOT EXISTS music.rm_scores (
     subset     VARCHAR,
     user_turns INTEGER NOT NULL,
     r_chosen   DOUBLE NOT NULL,
-    r_rejected DOUBLE NOT NULL
+    r_rejected DOUBLE NOT NULL,
+    scored_by  VARCHAR             -- prefix_packed | prefix_cached | full (same rewards; which ran)
 );
+-- Warehouses created before the scoring paths were recorded.
+ALTER TABLE music.rm_scores ADD COLUMN IF NOT EXISTS scored_by VARCHAR;
 
 -- Multi-turn Best-of-N: each evaluation context continued under each reward model with each N.
 -- One row per (context, n, variant); `picks` holds every turn's candidates, their rewards and the pick.

@@ -95,8 +95,8 @@ def test_the_report_shows_errors_by_reason_beside_wins_ties_and_losses(tmp_path)
 def test_judge_agreement_leaves_out_the_pairs_the_judge_could_not_judge():
     con = duckdb.connect()
     create_schema(con)
-    con.execute("INSERT INTO music.rm_scores VALUES ('music', 'ck', 'rb', 'i1', NULL, 1, 2.0, 1.0), "
-                "('music', 'ck', 'rb', 'i2', NULL, 1, 2.0, 1.0), ('music', 'ck', 'rb', 'i3', NULL, 1, 2.0, 1.0)")
+    con.execute("INSERT INTO music.rm_scores VALUES ('music', 'ck', 'rb', 'i1', NULL, 1, 2.0, 1.0, 'full'), "
+                "('music', 'ck', 'rb', 'i2', NULL, 1, 2.0, 1.0, 'full'), ('music', 'ck', 'rb', 'i3', NULL, 1, 2.0, 1.0, 'full')")
     con.execute("INSERT INTO music.judge_verdicts VALUES ('rb', 'i1', 'chosen', 'consistent', 'A', 'B', '', ''), "
                 "('rb', 'i2', NULL, 'judge_truncated', NULL, 'B', '', ''), ('rb', 'i3', 'tie', 'judge_tie', 'C', 'C', '', '')")
     assert con.execute(sql("evaluation/judge_agreement")).fetchall() == [("music", "rb", 1, 1, 1)]

@@ -1,13 +1,16 @@
 """Prefix-shared reward scoring gives the rewards of full-sequence scoring (`sequence_scores`), within
-1e-4 in fp32, on real decoder reward models: the tiny Llama for every edge case, a small Mistral with
-a sliding window, SmolLM2-135M for a pair and a Best-of-4 group; encoders are refused."""
+1e-4 in fp32, on real decoder reward models, by both kernels (the prefix's KV cache, and one packed row
+per group under a block mask): the tiny Llama for every edge case, a small Mistral with a sliding
+window, SmolLM2-135M for pairs and Best-of-8 groups; encoders are refused."""
 
 import random
 
 import pytest
 import torch
 
-from music_assets.evaluation.prefix_scoring import shared_prefix_scores, split_shared_prefix, supports_prefix_sharing
+from music_assets.evaluation.prefix_scoring import (packed_prefix_scores, shared_prefix_scores, split_shared_prefix,
+                                                    supports_prefix_sharing)
+from music_assets.training.prefix_packing import pack_groups
 from music_assets.training.rm_data import PairEncoder
 from music_assets.training.train_rm import load_backbone
 from music_assets.training.trainer import sequence_scores
@@ -34,8 +37,8 @@ def _tokens(rng: random.Random, n: int, pad_id: int, vocab: int) -> list[int]:
     return [rng.choice([t for t in range(3, vocab) if t != pad_id]) for _ in range(n)]
 
 
-def _assert_matches_full_scoring(model, groups, pad_id, **kw):
-    shared = shared_prefix_scores(model, groups, pad_id, **kw)
+def _assert_matches_full_scoring(model, groups, pad_id, scores=shared_prefix_scores, **kw):
+    shared = scores(model, groups, pad_id, **kw)
     full = sequence_scores(model, [s for g in groups for s in g], pad_id)
     assert [len(g) for g in shared] == [len(g) for g in groups]
     diff = max(abs(a - b) for a, b in zip([v for g in shared for v in g], full))
@@ -79,6 +82,52 @@ def test_edge_cases_match_full_sequence_scoring(tiny, attn):
         model.config._attn_implementation = "sdpa"
 
 
+def test_pack_groups_lays_out_k_suffixes_after_one_prefix():
+    """A group of three (one suffix empty) and a pair in one batch: the prefix once, each suffix's
+    positions restarting after it, rewards at each suffix's end (the prefix's end for the empty one),
+    suffixes blind to each other, the shorter row padded and isolated."""
+    rows = pack_groups([[[1, 2, 3, 4], [1, 2, 5], [1, 2]], [[7, 8], [7, 9, 9]]], pad_id=0)
+    assert rows.input_ids.tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 9, 0]]
+    assert rows.position_ids.tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 2, 0]]
+    assert rows.reward_index.tolist() == [[3, 4, 1], [1, 3, -1]]
+    assert rows.prefix_lengths == [2, 1] and rows.real_tokens == 9
+    mask = rows.attention_mask[:, 0].int().tolist()
+    assert mask[0][4] == [1, 1, 0, 0, 1]  # the second suffix sees the prefix and itself, not the first suffix
+    assert mask[1][3] == [1, 0, 1, 1, 0] and mask[1][4] == [0, 0, 0, 0, 1]  # padding sees only itself
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_match_full_sequence_scoring(tiny, attn):
+    """Pairs and Best-of-8 groups as one packed row each: empty and one-token suffixes, a one-token
+    prefix, nothing shared, padding to the batch's longest row; several groups per forward or one."""
+    model, tok = tiny
+    model.config._attn_implementation = attn
+    rng = random.Random(4)
+    t = lambda n: _tokens(rng, n, tok.pad_token_id, len(tok))  # noqa: E731
+    long, short = t(40), t(6)
+    groups = [
+        [long + t(rng.randint(1, 20)) for _ in range(7)] + [long],  # Best-of-8, one candidate is the prefix
+        [short + t(2), short + t(9)],
+        [short + t(1), short],  # a one-token and an empty suffix
+        [short[:1] + t(3), short[:1] + t(1)],  # a one-token prefix
+        [[7] + t(4), [8] + t(6)],  # nothing shared
+        [long[:20] + t(3) for _ in range(8)],
+        [t(1)],
+    ]
+    try:
+        together = _assert_matches_full_scoring(model, groups, tok.pad_token_id, packed_prefix_scores,
+                                                max_batch_tokens=10**6)
+        calls = []
+        hook = model.model.register_forward_hook(lambda *a: calls.append(1))
+        packed_prefix_scores(model, groups, tok.pad_token_id, max_batch_tokens=10**6)
+        hook.remove()
+        assert len(calls) == 1  # every group in one forward
+        alone = _assert_matches_full_scoring(model, groups, tok.pad_token_id, packed_prefix_scores, max_batch_tokens=1)
+        assert max(abs(a - b) for x, y in zip(together, alone) for a, b in zip(x, y)) <= TOLERANCE
+    finally:
+        model.config._attn_implementation = "sdpa"
+
+
 def test_reward_is_read_at_the_true_last_token_even_when_it_is_the_pad_id(tiny):
     """HF's classifier takes the last token that is not `pad_token_id`; a sequence ending with that id
     (SmolLM2 pads with `<|im_end|>`) is read at its true end here, as an unpadded forward reads it."""
@@ -96,7 +145,8 @@ def test_reward_is_read_at_the_true_last_token_even_when_it_is_the_pad_id(tiny):
     assert max(abs(a - b) for a, b in zip(got, ends)) <= TOLERANCE
 
 
-def test_truncated_pairs_split_exactly(tiny):
+@pytest.mark.parametrize("scores", [shared_prefix_scores, packed_prefix_scores])
+def test_truncated_pairs_split_exactly(tiny, scores):
     """The caller truncates first (the pair encoder drops shared context from the left); the split of
     what is left is exact and scores as the whole truncated sequences do."""
     model, tok = tiny
@@ -110,18 +160,23 @@ def test_truncated_pairs_split_exactly(tiny):
         prefix, suffixes = split_shared_prefix(seqs)
         assert max(len(s) for s in seqs) <= 64 < untruncated.length and prefix
         assert [prefix + s for s in suffixes] == seqs
-    _assert_matches_full_scoring(model, groups, tok.pad_token_id)
+    _assert_matches_full_scoring(model, groups, tok.pad_token_id, scores)
+
+
+def _mistral_with_window(vocab: int = 200):
+    """A small Mistral reward model with an 8-token sliding window (seeded)."""
+    from transformers import MistralConfig, MistralForSequenceClassification
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=8, num_labels=1, pad_token_id=0)
+    return _head_with_spread(MistralForSequenceClassification(config))
 
 
 def test_sliding_window_model_matches_full_scoring():
     """Mistral with an 8-token window: groups longer than the window are scored alone, because
     padding inside a batch would push real tokens out of the window (mixing them errs by ~1)."""
-    from transformers import MistralConfig, MistralForSequenceClassification
-
-    torch.manual_seed(0)
-    config = MistralConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, sliding_window=8, num_labels=1, pad_token_id=0)
-    model = _head_with_spread(MistralForSequenceClassification(config))
+    model = _mistral_with_window()
     rng = random.Random(1)
     t = lambda n: _tokens(rng, n, 0, 100)  # noqa: E731
     long, short = t(15), t(3)
@@ -140,36 +195,47 @@ def test_encoders_are_refused_and_bad_input_is_named(tiny):
         shared_prefix_scores(tiny[0], [[]], 0)
 
 
-def test_smollm2_pair_and_best_of_four():
+def test_smollm2_pairs_and_best_of_eight_by_both_kernels():
     model, tok = load_backbone("builtin:smollm2", 0)
     render = lambda msgs: tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]  # noqa: E731
     context = [{"role": "user", "content": "Plan a three-day trip to Lisbon for a family with two kids."},
                {"role": "assistant", "content": "Day one: Belem and the tower; day two: the aquarium."},
                {"role": "user", "content": "We don't like museums. Change day one."}]
     answers = ["Then spend day one at the beach in Cascais.", "Day one: the Gulbenkian museum.",
-               "Try the Sintra palaces and gardens instead.", "Ok."]
-    best_of_4 = [render(context + [{"role": "assistant", "content": a}]) for a in answers]
-    pair = best_of_4[:2]
-    assert len(split_shared_prefix(best_of_4)[0]) > 60
-    _assert_matches_full_scoring(model, [pair, best_of_4], tok.pad_token_id)
+               "Try the Sintra palaces and gardens instead.", "Ok.", "Sure.", "Day one: a tram ride and Alfama.",
+               "How about the zoo?", "Keep day one, skip the tower."]
+    best_of_8 = [render(context + [{"role": "assistant", "content": a}]) for a in answers]
+    pairs = [best_of_8[:2], best_of_8[3:5]]
+    assert len(split_shared_prefix(best_of_8)[0]) > 60
+    for scores in (shared_prefix_scores, packed_prefix_scores):
+        _assert_matches_full_scoring(model, [*pairs, best_of_8], tok.pad_token_id, scores)
 
 
 def test_grouped_scores_takes_the_shared_path_only_where_it_pays(tiny):
     """`grouped_scores` (what rm_evaluation and best_of_n call): decoder groups with a long common
-    prefix run it once, short prefixes, single sequences and encoders run whole; the rewards are
-    the same either way, and the paths are counted per sequence."""
-    from music_assets.evaluation.prefix_scoring import MIN_SHARED_PREFIX_TOKENS, grouped_scores
+    prefix run it once (packed rows where the model takes a dense mask, else the KV cache), short
+    prefixes, single sequences and encoders run whole; the rewards are the same either way, and the
+    paths are counted per sequence."""
+    from music_assets.evaluation.prefix_scoring import (MIN_CACHED_PREFIX_TOKENS, MIN_SHARED_PREFIX_TOKENS,
+                                                        grouped_scores)
 
     model, tok = tiny
     rng = random.Random(3)
-    long_prefix = _tokens(rng, MIN_SHARED_PREFIX_TOKENS + 10, tok.pad_token_id, 200)
-    short_prefix = _tokens(rng, MIN_SHARED_PREFIX_TOKENS - 10, tok.pad_token_id, 200)
+    long_prefix = _tokens(rng, MIN_CACHED_PREFIX_TOKENS + 10, tok.pad_token_id, 200)
+    short_prefix = _tokens(rng, MIN_SHARED_PREFIX_TOKENS - 4, tok.pad_token_id, 200)
     groups = [[long_prefix + _tokens(rng, n, tok.pad_token_id, 200) for n in (3, 7, 1)],
               [short_prefix + _tokens(rng, n, tok.pad_token_id, 200) for n in (4, 5)],
               [_tokens(rng, 12, tok.pad_token_id, 200)]]
-    scores, paths = grouped_scores(model, groups, tok.pad_token_id)
-    assert paths == {"prefix_shared": 3, "full": 3}
     full = sequence_scores(model, [s for g in groups for s in g], tok.pad_token_id)
+    scores, paths = grouped_scores(model, groups, tok.pad_token_id)
+    assert paths == {"prefix_packed": 3, "full": 3}
+    assert max(abs(a - b) for a, b in zip([v for g in scores for v in g], full)) <= TOLERANCE
+    windowed = _mistral_with_window()  # a sliding window cannot be packed: the KV-cache kernel
+    middle = long_prefix[: (MIN_SHARED_PREFIX_TOKENS + MIN_CACHED_PREFIX_TOKENS) // 2]  # enough to pack, not to cache
+    groups = [[long_prefix + [5], long_prefix + [6, 7]], [middle + [5], middle + [6]], [[3, 4, 5]]]
+    scores, paths = grouped_scores(windowed, groups, 0)
+    assert paths == {"prefix_cached": 2, "full": 3}
+    full = sequence_scores(windowed, [s for g in groups for s in g], 0)
     assert max(abs(a - b) for a, b in zip([v for g in scores for v in g], full)) <= TOLERANCE
     encoder, enc_tok = load_backbone("builtin:minilm", 0)
     enc_groups = [[[101, 7592, 2088, 102], [101, 7592, 2088, 2017, 102]]]

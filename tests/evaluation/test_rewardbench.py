@@ -152,3 +152,16 @@ def test_a_local_rewardbench_copy_loads_with_subsets_and_ids(tmp_path, suffix):
     assert [m["content"] for m in rows[0][5]] == [first["prompt"], first["rejected"]]
     assert json.loads(rows[0][6]) == {"chosen_model": "GPT-4", "rejected_model": "Llama-2-7b-chat", "subset": "alpacaeval-easy"}
     assert query(settings, "SELECT count(*) FROM music.eval_quarantine") == [(0,)]
+
+
+def test_the_report_says_which_path_scored_each_set(tmp_path):
+    scores = _scores([("rb", "rb/1", "alpacaeval-easy", True), ("rb", "rb/2", "alpacaeval-easy", False),
+                      ("other", "other/1", None, True)])
+    paths = {"rb/1": "prefix_packed", "rb/2": "full", "other/1": "prefix_cached"}
+    scores = scores.with_columns(scored_by=pl.col("item_id").replace_strict(paths))
+    text, _ = build_report(scores, tmp_path, {"rb"})
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| rb |")
+            or line.startswith("| other |")}
+    assert rows["rb"].endswith("| prefix_packed 2, full 2 |") or rows["rb"].endswith("| full 2, prefix_packed 2 |")
+    assert rows["other"].endswith("| prefix_cached 2 |")
+    assert "| scored by |" in text

@@ -162,7 +162,7 @@ def test_prefix_sharing_auto_packs_where_the_model_allows_it_and_the_pairs_share
 
     model, _ = load_backbone("builtin:tiny-llama", 0)
     long_prefix = [EncodedPair(list(range(40)) + [1, 2], list(range(40)) + [3])]
-    short_prefix = [EncodedPair([5, 1, 2, 3, 4], [5, 6, 7, 8])]
+    short_prefix = [EncodedPair([5, 1, 2, 3, 4], [6, 7, 8, 9])]  # nothing shared
     assert _pair_rewards_fn(model, long_prefix, TrainConfig(prefix_sharing="auto"))[:2] == (packed_rewards, "packed")
     fn, kind, fraction = _pair_rewards_fn(model, short_prefix, TrainConfig(prefix_sharing="auto"))
     assert (fn, kind) == (rewards, "off") and fraction < AUTO_MIN_SHARED_FRACTION

@@ -1,0 +1,364 @@
+"""Prefix sharing, side by side in one run on real pairs: Best-of-N scoring, held-out pair scoring and
+reward-model training, each with the shared prefix read once against every sequence read whole.
+
+Data (all real text, SmolLM2-135M's chat template):
+- seed pairs: the embedded sample (`resources.seed_catalog.EMBEDDED_PATH`) and HH-RLHF multi-turn pairs
+  (tests/data/hh-rlhf/harmless-base-test.jsonl.gz), both through `music_assets.seeds.ingest`;
+- MUSIC pairs simulated from contexts of both (vLLM, SmolLM2-135M, T=3 turns, contrast turn drawn from
+  {1, 2}, so some pairs share a whole simulated turn). The simulation runs once; its pairs are kept in
+  `.music/benchmarks/prefix-sharing-music-pairs.json` (gitignored) and a rerun reuses them.
+
+Parts:
+(a) Best-of-8: each context is a real conversation of 3+ turns cut before one of its assistant turns;
+    the 8 candidates are that turn's real answer plus 7 real assistant answers drawn from other
+    conversations. `grouped_scores` vs `sequence_scores` over the same sequences.
+(b) held-out pair scoring, per kind (seed HH, embedded, MUSIC): the mean shared-prefix fraction, then
+    `grouped_scores` (packed rows for SmolLM2) and the KV-cache kernel vs `sequence_scores`.
+(c) reward-model training (`trainer.train`) on a music-variant-like split (seed + MUSIC pairs):
+    samples/s with packed pairs vs unpacked, same seed and batches, and the final held-out accuracy.
+(d) where sharing stops paying: pair scoring at prefix lengths 8-64 tokens (the scoring threshold
+    `prefix_scoring.MIN_SHARED_PREFIX_TOKENS`) and packed training at shared fractions 0.1-0.5 (the
+    training auto threshold `trainer.AUTO_MIN_SHARED_FRACTION`), on real pairs cut to those shares.
+
+Timing: CPU seconds of this process (`time.process_time`) with 1 torch thread, the figure to trust on
+a machine other jobs share; wall seconds are printed beside them. The output also goes to
+benchmarks/results-prefix-sharing.txt.
+
+    .venv/bin/python benchmarks/prefix_sharing.py [--parts abcd] [--out FILE] [--repeats 2] [--prepare]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HH_PATH = ROOT / "tests" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+MUSIC_CACHE = ROOT / ".music" / "benchmarks" / "prefix-sharing-music-pairs.json"
+RESULTS = Path(__file__).resolve().parent / "results-prefix-sharing.txt"
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+def seed_pairs() -> dict[str, list[dict]]:
+    """{'embedded': pairs, 'hh': multi-turn pairs} as `ingest` gives them."""
+    from music_assets.seeds.ingest import ingest
+    from music_assets.seeds.reader import ResolvedSource
+    from resources.seed_catalog import EMBEDDED_PATH
+
+    embedded = ingest(ResolvedSource("embedded", str(EMBEDDED_PATH), "conversational", path=EMBEDDED_PATH)).pairs
+    hh = ingest(ResolvedSource("hh", str(HH_PATH), "hh_rlhf", path=HH_PATH)).pairs
+    return {"embedded": embedded, "hh": [p for p in hh if p["user_turns"] >= 2]}
+
+
+def music_pairs(seeds: dict[str, list[dict]], n_contexts: int, turns: int) -> list[dict]:
+    """MUSIC pairs simulated from half embedded, half HH contexts; read from the cache when it holds a
+    run with the same settings, else simulated with vLLM (minutes) and cached."""
+    key = {"contexts": n_contexts, "turns": turns}
+    if MUSIC_CACHE.exists():
+        cached = json.loads(MUSIC_CACHE.read_text())
+        if cached["key"] == key:
+            return cached["pairs"]
+    from music_assets.simulation.contexts import sample_context
+
+    half = n_contexts // 2
+    chosen = seeds["embedded"][:half] + random.Random(0).sample(seeds["hh"], n_contexts - half)
+    contexts = [sample_context(p, 1, 2, seed=0) for p in chosen]
+    pairs = _simulate([c for c in contexts if c], turns)
+    MUSIC_CACHE.parent.mkdir(parents=True, exist_ok=True)
+    MUSIC_CACHE.write_text(json.dumps({"key": key, "pairs": pairs}))
+    return pairs
+
+
+def _simulate(contexts: list[dict], turns: int) -> list[dict]:
+    """`simulate()` outside Dagster (as benchmarks/simulation_throughput.py runs it), turns kept in
+    memory, then `assemble_pairs`. Shorter generations than the product's (user 64, assistant 128,
+    rewrite 64 tokens; a cut message is trimmed) keep the run to minutes on 2 cores."""
+    from music_assets.common.engines import Sampling
+    from music_assets.simulation.config import SimulationConfig
+    from music_assets.simulation.driver import Engines
+    from music_assets.simulation.pairs import assemble_pairs
+    from music_assets.simulation.simulate import simulate
+    from music_assets.simulation.state import Context, TurnStore
+    from resources.compute import ComputeResource
+    from resources.vllm_engine import VLLMEngine
+
+    class MemoryStore(TurnStore):
+        def __init__(self):
+            self.rows: list[dict] = []
+
+        def load(self):
+            return [], []
+
+        def commit(self, rows, drops):
+            self.rows += rows
+
+    defaults = SimulationConfig()
+    lengths = {"user": 64, "assistant": 128, "rewrite": 64}
+    settings = replace(defaults, turns=turns, contrast_turn=None, min_contrast_turns=2, on_length="trim",
+                       **{f"{r}_sampling": replace(getattr(defaults, f"{r}_sampling"), max_tokens=n)
+                          for r, n in lengths.items()})
+    engine = VLLMEngine(model="builtin:smollm2", compute=ComputeResource())
+    engine.chat([[{"role": "user", "content": "warm up"}]], Sampling(max_tokens=4))
+    store = MemoryStore()
+    started = time.perf_counter()
+    stats = simulate([Context(c["context_id"], c["source"], c["messages"]) for c in contexts],
+                     Engines(engine, engine, engine), settings, store,
+                     log=lambda m: print(f"  [simulation] {m}", flush=True))
+    print(f"simulated {len(contexts)} contexts in {time.perf_counter() - started:.0f} s wall: {stats.completed} "
+          f"finished, dropped {dict(stats.dropped)}", flush=True)
+    meta = {"generation_key": "bench", "prompt_version": "bench", "models": "smollm2", "settings": "bench"}
+    return assemble_pairs(contexts, [{**r, **meta} for r in store.rows], turns)
+
+
+# --- measuring ------------------------------------------------------------------------------------
+
+
+class Report:
+    """Prints each line and keeps it under its part, for the results file."""
+
+    def __init__(self):
+        self.parts: dict[str, list[str]] = {}
+        self.part = "setup"
+
+    def __call__(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.parts.setdefault(self.part, []).append(line)
+
+    def write(self, path: Path) -> None:
+        """Replaces the sections of the parts this run measured, keeping the others' from an earlier run."""
+        sections: dict[str, list[str]] = {}
+        if path.exists():
+            name = None
+            for line in path.read_text().splitlines():
+                if line.startswith("=== "):
+                    name = line[4:].split(" ", 1)[0]
+                    sections[name] = []
+                elif name:
+                    sections[name].append(line)
+        sections.update(self.parts)
+        path.write_text("".join(f"=== {k} ===\n" + "".join(f"{x}\n" for x in v) for k, v in sorted(sections.items())))
+
+
+def timed(fn, *args, **kw):
+    """(result, CPU seconds of this process, wall seconds)."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.process_time() - cpu, time.perf_counter() - wall
+
+
+def flat_scores(model, groups, pad_id):
+    """Batched full-sequence scoring (`trainer.sequence_scores`) of every sequence of `groups`."""
+    from music_assets.training.trainer import sequence_scores
+
+    return sequence_scores(model, [s for g in groups for s in g], pad_id)
+
+
+TIMING = {"repeats": 2}  # each scoring timing is the best of this many (--repeats): the shared machine's load only adds
+
+
+def compare_scoring(say, model, groups, pad_id, label: str, kernels: str = "cache") -> None:
+    """Full-sequence vs prefix-shared scoring of the same groups, by `grouped_scores` (what the
+    product runs; it says which kernel it took), by the KV-cache kernel and (`kernels="both"`) by the
+    packed-row kernel; rewards must agree within
+    1e-4. The methods take turns, best of `TIMING['repeats']` each."""
+    from music_assets.evaluation.prefix_scoring import grouped_scores, packed_prefix_scores, shared_prefix_scores
+
+    methods = {"full-sequence": lambda *a: flat_scores(*a), "grouped_scores": lambda *a: grouped_scores(*a),
+               "KV-cache kernel": lambda *a: shared_prefix_scores(*a)}
+    if kernels == "both":  # where grouped_scores takes the full path, the packed kernel is timed on its own
+        methods["packed-row kernel"] = lambda *a: packed_prefix_scores(*a)
+    best = {name: (float("inf"), float("inf")) for name in methods}
+    results = {}
+    for _ in range(TIMING["repeats"]):
+        for name, fn in methods.items():
+            results[name], cpu, wall = timed(fn, model, groups, pad_id)
+            best[name] = (min(best[name][0], cpu), min(best[name][1], wall))
+    full = results["full-sequence"]
+    (cpu_full, wall_full), (_, paths) = best["full-sequence"], results["grouped_scores"]
+    results["grouped_scores"] = results["grouped_scores"][0]
+    say(f"  {label}: {len(groups)} groups, {sum(map(len, groups))} sequences, {sum(len(s) for g in groups for s in g)} "
+        f"tokens, shared-prefix fraction {prefix_fraction(groups):.2f}; full-sequence {cpu_full:.1f} CPU s "
+        f"({wall_full:.1f} wall)")
+    for name in [m for m in methods if m != "full-sequence"]:
+        (cpu, wall), got = best[name], results[name]
+        diff = max(abs(a - b) for a, b in zip([v for g in got for v in g], full))
+        note = f" [{', '.join(f'{k} {v}' for k, v in sorted(paths.items()))}]" if name == "grouped_scores" else ""
+        say(f"    {name:16} {cpu:6.1f} CPU s ({wall:6.1f} wall): {cpu_full / cpu:.2f}x per CPU s, "
+            f"{wall_full / wall:.2f}x wall; max reward difference {diff:.1e}{note}")
+
+
+def prefix_fraction(groups) -> float:
+    """Mean share of a group's longest sequence that lies in the prefix all its sequences share."""
+    from music_assets.training.prefix_packing import common_prefix_length
+
+    return sum(common_prefix_length(g) / max(map(len, g)) for g in groups) / len(groups)
+
+
+# --- the parts ------------------------------------------------------------------------------------
+
+
+def best_of_n(say, model, encoder, seeds, n_contexts: int, n: int = 8) -> None:
+    """(a) Real conversations of 3+ user turns cut before their last assistant answer; candidates: the
+    real answer and n - 1 real last answers of other conversations (drawn, seeded)."""
+    rng = random.Random(1)
+    convs = [p["chosen"] for kind in ("embedded", "hh") for p in seeds[kind]
+             if sum(m["role"] == "user" for m in p["chosen"]) >= 3 and p["chosen"][-1]["role"] == "assistant"]
+    picked = rng.sample(convs, n_contexts)
+    answers = [c[-1]["content"] for c in convs]
+    groups = []
+    for conv in picked:
+        others = rng.sample([a for a in answers if a != conv[-1]["content"]], n - 1)
+        groups.append([encoder.encode_one(conv[:-1] + [{"role": "assistant", "content": a}])
+                       for a in [conv[-1]["content"], *others]])
+    say(f"(a) Best-of-{n}: {n_contexts} real conversations of 3+ user turns (embedded and HH), candidates = the real "
+        f"answer + {n - 1} real answers of other conversations; mean shared-prefix fraction "
+        f"{prefix_fraction(groups):.2f}")
+    compare_scoring(say, model, groups, encoder.tokenizer.pad_token_id, f"Best-of-{n}")
+
+
+def pair_scoring(say, model, kinds: dict[str, list], pad_id: int) -> None:
+    """(b) Held-out pairs, per kind."""
+    say("(b) held-out pair scoring (a group = a pair's two sides)")
+    for kind, pairs in kinds.items():
+        compare_scoring(say, model, [[p.chosen, p.rejected] for p in pairs], pad_id, kind)
+
+
+def training(say, train_pairs, held_out, pad_id: int, steps: int, max_length: int) -> None:
+    """(c) `trainer.train` twice from the same initial weights on the same batches: packed, unpacked."""
+    from music_assets.training.train_rm import load_backbone
+    from music_assets.training.trainer import TrainConfig, accuracy, pairwise_scores, shared_fraction, train
+
+    say(f"(c) training: {len(train_pairs)} train pairs (seed + MUSIC), {len(held_out)} held out, {steps} steps of "
+        f"4 pairs (micro-batches of 2), max_length {max_length}, fp32; mean shared fraction "
+        f"{shared_fraction(train_pairs):.2f}")
+    speed = {}
+    for mode in ("off", "on"):
+        model, _ = load_backbone("builtin:smollm2", 0)
+        cfg = TrainConfig(max_length=max_length, batch_size=4, micro_batch_size=2, learning_rate=5e-5, max_steps=steps,
+                          eval_every=0, log_every=steps, precision="fp32", prefix_sharing=mode, seed=0)
+        result, cpu, wall = timed(train, model, train_pairs, [], cfg, pad_id)
+        acc = accuracy(pairwise_scores(model, held_out, pad_id))
+        speed[mode] = (result.samples_seen / cpu, result.samples_seen / wall, acc, result.history[-1]["loss"])
+        say(f"  {'packed' if mode == 'on' else 'unpacked'} ({result.prefix_sharing}): {result.samples_seen / cpu:.3f} "
+            f"samples per CPU s ({result.samples_seen / wall:.3f} per wall s), last loss "
+            f"{result.history[-1]['loss']:.4f}, "
+            f"held-out accuracy {acc:.3f}")
+        del model
+    (u_cpu, u_wall, u_acc, _), (p_cpu, p_wall, p_acc, _) = speed["off"], speed["on"]
+    say(f"  packed / unpacked: {p_cpu / u_cpu:.2f}x per CPU s ({p_wall / u_wall:.2f}x wall); held-out accuracy "
+        f"difference {100 * (p_acc - u_acc):+.1f} points")
+
+
+def cut_prefix(pair, prefix_tokens: int):
+    """The pair with its shared prefix cut to its last `prefix_tokens` tokens (real text either way)."""
+    from music_assets.training.rm_data import EncodedPair
+
+    drop = max(0, pair.shared - prefix_tokens)
+    return EncodedPair(pair.chosen[drop:], pair.rejected[drop:], pair.pair_id)
+
+
+def thresholds(say, model, pairs, pad_id: int) -> None:
+    """(d) Where sharing stops paying: scoring with short prefixes, training at low shared fractions."""
+    from music_assets.evaluation.prefix_scoring import MIN_SHARED_PREFIX_TOKENS
+    from music_assets.training.trainer import AUTO_MIN_SHARED_FRACTION, rewards, shared_fraction
+    from music_assets.training.prefix_packing import packed_rewards
+
+    say(f"(d) short prefixes: real HH pairs whose shared prefix is cut to P tokens (current scoring threshold "
+        f"{MIN_SHARED_PREFIX_TOKENS} tokens)")
+    scoring = [p for p in pairs if p.shared >= 128][:4]
+    for tokens in (8, 16, 32, 64):
+        groups = [[q.chosen, q.rejected] for q in (cut_prefix(p, tokens) for p in scoring)]
+        compare_scoring(say, model, groups, pad_id, f"prefix {tokens} tokens", kernels="both")
+    say(f"    training at low shared fractions (forward + backward of the BT loss, 2 pairs per micro-batch, "
+        f"1 warm-up + "
+        f"2 timed steps each; current auto threshold {AUTO_MIN_SHARED_FRACTION})")
+    from music_assets.training.trainer import TrainConfig, bt_loss
+
+    cfg = TrainConfig()
+    model.train()
+    long = [p for p in pairs if p.shared >= 0.6 * p.length][:2]
+    for fraction in (0.1, 0.2, 0.3, 0.5):
+        cut = [cut_prefix(p, round(fraction * (p.length - p.shared) / (1 - fraction))) for p in long]
+        cpu = {}
+        for step in range(3):
+            for name, fn in (("unpacked", rewards), ("packed", packed_rewards)):
+                started = time.process_time()
+                bt_loss(*fn(model, cut, pad_id), cfg).backward()
+                model.zero_grad(set_to_none=True)
+                if step:
+                    cpu[name] = cpu.get(name, 0.0) + time.process_time() - started
+        say(f"    shared fraction {shared_fraction(cut):.2f}: unpacked {cpu['unpacked']:.1f} CPU s, packed "
+            f"{cpu['packed']:.1f}: packed {cpu['unpacked'] / cpu['packed']:.2f}x")
+    model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prepare", action="store_true", help="only simulate (or load) the MUSIC pairs")
+    parser.add_argument("--parts", default="abcd", help="which parts to run (their sections of the results file are "
+                                                       "replaced, the others kept)")
+    parser.add_argument("--contexts", type=int, default=20, help="MUSIC contexts to simulate")
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--best-of-n-contexts", type=int, default=4)
+    parser.add_argument("--pairs-per-kind", type=int, default=6, help="held-out seed pairs per kind in (b)")
+    parser.add_argument("--train-steps", type=int, default=3)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=TIMING["repeats"], help="scoring timings: best of this many")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (parts run in parallel: one each)")
+    args = parser.parse_args()
+    TIMING["repeats"] = args.repeats
+
+    import torch
+
+    torch.set_num_threads(1)
+    say = Report()
+    seeds = seed_pairs()
+    music = music_pairs(seeds, args.contexts, args.turns) if args.prepare or set(args.parts) & set("bc") else []
+    say(f"SmolLM2-135M fp32 (fresh reward head), {torch.get_num_threads()} torch thread; {len(seeds['embedded'])} "
+        f"embedded, {len(seeds['hh'])} HH multi-turn seed pairs; {len(music)} MUSIC pairs (contrast turns "
+        f"{sorted(p['contrast_turn'] for p in music)})")
+    if args.prepare:
+        return
+    from music_assets.training.rm_data import PairEncoder
+    from music_assets.training.train_rm import load_backbone
+
+    model, tok = load_backbone("builtin:smollm2", 0)
+    model.eval()
+    warm = [[list(range(100, 140)), list(range(100, 130)) + [7]]]
+    compare_scoring(lambda line: None, model, warm, tok.pad_token_id, "warm-up")  # first calls pay one-time costs
+    encoder = PairEncoder(tok, args.max_length)
+    encode = lambda rows: [encoder.encode(r["chosen"], r["rejected"], r["pair_id"]) for r in rows]  # noqa: E731
+    rng = random.Random(0)
+    hh = encode(rng.sample(seeds["hh"], 3 * args.pairs_per_kind))
+    embedded = encode(rng.sample(seeds["embedded"], 2 * args.pairs_per_kind))
+    music_encoded = encode(music)
+    half = len(music_encoded) // 2
+    if "a" in args.parts:
+        say.part = "a"
+        best_of_n(say, model, encoder, seeds, args.best_of_n_contexts)
+    if "b" in args.parts:
+        say.part = "b"
+        pair_scoring(say, model, {"seed HH": hh[: args.pairs_per_kind], "embedded": embedded[: args.pairs_per_kind],
+                                  "MUSIC": music_encoded}, tok.pad_token_id)
+    if "c" in args.parts:
+        say.part = "c"
+        k = args.pairs_per_kind
+        train_pairs = hh[k: 2 * k] + embedded[k:] + music_encoded[:half]
+        held_out = hh[2 * args.pairs_per_kind:] + music_encoded[half:]
+        training(say, train_pairs, held_out, tok.pad_token_id, args.train_steps, args.max_length)
+    if "d" in args.parts:
+        say.part = "d"
+        thresholds(say, model, hh, tok.pad_token_id)
+    say.write(args.out)
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
