@@ -163,17 +163,30 @@ def flat_scores(model, groups, pad_id):
 TIMING = {"repeats": 2}  # each scoring timing is the best of this many (--repeats): the shared machine's load only adds
 
 
-def compare_scoring(say, model, groups, pad_id, label: str, kernels: str = "cache") -> None:
+def one_at_a_time(model, groups, pad_id, unit: str):
+    """The evaluation issue's baseline: one forward per pair (`unit="group"`, the pair's two sides
+    padded together) or per candidate (`unit="sequence"`), no batching across them."""
+    from music_assets.training.trainer import sequence_scores
+
+    if unit == "group":
+        return [v for g in groups for v in sequence_scores(model, g, pad_id)]
+    return [v for g in groups for s in g for v in sequence_scores(model, [s], pad_id)]
+
+
+def compare_scoring(say, model, groups, pad_id, label: str, kernels: str = "cache", one: str | None = None) -> dict:
     """Full-sequence vs prefix-shared scoring of the same groups, by `grouped_scores` (what the
     product runs; it says which kernel it took), by the KV-cache kernel and (`kernels="both"`) by the
-    packed-row kernel; rewards must agree within
-    1e-4. The methods take turns, best of `TIMING['repeats']` each."""
+    packed-row kernel; with `one` ("group" or "sequence"), also against one pair or one candidate per
+    forward. Rewards must agree within 1e-4. The methods take turns, best of `TIMING['repeats']` each.
+    Returns {method: (best CPU s, best wall s)}."""
     from music_assets.evaluation.prefix_scoring import grouped_scores, packed_prefix_scores, shared_prefix_scores
 
     methods = {"full-sequence": lambda *a: flat_scores(*a), "grouped_scores": lambda *a: grouped_scores(*a),
                "KV-cache kernel": lambda *a: shared_prefix_scores(*a)}
     if kernels == "both":  # where grouped_scores takes the full path, the packed kernel is timed on its own
         methods["packed-row kernel"] = lambda *a: packed_prefix_scores(*a)
+    if one:
+        methods[f"one {'pair' if one == 'group' else 'candidate'} per forward"] = lambda *a: one_at_a_time(*a, one)
     best = {name: (float("inf"), float("inf")) for name in methods}
     results = {}
     for _ in range(TIMING["repeats"]):
@@ -183,20 +196,28 @@ def compare_scoring(say, model, groups, pad_id, label: str, kernels: str = "cach
     full = results["full-sequence"]
     (cpu_full, wall_full), (_, paths) = best["full-sequence"], results["grouped_scores"]
     results["grouped_scores"] = results["grouped_scores"][0]
+    rows = [name for name in methods if name not in ("full-sequence",) and not name.startswith("one ")]
     say(f"  {label}: {len(groups)} groups, {sum(map(len, groups))} sequences, {sum(len(s) for g in groups for s in g)} "
         f"tokens, shared-prefix fraction {prefix_fraction(groups):.2f}; full-sequence {cpu_full:.1f} CPU s "
         f"({wall_full:.1f} wall)")
-    for name in [m for m in methods if m != "full-sequence"]:
+    for name in rows:
         (cpu, wall), got = best[name], results[name]
         diff = max(abs(a - b) for a, b in zip([v for g in got for v in g], full))
         note = f" [{', '.join(f'{k} {v}' for k, v in sorted(paths.items()))}]" if name == "grouped_scores" else ""
         say(f"    {name:16} {cpu:6.1f} CPU s ({wall:6.1f} wall): {cpu_full / cpu:.2f}x per CPU s, "
             f"{wall_full / wall:.2f}x wall; max reward difference {diff:.1e}{note}")
+    for name in [m for m in methods if m.startswith("one ")]:
+        (cpu, wall), diff = best[name], max(abs(a - b) for a, b in zip(results[name], full))
+        grouped_cpu, grouped_wall = best["grouped_scores"]
+        say(f"    against {name} ({cpu:.1f} CPU s, {wall:.1f} wall; max reward difference {diff:.1e}): "
+            f"grouped_scores {cpu / grouped_cpu:.2f}x per CPU s ({wall / grouped_wall:.2f}x wall), "
+            f"full-sequence batched {cpu / cpu_full:.2f}x")
+    return best
 
 
 def prefix_fraction(groups) -> float:
     """Mean share of a group's longest sequence that lies in the prefix all its sequences share."""
-    from music_assets.training.prefix_packing import common_prefix_length
+    from music_assets.common.sequences import common_prefix_length
 
     return sum(common_prefix_length(g) / max(map(len, g)) for g in groups) / len(groups)
 
@@ -220,14 +241,26 @@ def best_of_n(say, model, encoder, seeds, n_contexts: int, n: int = 8) -> None:
     say(f"(a) Best-of-{n}: {n_contexts} real conversations of 3+ user turns (embedded and HH), candidates = the real "
         f"answer + {n - 1} real answers of other conversations; mean shared-prefix fraction "
         f"{prefix_fraction(groups):.2f}")
-    compare_scoring(say, model, groups, encoder.tokenizer.pad_token_id, f"Best-of-{n}")
+    compare_scoring(say, model, groups, encoder.tokenizer.pad_token_id, f"Best-of-{n}", one="sequence")
 
 
 def pair_scoring(say, model, kinds: dict[str, list], pad_id: int) -> None:
     """(b) Held-out pairs, per kind."""
     say("(b) held-out pair scoring (a group = a pair's two sides)")
+    total: dict[str, list[float]] = {}
     for kind, pairs in kinds.items():
-        compare_scoring(say, model, [[p.chosen, p.rejected] for p in pairs], pad_id, kind)
+        best = compare_scoring(say, model, [[p.chosen, p.rejected] for p in pairs], pad_id, kind, one="group")
+        for name, (cpu, wall) in best.items():
+            total.setdefault(name, [0.0, 0.0])
+            total[name][0] += cpu
+            total[name][1] += wall
+    groups = [[p.chosen, p.rejected] for pairs in kinds.values() for p in pairs]
+    (full_cpu, full_wall), (cpu, wall) = total["full-sequence"], total["grouped_scores"]
+    one_cpu, one_wall = total["one pair per forward"]
+    say(f"  all held-out pairs ({len(groups)}: {', '.join(f'{len(v)} {k}' for k, v in kinds.items())}), mean "
+        f"shared-prefix fraction {prefix_fraction(groups):.2f}: grouped_scores {full_cpu / cpu:.2f}x per CPU s over "
+        f"full-sequence batched ({full_wall / wall:.2f}x wall); {one_cpu / cpu:.2f}x over one pair per forward "
+        f"({one_wall / wall:.2f}x wall)")
 
 
 def training(say, train_pairs, held_out, pad_id: int, steps: int, max_length: int) -> None:
@@ -311,13 +344,14 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=TIMING["repeats"], help="scoring timings: best of this many")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU seconds count every thread)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results file (parts run in parallel: one each)")
     args = parser.parse_args()
     TIMING["repeats"] = args.repeats
 
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     say = Report()
     seeds = seed_pairs()
     music = music_pairs(seeds, args.contexts, args.turns) if args.prepare or set(args.parts) & set("bc") else []

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -157,11 +157,8 @@ class Warehouse(DuckDBResource):
             with super().get_connection() as con:
                 yield con
             return
-        con = connect_lake(self.ducklake, self.connection_config)
-        try:
+        with closing(connect_lake(self.ducklake, self.connection_config)) as con:
             yield con
-        finally:
-            con.close()
 
 
 class _LakeClient(DuckDbClient):
@@ -172,11 +169,8 @@ class _LakeClient(DuckDbClient):
 
     @contextmanager
     def connect(self, context, table_slice):
-        con = connect_lake(self.lake, self.config)
-        try:
+        with closing(connect_lake(self.lake, self.config)) as con:
             yield con
-        finally:
-            con.close()
 
 
 class WarehouseIOManager(DuckDBPolarsIOManager):

@@ -57,6 +57,19 @@ MINILM_TRAINING = {"options": {"backbone": "builtin:minilm", "chat_template": "p
                                "eval_every": 0, "log_every": 1}}
 
 
+def sensor_tick(defs, instance, cursor):
+    """One evaluation of the seed-folder sensor as the daemon does it, its partition additions applied to
+    the instance (the daemon applies them before launching the runs)."""
+    from dagster import build_sensor_context
+
+    with build_sensor_context(instance=instance, instance_ref=instance.get_ref(), cursor=cursor, definitions=defs,
+                              resources={"seed_catalog": defs.resources["seed_catalog"]}) as context:
+        result = defs.resolve_sensor_def("seed_folder_sensor").evaluate_tick(context)
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    return result
+
+
 def load_settings_in(tmp_path: Path, **config):
     """Settings whose home (DuckDB file, seeds dir) is a temp directory."""
     import yaml

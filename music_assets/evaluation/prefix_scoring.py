@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from music_assets.training.prefix_packing import attention_mask_for, common_prefix_length, pack_groups, packing_refusal
+from music_assets.common.sequences import common_prefix_length
+from music_assets.training.prefix_packing import attention_mask_for, pack_groups, packing_refusal
 
 # Token slots (padding included) per scoring batch: a prefix counts once per group, a suffix once per
 # candidate. On a CPU small batches win (see trainer.CPU_SCORING_BATCH: about 1,000 tokens), a GPU

@@ -99,15 +99,6 @@ def normalize(record: Any, fmt: str = "auto", max_chars: int = DEFAULT_MAX_MESSA
     return pair
 
 
-def shared_prefix_length(a: list[dict], b: list[dict]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 # --- one parser per format -------------------------------------------------------------------
 
 

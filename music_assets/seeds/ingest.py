@@ -12,7 +12,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from music_assets.common.hashing import stable_hash
-from music_assets.seeds.formats import DEFAULT_MAX_MESSAGE_CHARS, RowRejected, normalize, shared_prefix_length
+from music_assets.common.sequences import common_prefix_length
+from music_assets.seeds.formats import DEFAULT_MAX_MESSAGE_CHARS, RowRejected, normalize
 from music_assets.seeds.reader import ResolvedSource
 from music_assets.seeds.shards import seed_pair_id
 
@@ -51,7 +52,7 @@ def ingest(source: ResolvedSource, max_message_chars: int = DEFAULT_MAX_MESSAGE_
                 _quarantine(partition, raw.row_number, exc.rule, exc.field, exc.reason, raw.raw)
             )
             continue
-        prefix = shared_prefix_length(pair.chosen, pair.rejected) if pair.kind == "pair" else len(pair.chosen)
+        prefix = common_prefix_length([pair.chosen, pair.rejected]) if pair.kind == "pair" else len(pair.chosen)
         result.pairs.append(
             {
                 "source": partition,

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
+from music_assets.common.sequences import common_prefix_length
+
 # Model types whose transformers 5.x code takes a dense 4D mask as-is and applies RoPE from
 # `position_ids` (the Llama code path; Mistral, Qwen2 and Qwen3 are generated from it). Each is
 # checked against unpacked scoring in the tests; others (GPT-2's learned positions, Gemma-2's
@@ -69,15 +71,6 @@ class PackedBatch:
 def pair_prefix_length(chosen_ids: Sequence[int], rejected_ids: Sequence[int]) -> int:
     """How many leading tokens the two sides share (the part a packed row encodes once)."""
     return common_prefix_length([chosen_ids, rejected_ids])
-
-
-def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
-    """How many leading tokens all of `seqs` share."""
-    shortest = min((len(s) for s in seqs), default=0)
-    n = 0
-    while n < shortest and all(s[n] == seqs[0][n] for s in seqs):
-        n += 1
-    return n
 
 
 def _sides(pair, row: int) -> tuple[list[int], list[int]]:

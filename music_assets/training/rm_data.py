@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from music_assets.seeds.formats import shared_prefix_length
+from music_assets.common.sequences import common_prefix_length
 
 PLAIN_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
@@ -58,7 +58,7 @@ class EncodedPair:
     shared: int = field(init=False)
 
     def __post_init__(self):
-        self.shared = shared_prefix_length(self.chosen, self.rejected)
+        self.shared = common_prefix_length([self.chosen, self.rejected])
 
     @property
     def length(self) -> int:
@@ -162,7 +162,7 @@ class PairEncoder:
     def _truncate(self, messages: list[dict], text: str, sides: list[list[int]], differ: int, budget: int) -> list[list[int]]:
         """`sides` (renderings of conversations that share `messages[:differ]`, `text` the first's)
         cut to `budget` tokens each: the head, then the end. Counts what it did in `self.stats`."""
-        shared_ids = sides[0][: shared_prefix_length(*sides)] if len(sides) > 1 else sides[0]
+        shared_ids = sides[0][: common_prefix_length(sides)] if len(sides) > 1 else sides[0]
         head, system = self._head_length(messages, text, shared_ids), _leading_system(messages)
         starts = self._message_starts(messages, text, shared_ids, range(system + 1, min(differ, len(messages)) + 1))
         if head > budget // 2:  # a huge system prompt: only BOS is sacred, the rest is cut like context

@@ -8,13 +8,13 @@ from datetime import datetime, UTC
 import duckdb
 import pytest
 from dagster import (AssetKey, AssetRecordsFilter, DagsterInstance, DataVersion, Definitions, MaterializeResult, asset,
-                     build_sensor_context, evaluate_automation_conditions, instance_for_test, materialize)
+                     evaluate_automation_conditions, instance_for_test, materialize)
 
 from music_assets.automation import CHANGE_TAG, FINGERPRINT_TAG, with_nightly_refresh
 from music_assets.assembly import build_definitions
 from music_assets.common.metadata import latest_materialization
 from music_assets.common.partitions import seed_partitions
-from tests.helpers import SLICES, load_settings_in, short_tiny_simulation, write_seed
+from tests.helpers import SLICES, load_settings_in, sensor_tick, short_tiny_simulation, write_seed
 
 INGESTION = ["seed_conversations", "seed_quarantine"]
 CHEAP = INGESTION + ["seed_contexts"]  # the chain without the LLM
@@ -24,16 +24,6 @@ def seeded_settings(tmp_path, **config):
     settings = load_settings_in(tmp_path, **config)
     settings.seeds_dir.mkdir(parents=True, exist_ok=True)
     return settings
-
-
-def tick(defs, instance, cursor):
-    """One sensor evaluation as the daemon does it, partition additions applied to the instance."""
-    with build_sensor_context(instance=instance, instance_ref=instance.get_ref(), cursor=cursor, definitions=defs,
-                              resources={"seed_catalog": defs.resources["seed_catalog"]}) as context:
-        result = defs.resolve_sensor_def("seed_folder_sensor").evaluate_tick(context)
-    for request in result.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    return result
 
 
 def run(defs, instance, request_or_key, selection=None):
@@ -60,7 +50,7 @@ def test_sensor_requests_only_new_and_changed_sources(tmp_path):
         instance.add_dynamic_partitions(seed_partitions.name, ["a"])
         run(defs, instance, "a", INGESTION)
 
-        first = tick(defs, instance, None)
+        first = sensor_tick(defs, instance, None)
         requested = {r.partition_key: r for r in first.run_requests}
         assert set(requested) == {"b", "embedded"}
         assert requested["b"].tags[CHANGE_TAG] == "new" and requested["b"].tags[FINGERPRINT_TAG] == sha["b"]
@@ -70,7 +60,7 @@ def test_sensor_requests_only_new_and_changed_sources(tmp_path):
         assert not {"hub", "gone", "folder"} & set(cursor)  # not decided: retried next tick
 
         run(defs, instance, requested["b"], CHEAP)
-        second = tick(defs, instance, first.cursor)
+        second = sensor_tick(defs, instance, first.cursor)
         assert not second.run_requests
         assert "no new or changed seed sources (3 unchanged)" in second.skip_message
         # the unreadable and unreachable sources are named with their reasons, each tick
@@ -81,7 +71,7 @@ def test_sensor_requests_only_new_and_changed_sources(tmp_path):
         # a's content changes and c appears: exactly those two run, b and embedded do not
         old_a, sha["a"] = sha["a"], write_seed(settings.seeds_dir / "a.jsonl", SLICES["a"][:4] + [94])
         sha["c"] = write_seed(settings.seeds_dir / "c.jsonl", SLICES["c"])
-        third = tick(defs, instance, second.cursor)
+        third = sensor_tick(defs, instance, second.cursor)
         requested = {r.partition_key: r for r in third.run_requests}
         assert set(requested) == {"a", "c"}
         assert requested["a"].tags[CHANGE_TAG] == "changed" and requested["c"].tags[CHANGE_TAG] == "new"
@@ -92,9 +82,9 @@ def test_sensor_requests_only_new_and_changed_sources(tmp_path):
         recorded = latest_materialization(instance, AssetKey("seed_conversations"), "a").asset_materialization
         assert recorded.metadata["source_sha256"].value == sha["a"]
 
-        assert not tick(defs, instance, third.cursor).run_requests
+        assert not sensor_tick(defs, instance, third.cursor).run_requests
         # the cursor is a cache: with none, the instance's records say everything but embedded is done
-        fresh = tick(defs, instance, None)
+        fresh = sensor_tick(defs, instance, None)
         assert [r.partition_key for r in fresh.run_requests] == ["embedded"]
 
 
@@ -220,13 +210,13 @@ def test_new_source_runs_only_its_chain_with_a_real_llm(tmp_path):
     write_seed(settings.seeds_dir / "a.jsonl", SLICES["a"])
     defs = build_definitions(settings)
     with instance_for_test() as instance:
-        first = tick(defs, instance, None)
+        first = sensor_tick(defs, instance, None)
         run(defs, instance, next(r for r in first.run_requests if r.partition_key == "a"))
         materializations, a_requests = engine_work(instance, "a")
         assert materializations == 1 and a_requests > 0
 
         write_seed(settings.seeds_dir / "b.jsonl", SLICES["b"])
-        second = tick(defs, instance, first.cursor)
+        second = sensor_tick(defs, instance, first.cursor)
         assert [r.partition_key for r in second.run_requests] == ["b"]
         run(defs, instance, second.run_requests[0])
         assert engine_work(instance, "a") == (1, a_requests)  # a was not regenerated
@@ -238,7 +228,7 @@ def test_new_source_runs_only_its_chain_with_a_real_llm(tmp_path):
         con.close()
         # the last row of a changes: the file re-runs; the two sampled pairs (the contexts: a/3 and a/1) do not change
         write_seed(settings.seeds_dir / "a.jsonl", SLICES["a"][:4] + [94])
-        third = tick(defs, instance, second.cursor)
+        third = sensor_tick(defs, instance, second.cursor)
         assert [(r.partition_key, r.tags[CHANGE_TAG]) for r in third.run_requests] == [("a", "changed")]
         result = run(defs, instance, third.run_requests[0])
         sim = result.asset_materializations_for_node("simulated_branches")[0].metadata
@@ -247,4 +237,4 @@ def test_new_source_runs_only_its_chain_with_a_real_llm(tmp_path):
         after = con.execute("SELECT turn_key, created_at FROM music.simulated_branches WHERE source = 'a' ORDER BY 1").fetchall()
         con.close()
         assert after == before
-        assert not tick(defs, instance, third.cursor).run_requests
+        assert not sensor_tick(defs, instance, third.cursor).run_requests

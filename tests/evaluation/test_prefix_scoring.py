@@ -33,8 +33,23 @@ def tiny():
     return _head_with_spread(model), tok
 
 
+@pytest.fixture(params=["sdpa", "eager"])
+def tiny_attention(tiny, request):
+    """The tiny Llama under each attention implementation the packed kernel takes, put back after."""
+    model, tok = tiny
+    model.config._attn_implementation = request.param
+    yield model, tok
+    model.config._attn_implementation = "sdpa"
+
+
 def _tokens(rng: random.Random, n: int, pad_id: int, vocab: int) -> list[int]:
     return [rng.choice([t for t in range(3, vocab) if t != pad_id]) for _ in range(n)]
+
+
+def _token_source(tok, seed: int):
+    """n -> n random real token ids of the tiny Llama's vocabulary (never the pad id), seeded."""
+    rng = random.Random(seed)
+    return lambda n: _tokens(rng, n, tok.pad_token_id, len(tok))
 
 
 def _assert_matches_full_scoring(model, groups, pad_id, scores=shared_prefix_scores, **kw):
@@ -53,12 +68,9 @@ def test_split_shared_prefix():
     assert split_shared_prefix([[4, 5, 6]]) == ([4, 5, 6], [[]])
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_edge_cases_match_full_sequence_scoring(tiny, attn):
-    model, tok = tiny
-    model.config._attn_implementation = attn
-    rng = random.Random(0)
-    t = lambda n: _tokens(rng, n, tok.pad_token_id, len(tok))  # noqa: E731
+def test_edge_cases_match_full_sequence_scoring(tiny_attention):
+    model, tok = tiny_attention
+    t = _token_source(tok, 0)
     long, short = t(40), t(6)
     groups = [
         [long + t(5), long + t(17), long, long + t(1)],  # lengths differ; an empty and a one-token suffix
@@ -69,17 +81,14 @@ def test_edge_cases_match_full_sequence_scoring(tiny, attn):
         [short, short],  # identical: both rewards at the prefix's last token
         [t(1)],
     ]
-    try:
-        one_batch = _assert_matches_full_scoring(model, groups, tok.pad_token_id, max_batch_tokens=10**6)
-        per_group = _assert_matches_full_scoring(model, groups, tok.pad_token_id, max_batch_tokens=1)
-        assert max(abs(a - b) for x, y in zip(one_batch, per_group) for a, b in zip(x, y)) <= TOLERANCE
-        calls = []
-        hook = model.model.register_forward_hook(lambda *a: calls.append(1))
-        shared_prefix_scores(model, groups, tok.pad_token_id, max_batch_tokens=10**6)
-        hook.remove()
-        assert len(calls) == 3  # all shared prefixes, then all their suffixes; the groups sharing nothing
-    finally:
-        model.config._attn_implementation = "sdpa"
+    one_batch = _assert_matches_full_scoring(model, groups, tok.pad_token_id, max_batch_tokens=10**6)
+    per_group = _assert_matches_full_scoring(model, groups, tok.pad_token_id, max_batch_tokens=1)
+    assert max(abs(a - b) for x, y in zip(one_batch, per_group) for a, b in zip(x, y)) <= TOLERANCE
+    calls = []
+    hook = model.model.register_forward_hook(lambda *a: calls.append(1))
+    shared_prefix_scores(model, groups, tok.pad_token_id, max_batch_tokens=10**6)
+    hook.remove()
+    assert len(calls) == 3  # all shared prefixes, then all their suffixes; the groups sharing nothing
 
 
 def test_pack_groups_lays_out_k_suffixes_after_one_prefix():
@@ -96,17 +105,14 @@ def test_pack_groups_lays_out_k_suffixes_after_one_prefix():
     assert mask[1][3] == [1, 0, 1, 1, 0] and mask[1][4] == [0, 0, 0, 0, 1]  # padding sees only itself
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_rows_match_full_sequence_scoring(tiny, attn):
+def test_packed_rows_match_full_sequence_scoring(tiny_attention):
     """Pairs and Best-of-8 groups as one packed row each: empty and one-token suffixes, a one-token
     prefix, nothing shared, padding to the batch's longest row; several groups per forward or one."""
-    model, tok = tiny
-    model.config._attn_implementation = attn
-    rng = random.Random(4)
-    t = lambda n: _tokens(rng, n, tok.pad_token_id, len(tok))  # noqa: E731
+    model, tok = tiny_attention
+    t = _token_source(tok, 4)
     long, short = t(40), t(6)
     groups = [
-        [long + t(rng.randint(1, 20)) for _ in range(7)] + [long],  # Best-of-8, one candidate is the prefix
+        [long + t(n) for n in (3, 17, 1, 9, 12, 20, 6)] + [long],  # Best-of-8, one candidate is the prefix
         [short + t(2), short + t(9)],
         [short + t(1), short],  # a one-token and an empty suffix
         [short[:1] + t(3), short[:1] + t(1)],  # a one-token prefix
@@ -114,18 +120,15 @@ def test_packed_rows_match_full_sequence_scoring(tiny, attn):
         [long[:20] + t(3) for _ in range(8)],
         [t(1)],
     ]
-    try:
-        together = _assert_matches_full_scoring(model, groups, tok.pad_token_id, packed_prefix_scores,
-                                                max_batch_tokens=10**6)
-        calls = []
-        hook = model.model.register_forward_hook(lambda *a: calls.append(1))
-        packed_prefix_scores(model, groups, tok.pad_token_id, max_batch_tokens=10**6)
-        hook.remove()
-        assert len(calls) == 1  # every group in one forward
-        alone = _assert_matches_full_scoring(model, groups, tok.pad_token_id, packed_prefix_scores, max_batch_tokens=1)
-        assert max(abs(a - b) for x, y in zip(together, alone) for a, b in zip(x, y)) <= TOLERANCE
-    finally:
-        model.config._attn_implementation = "sdpa"
+    together = _assert_matches_full_scoring(model, groups, tok.pad_token_id, packed_prefix_scores,
+                                            max_batch_tokens=10**6)
+    calls = []
+    hook = model.model.register_forward_hook(lambda *a: calls.append(1))
+    packed_prefix_scores(model, groups, tok.pad_token_id, max_batch_tokens=10**6)
+    hook.remove()
+    assert len(calls) == 1  # every group in one forward
+    alone = _assert_matches_full_scoring(model, groups, tok.pad_token_id, packed_prefix_scores, max_batch_tokens=1)
+    assert max(abs(a - b) for x, y in zip(together, alone) for a, b in zip(x, y)) <= TOLERANCE
 
 
 def test_reward_is_read_at_the_true_last_token_even_when_it_is_the_pad_id(tiny):

@@ -8,7 +8,7 @@ sensor, the refusal of a shard-count change and two shards' ingestion and contex
 import json
 
 import pytest
-from dagster import DagsterInstance, build_sensor_context, instance_for_test, materialize
+from dagster import DagsterInstance, instance_for_test, materialize
 
 from music_assets.assembly import build_definitions, build_resources
 from music_assets.common.config import ConfigError
@@ -18,7 +18,7 @@ from music_assets.seeds.assets import seed_ingestion
 from music_assets.seeds.ingest import ingest
 from music_assets.seeds.shards import Shard, shard_number, split_partition_key
 from music_assets.simulation.assets import seed_contexts
-from tests.helpers import UF, load_settings_in, query, short_tiny_simulation
+from tests.helpers import UF, load_settings_in, query, sensor_tick, short_tiny_simulation
 
 KEYS = ["uf/shard-001-of-003", "uf/shard-002-of-003", "uf/shard-003-of-003"]
 
@@ -89,22 +89,13 @@ def test_changing_the_shard_count_is_refused(tmp_path):
     assert sorted(instance.get_dynamic_partitions(seed_partitions.name)) == KEYS  # nothing added
 
 
-def _tick(defs, instance, cursor):
-    with build_sensor_context(instance=instance, instance_ref=instance.get_ref(), cursor=cursor, definitions=defs,
-                              resources={"seed_catalog": defs.resources["seed_catalog"]}) as context:
-        result = defs.resolve_sensor_def("seed_folder_sensor").evaluate_tick(context)
-    for request in result.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    return result
-
-
 def test_sensor_registers_every_shard_and_two_shards_materialize(tmp_path):
     path = tmp_path / "uf.jsonl"
     path.write_text(UF.read_text())
     settings, _ = _catalog(tmp_path, path, **short_tiny_simulation(5))
     defs, resources = build_definitions(settings), build_resources(settings)
     with instance_for_test() as instance:
-        first = _tick(defs, instance, None)
+        first = sensor_tick(defs, instance, None)
         assert sorted(r.partition_key for r in first.run_requests) == ["embedded"] + KEYS  # one run per shard
         assert sorted(instance.get_dynamic_partitions(seed_partitions.name)) == ["embedded"] + KEYS
         assert set(json.loads(first.cursor)) == {"embedded", *KEYS}
@@ -125,16 +116,16 @@ def test_sensor_registers_every_shard_and_two_shards_materialize(tmp_path):
         assert pairs_of_contexts and all(same for same, in pairs_of_contexts)
 
         # without a cursor, each shard is judged by what its own ingestion recorded
-        fresh = _tick(defs, instance, None)
+        fresh = sensor_tick(defs, instance, None)
         assert sorted(r.partition_key for r in fresh.run_requests) == ["embedded", KEYS[2]]
         # the file grows: every shard gets new rows, so every shard reruns
         path.write_text(UF.read_text() + UF.read_text().splitlines(keepends=True)[0])
-        grown = _tick(defs, instance, first.cursor)
+        grown = sensor_tick(defs, instance, first.cursor)
         assert sorted(r.partition_key for r in grown.run_requests) == KEYS
 
         # a changed shard count: the sensor skips the source with the reason, and runs nothing for it
         resharded = load_settings_in(tmp_path, seed_sources={"uf": {"path": str(path), "shards": 2}})
-        refused = _tick(build_definitions(resharded), instance, first.cursor)
+        refused = sensor_tick(build_definitions(resharded), instance, first.cursor)
         assert not refused.run_requests
         assert "'uf'" in refused.skip_message and "config says shards: 2" in refused.skip_message
 
