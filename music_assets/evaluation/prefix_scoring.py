@@ -5,9 +5,10 @@ are equal up to the contrast turn, a seed pair up to its last answer, Best-of-N'
 the answer. A decoder's hidden states at a token depend only on the tokens before it, so the shared
 prefix can run through the backbone once, by either of two kernels:
 - packed rows (`packed_prefix_scores`): a group is one row `[prefix | suffix 1 | ... | suffix k]`
-  with a block mask and positions restarting after the prefix (the layout of packed training,
-  `training/prefix_packing.pack_groups`), one forward, no cache; for decoders that take a dense 4D
-  mask (the Llama family with SDPA or eager attention);
+  with block attention (each suffix sees the prefix and itself: `training/prefix_attention`) and
+  positions restarting after the prefix (the layout of packed training,
+  `training/prefix_packing.pack_groups`), one forward, no cache; for the Llama family (Llama,
+  Mistral, Qwen2, Qwen3) configured with SDPA or eager attention;
 - a KV cache (`shared_prefix_scores`): the prefix with `use_cache=True`, then every suffix of its
   group against that cache; for any decoder with a cache (GPT-2, Gemma-2, sliding windows...).
 The reward is read where `AutoModelForSequenceClassification` reads it for the whole sequence, at
@@ -29,12 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from music_assets.common.sequences import common_prefix_length
-from music_assets.training.prefix_packing import attention_mask_for, pack_groups, packing_refusal
-
-# Token slots (padding included) per scoring batch: a prefix counts once per group, a suffix once per
-# candidate. On a CPU small batches win (see trainer.CPU_SCORING_BATCH: about 1,000 tokens), a GPU
-# wants large ones.
-CPU_BATCH_TOKENS, GPU_BATCH_TOKENS = 2048, 32768
+from music_assets.training.prefix_packing import pack_groups, packed_forward, packing_refusal
+from music_assets.training.trainer import batch_budget, length_batches, sequence_scores
 
 
 # Below this many shared tokens a group is scored whole. Measured (benchmarks/prefix_sharing.py (d),
@@ -106,7 +103,7 @@ def shared_prefix_scores(model, groups: list[list[list[int]]], pad_id: int,
     parts = [_Group(i, *split_shared_prefix(_checked(g, i))) for i, g in enumerate(groups)]
     out: list[list[float]] = [[0.0] * len(g) for g in groups]
     with _evaluating(model) as device:
-        for batch in _batches(parts, _budget(device, max_batch_tokens), _sliding_window(model)):
+        for batch in _batches(parts, batch_budget(device, max_batch_tokens), _sliding_window(model)):
             for (gi, si), value in _score_batch(model, batch, pad_id, device).items():
                 out[gi][si] = value
     return out
@@ -117,34 +114,28 @@ def packed_prefix_scores(model, groups: list[list[list[int]]], pad_id: int,
                          max_batch_tokens: int | None = None) -> list[list[float]]:
     """The same rewards as `shared_prefix_scores` in one forward per batch and no cache: each group is
     one row `[prefix | suffix 1 | ... | suffix k]` (`prefix_packing.pack_groups`, the layout packed
-    training uses) whose block mask lets every suffix see the prefix and itself only, with positions
-    restarting after the prefix. Each row's tokens are those of the cache path, without its copy of
-    the prefix's keys and values per suffix; in exchange the dense mask makes attention cost the row's
-    length squared. Batches hold rows of similar length up to `max_batch_tokens` slots (rows x the
-    longest row). Only for models that take a dense 4D mask (`prefix_packing.packing_refusal`)."""
+    training uses) whose block attention lets every suffix see the prefix and itself only, with
+    positions restarting after the prefix. Each row's tokens and attention blocks are those of the
+    cache path, without its copy of the prefix's keys and values per suffix. Batches hold rows of
+    similar length up to `max_batch_tokens` slots (rows x the longest row). Only for the models
+    `prefix_packing.packing_refusal` accepts."""
     refusal = packing_refusal(model)
     if refusal:
         raise ValueError(f"{type(model).__name__} cannot score packed rows: {refusal}")
-    parts = sorted((_Group(i, *split_shared_prefix(_checked(g, i))) for i, g in enumerate(groups)),
-                   key=lambda g: g.cost)
+    parts = [_Group(i, *split_shared_prefix(_checked(g, i))) for i, g in enumerate(groups)]
     base = getattr(model, model.base_model_prefix)
     out: list[list[float]] = [[] for _ in groups]
     with _evaluating(model) as device:
-        budget, start = _budget(device, max_batch_tokens), 0
-        while start < len(parts):
-            end = start + 1  # rows are sorted by length: the batch's last row is its longest
-            while end < len(parts) and (end + 1 - start) * parts[end].cost <= budget:
-                end += 1
-            batch = [groups[g.index] for g in parts[start:end]]
+        for members in length_batches([g.cost for g in parts], batch_budget(device, max_batch_tokens)):
+            batch = [groups[m] for m in members]
             rows = pack_groups(batch, pad_id)
-            hidden = base(input_ids=rows.input_ids.to(device), position_ids=rows.position_ids.to(device),
-                          attention_mask=attention_mask_for(model, rows.attention_mask.to(device))).last_hidden_state
+            rows.input_ids, rows.position_ids = rows.input_ids.to(device), rows.position_ids.to(device)
+            hidden = packed_forward(base, rows).last_hidden_state
             row = torch.tensor([b for b, seqs in enumerate(batch) for _ in seqs], device=device)
             nth = torch.tensor([j for seqs in batch for j in range(len(seqs))], device=device)
             values = iter(_reward(model, hidden[row, rows.reward_index.to(device)[row, nth]]))
-            for g, seqs in zip(parts[start:end], batch):
-                out[g.index] = [next(values) for _ in seqs]
-            start = end
+            for m, seqs in zip(members, batch):
+                out[m] = [next(values) for _ in seqs]
     return out
 
 
@@ -167,8 +158,7 @@ def group_paths(model, groups: list[list[list[int]]]) -> list[str]:
 
 def grouped_scores(model, groups: list[list[list[int]]], pad_id: int) -> tuple[list[list[float]], Counter]:
     """Every group's rewards by the fastest exact path, and how many sequences each path scored:
-    'prefix_packed' (`packed_prefix_scores`: decoders that take a dense 4D mask, the Llama family
-    with SDPA or eager attention), 'prefix_cached' (`shared_prefix_scores`: other decoders with a KV
+    'prefix_packed' (`packed_prefix_scores`: the Llama family with SDPA or eager attention), 'prefix_cached' (`shared_prefix_scores`: other decoders with a KV
     cache), each only for groups whose sequences share at least `MIN_SHARED_PREFIX_TOKENS` or
     `MIN_CACHED_PREFIX_TOKENS`; else
     'full' (encoders, short prefixes, single sequences). All give the same rewards up to float
@@ -178,8 +168,6 @@ def grouped_scores(model, groups: list[list[list[int]]], pad_id: int) -> tuple[l
     candidates differ in length, and the cache path pads every suffix of a batch to the longest and
     copies the prefix's cache per suffix, while a packed row holds each suffix at its own length;
     Best-of-8 on real conversations ran 3.19x faster than full-sequence scoring packed, 2.03x cached."""
-    from music_assets.training.trainer import sequence_scores
-
     kernel, path, _ = _kernel(model)
     paths = group_paths(model, groups)
     shared = [i for i, p in enumerate(paths) if p != "full"]
@@ -213,10 +201,6 @@ def _evaluating(model):
         yield next(model.parameters()).device
     finally:
         model.train(was_training)
-
-
-def _budget(device, max_batch_tokens: int | None) -> int:
-    return max_batch_tokens or (CPU_BATCH_TOKENS if device.type == "cpu" else GPU_BATCH_TOKENS)
 
 
 def _sliding_window(model) -> int | None:

@@ -4,9 +4,9 @@ Chosen and rejected usually share a long context (the conversation so far) and d
 last reply. The usual forward encodes each side in full, so the context's forward and backward run
 twice. Here a pair is one row, `[shared prefix | chosen suffix | rejected suffix]`, with
 
-- a 4D attention mask: every token attends causally to the prefix and to the earlier tokens of its
-  own segment; the rejected suffix never sees the chosen suffix. Right padding attends only to
-  itself (a row with nothing to attend to would give NaNs in SDPA), and no real token sees it;
+- block attention: every token attends causally to the prefix and to the earlier tokens of its own
+  segment; the rejected suffix never sees the chosen suffix (`attention_mask` is that rule as a dense
+  bool mask; the forward runs `prefix_attention`, which computes exactly the allowed blocks);
 - position ids that restart after the prefix: both suffixes run from `prefix_length`, so each
   suffix token has exactly the position (and, with RoPE, the attention scores) it would have in its
   side encoded alone;
@@ -15,19 +15,20 @@ twice. Here a pair is one row, `[shared prefix | chosen suffix | rejected suffix
   state that side's last hidden state).
 
 So r_chosen and r_rejected equal the unpacked ones up to float rounding, and so do the loss and every
-gradient (tests/training/test_prefix_packing.py checks this to 1e-4 in fp32, also under DDP).
+gradient (tests/training/test_prefix_packing.py checks this to 1e-4 in fp32, also under DDP and FSDP2).
 The layout is not limited to two suffixes: `pack_groups` packs any group of sequences as
 `[shared prefix | suffix 1 | ... | suffix k]` under the same rules; a pair is its group of two, and
 prefix-shared scoring (`evaluation/prefix_scoring.packed_prefix_scores`) packs Best-of-N's N candidates.
 
-How transformers 5.x takes the mask (read in 5.19's `masking_utils.py` and `modeling_llama.py`): a
-4D tensor given as `attention_mask` is returned as-is by `create_causal_mask` (no causal or padding
-mask is added, no packed-sequence detection from position ids runs) and handed to the attention
-function unchanged. SDPA takes a bool mask (True = may attend) or an additive float one; the eager
-path *adds* the mask to the scores, so it needs the additive form (0 or the dtype's minimum). The
-batch holds the bool mask; `packed_pair_rewards` converts it for the model's attention kernel.
-Flash-attention and flex kernels take no dense 4D mask and are refused, as are sliding-window
-configs (a 4D mask given as-is would silently drop the window).
+Why block attention and not the dense mask SDPA could take: SDPA and eager attention compute every
+query against every key of a row and mask afterwards, so a packed pair's attention cost (p + a + b)^2
+instead of (p + a)^2 + (p + b)^2; at conversation lengths that ate most of what packing saved
+(benchmarks/prefix_sharing.py). The row layouts reach every layer as the `packed_layout` keyword of
+the forward; transformers builds no mask for an attention implementation without a mask function.
+Which models: the Llama code path of transformers 5.x (Llama, Mistral, Qwen2, Qwen3), whose attention
+goes through `AttentionInterface` and applies RoPE from `position_ids`, with full attention (a
+sliding window would be lost) and an SDPA or eager implementation configured (the one put back after
+each packed forward); others are refused with the reason.
 """
 
 from __future__ import annotations
@@ -38,12 +39,15 @@ from dataclasses import dataclass
 import torch
 
 from music_assets.common.sequences import common_prefix_length
+from music_assets.training.prefix_attention import RowLayout, packed_attention
 
-# Model types whose transformers 5.x code takes a dense 4D mask as-is and applies RoPE from
-# `position_ids` (the Llama code path; Mistral, Qwen2 and Qwen3 are generated from it). Each is
-# checked against unpacked scoring in the tests; others (GPT-2's learned positions, Gemma-2's
-# alternating sliding layers, encoders) are refused rather than assumed.
+# Model types whose transformers 5.x code calls the configured `AttentionInterface` function with the
+# forward's keywords and applies RoPE from `position_ids` (the Llama code path; Mistral, Qwen2 and
+# Qwen3 are generated from it). Each is checked against unpacked scoring in the tests; others (GPT-2's
+# learned positions, Gemma-2's alternating sliding layers, encoders) are refused rather than assumed.
 PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# The configured implementations packing stands in for (flash kernels are left alone: their models
+# run on GPUs where the user chose them on purpose).
 DENSE_MASK_ATTENTION = frozenset({"sdpa", "eager"})
 
 _PREFIX, _PAD = 0, -1  # segment ids of a packed row; suffix j (0-based) is segment j + 1
@@ -51,21 +55,31 @@ _PREFIX, _PAD = 0, -1  # segment ids of a packed row; suffix j (0-based) is segm
 
 @dataclass
 class PackedBatch:
-    """One row per pair. `attention_mask` is bool [B, 1, L, L], True where a query (dim 2) may
-    attend to a key (dim 3); `chosen_index`/`rejected_index` [B] are where each side's reward is read."""
+    """One row per pair. `layout` [B] says where each row's prefix and suffixes lie (what the attention
+    kernel reads); `attention_mask` is the bool [B, 1, L, L] mask that layout means, True where a query
+    (dim 2) may attend to a key (dim 3); `chosen_index`/`rejected_index` [B] are where each side's
+    reward is read."""
 
     input_ids: torch.Tensor  # [B, L], right-padded with pad_id
-    attention_mask: torch.Tensor  # [B, 1, L, L] bool
+    segment: torch.Tensor  # [B, L]: _PREFIX, suffix j + 1, or _PAD
     position_ids: torch.Tensor  # [B, L]
     chosen_index: torch.Tensor  # [B]
     rejected_index: torch.Tensor  # [B]
-    prefix_lengths: list[int]
+    layout: list[RowLayout]
     real_tokens: int  # tokens that are not padding (packed); the unpacked forward's would be sum(len(c) + len(r))
 
+    @property
+    def prefix_lengths(self) -> list[int]:
+        return [row.prefix for row in self.layout]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return _allowed(self.segment)
+
     def to(self, device) -> PackedBatch:
-        move = {k: getattr(self, k).to(device) for k in ("input_ids", "attention_mask", "position_ids",
+        move = {k: getattr(self, k).to(device) for k in ("input_ids", "segment", "position_ids",
                                                           "chosen_index", "rejected_index")}
-        return PackedBatch(**move, prefix_lengths=self.prefix_lengths, real_tokens=self.real_tokens)
+        return PackedBatch(**move, layout=self.layout, real_tokens=self.real_tokens)
 
 
 def pair_prefix_length(chosen_ids: Sequence[int], rejected_ids: Sequence[int]) -> int:
@@ -88,8 +102,8 @@ def pack_pairs(pairs: Sequence, pad_id: int) -> PackedBatch:
     if not pairs:
         raise ValueError("pack_pairs needs at least one pair")
     rows = pack_groups([_sides(pair, row) for row, pair in enumerate(pairs)], pad_id)
-    return PackedBatch(rows.input_ids, rows.attention_mask, rows.position_ids, rows.reward_index[:, 0],
-                       rows.reward_index[:, 1], rows.prefix_lengths, rows.real_tokens)
+    return PackedBatch(rows.input_ids, rows.segment, rows.position_ids, rows.reward_index[:, 0],
+                       rows.reward_index[:, 1], rows.layout, rows.real_tokens)
 
 
 @dataclass
@@ -99,11 +113,20 @@ class PackedGroups:
     sequence j of row b is read (K = the largest group; -1 past a smaller group's end)."""
 
     input_ids: torch.Tensor  # [B, L], right-padded with pad_id
-    attention_mask: torch.Tensor  # [B, 1, L, L] bool
+    segment: torch.Tensor  # [B, L]: _PREFIX, suffix j + 1, or _PAD
     position_ids: torch.Tensor  # [B, L]
     reward_index: torch.Tensor  # [B, K]
-    prefix_lengths: list[int]
+    layout: list[RowLayout]
     real_tokens: int
+
+    @property
+    def prefix_lengths(self) -> list[int]:
+        return [row.prefix for row in self.layout]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """The bool [B, 1, L, L] mask the layout means (what a dense-mask kernel would be given)."""
+        return _allowed(self.segment)
 
 
 def pack_groups(groups: Sequence[Sequence[Sequence[int]]], pad_id: int) -> PackedGroups:
@@ -111,12 +134,14 @@ def pack_groups(groups: Sequence[Sequence[Sequence[int]]], pad_id: int) -> Packe
     longest common prefix once, then every sequence's own suffix, each suffix's positions running on
     from the prefix's length, and each sequence's reward index at its suffix's last token (at the
     prefix's last token when the suffix is empty)."""
-    rows, segments, positions, reward_at, prefixes = [], [], [], [], []
+    rows, segments, positions, reward_at, layout = [], [], [], [], []
     for seqs in groups:
         p = common_prefix_length(seqs)
-        ids, seg, pos, ends = list(seqs[0][:p]), [_PREFIX] * p, list(range(p)), []
+        ids, seg, pos, ends, spans = list(seqs[0][:p]), [_PREFIX] * p, list(range(p)), [], []
         for j, seq in enumerate(seqs):
             suffix = list(seq[p:])
+            if suffix:
+                spans.append((len(ids), len(ids) + len(suffix)))
             ids += suffix
             seg += [j + 1] * len(suffix)
             pos += range(p, p + len(suffix))
@@ -125,7 +150,7 @@ def pack_groups(groups: Sequence[Sequence[Sequence[int]]], pad_id: int) -> Packe
         segments.append(seg)
         positions.append(pos)
         reward_at.append(ends)
-        prefixes.append(p)
+        layout.append(RowLayout(p, tuple(spans)))
     width, most = max(len(ids) for ids in rows), max(len(e) for e in reward_at)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     segment = torch.full((len(rows), width), _PAD, dtype=torch.long)
@@ -136,8 +161,7 @@ def pack_groups(groups: Sequence[Sequence[Sequence[int]]], pad_id: int) -> Packe
         segment[i, : len(ids)] = torch.tensor(seg)
         position_ids[i, : len(ids)] = torch.tensor(pos)
         reward_index[i, : len(ends)] = torch.tensor(ends)
-    return PackedGroups(input_ids, _allowed(segment), position_ids, reward_index, prefixes,
-                        sum(len(ids) for ids in rows))
+    return PackedGroups(input_ids, segment, position_ids, reward_index, layout, sum(len(ids) for ids in rows))
 
 
 def _allowed(segment: torch.Tensor) -> torch.Tensor:
@@ -163,15 +187,16 @@ def packing_refusal(model) -> str | None:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in PACKABLE_MODEL_TYPES:
-        return (f"model type {model_type!r} is not one whose attention takes a 4D mask and RoPE position ids "
-                f"as given (packable: {', '.join(sorted(PACKABLE_MODEL_TYPES))}); encoders never are")
+        return (f"model type {model_type!r} is not one whose attention goes through AttentionInterface with RoPE "
+                f"from position ids (packable: {', '.join(sorted(PACKABLE_MODEL_TYPES))}); encoders never are")
     if not isinstance(getattr(model, "score", None), torch.nn.Module):
         return f"{type(model).__name__} has no `score` head (load it with AutoModelForSequenceClassification)"
     if getattr(config, "sliding_window", None) is not None:
-        return f"sliding-window attention (window {config.sliding_window}) would be lost under a dense 4D mask"
+        return f"sliding-window attention (window {config.sliding_window}) would be lost in packed rows' block attention"
     attn = getattr(config, "_attn_implementation", None)
     if attn not in DENSE_MASK_ATTENTION:
-        return f"attention implementation {attn!r} takes no dense 4D mask (use sdpa or eager)"
+        return (f"attention implementation {attn!r}: packed rows attend through their own block kernel in place of "
+                "sdpa or eager attention only (load the model with one of those)")
     return None
 
 
@@ -181,22 +206,21 @@ def supports_prefix_packing(model) -> bool:
     return packing_refusal(model) is None
 
 
-def attention_mask_for(model, allowed: torch.Tensor) -> torch.Tensor:
-    """The bool mask of `pack_groups`/`pack_pairs` as the model's attention kernel reads it: bool for
-    SDPA, additive (0 / dtype minimum, in the weights' dtype) for eager, which adds it to the scores."""
-    if model.config._attn_implementation == "sdpa":
-        return allowed
-    dtype = model.get_input_embeddings().weight.dtype
-    zero = torch.zeros((), dtype=dtype, device=allowed.device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)
+def packed_forward(model, rows: PackedGroups | PackedBatch, **kwargs):
+    """`model(...)` (a backbone, a reward model, or either wrapped by DDP/FSDP2) on packed rows already
+    on its device: block attention by the rows' layout (`prefix_attention`), positions restarting
+    after each prefix, no cache."""
+    with packed_attention(model):
+        return model(input_ids=rows.input_ids, position_ids=rows.position_ids, packed_layout=rows.layout,
+                     use_cache=False, **kwargs)
 
 
 def packed_pair_rewards(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen, r_rejected) [B], fp32, for a packed batch in one forward pass.
 
     `model` is taken as given: the bare model, its DDP wrapper or an FSDP2-sharded one. The forward goes
-    through the model's own `__call__` (backbone with the explicit 4D mask and position ids, then
-    `score`), never around it: DDP reduces gradients only for a forward that went through its wrapper
+    through the model's own `__call__` (`packed_forward`: the backbone with block attention by the rows'
+    layout and their position ids, then `score`), never around it: DDP reduces gradients only for a forward that went through its wrapper
     (its reducer ignores the backward of any other), and FSDP2 gathers the root's weights (embeddings,
     norm, head) in the root module's forward hooks. The per-token scores are taken from the `score`
     head by a forward hook, and read at the two reward positions of every row; the model's own pooling
@@ -211,8 +235,7 @@ def packed_pair_rewards(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.
     captured = []
     handle = inner.score.register_forward_hook(lambda module, args, output: captured.append(output))
     try:
-        model(input_ids=batch.input_ids, attention_mask=attention_mask_for(inner, batch.attention_mask),
-              position_ids=batch.position_ids, use_cache=False)
+        packed_forward(model, batch)
     finally:
         handle.remove()
     scores = captured[-1][..., 0].float()  # [B, L]

@@ -103,25 +103,54 @@ def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, cfg: TrainConfig) -> t
     return loss
 
 
-# Sequences per scoring forward pass. On a CPU small batches win: measured on 2 cores (HH-RLHF
-# pairs, ~120 tokens), MiniLM scored 17.8 pairs/s with 8 sequences per batch, 13.6 with 64 and
-# 12.9 with 1; SmolLM2-135M 1.79 / 1.23 with 4-8 / 1. Large activations fall out of cache, while
-# the GEMMs are already efficient at a few hundred tokens. A GPU wants large batches.
-CPU_SCORING_BATCH, GPU_SCORING_BATCH = 8, 64
+# Token slots (sequences x the batch's longest) per scoring forward pass, by device. On a CPU small
+# batches win, counted in tokens: measured on 2 cores (SmolLM2-135M fp32, 1 thread, real HH pairs of
+# 255 tokens a side at max_length 2,048; benchmarks/README.md, "Prefix sharing"), whole sequences
+# took 17.0-17.8 CPU s with 1-4 sequences per batch (255-1,020 slots) and 22.7-23.0 with 8, packed
+# rows 11.2-12.6 at one row or 1,024 slots, 13.4-14.9 at 2,048, 16.2 at 4,096; the earlier
+# short-pair sweep (HH pairs of ~120 tokens: MiniLM best at 8 sequences, SmolLM2 at 4-8) lands on
+# the same ~1,000 slots. Past that the activations fall out of cache while the GEMMs gain nothing.
+# A GPU wants large batches.
+CPU_BATCH_TOKENS, GPU_BATCH_TOKENS = 1024, 32768
+
+
+def length_batches(costs: list[int], budget: int) -> list[list[int]]:
+    """Indices of `costs` (a sequence's or packed row's length) sorted by cost and cut into batches of
+    at most `budget` token slots (rows x the batch's longest); a row longer than the budget goes alone.
+    Sorting keeps the padding small."""
+    order = sorted(range(len(costs)), key=costs.__getitem__)
+    batches: list[list[int]] = []
+    for i in order:  # ascending: the row added is the batch's longest
+        if batches and (len(batches[-1]) + 1) * costs[i] <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def batch_budget(device, max_batch_tokens: int | None = None) -> int:
+    """`max_batch_tokens`, or the device's default token slots per scoring forward."""
+    if max_batch_tokens:
+        return max_batch_tokens
+    return CPU_BATCH_TOKENS if torch.device(device).type == "cpu" else GPU_BATCH_TOKENS
 
 
 @torch.inference_mode()
-def sequence_scores(model, seqs: list[list[int]], pad_id: int, batch_size: int | None = None) -> list[float]:
-    """The reward of every token sequence: length-sorted batches (little padding), no autograd
-    bookkeeping; results in the input order. `batch_size` (sequences) defaults by device."""
+def sequence_scores(model, seqs: list[list[int]], pad_id: int, batch_size: int | None = None,
+                    max_batch_tokens: int | None = None) -> list[float]:
+    """The reward of every token sequence: length-sorted batches (little padding) of at most
+    `batch_size` sequences when given, else of at most `max_batch_tokens` token slots (default by
+    device), no autograd bookkeeping; results in the input order."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    batch_size = batch_size or (CPU_SCORING_BATCH if device.type == "cpu" else GPU_SCORING_BATCH)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    if batch_size:
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    else:
+        batches = length_batches([len(s) for s in seqs], batch_budget(device, max_batch_tokens))
     out = [0.0] * len(seqs)
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
+    for idx in batches:
         ids, mask = _pad([seqs[i] for i in idx], pad_id)
         scores = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
         for i, v in zip(idx, scores.tolist()):

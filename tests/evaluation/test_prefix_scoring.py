@@ -13,7 +13,7 @@ from music_assets.evaluation.prefix_scoring import (packed_prefix_scores, shared
 from music_assets.training.prefix_packing import pack_groups
 from music_assets.training.rm_data import PairEncoder
 from music_assets.training.train_rm import load_backbone
-from music_assets.training.trainer import sequence_scores
+from music_assets.training.trainer import CPU_BATCH_TOKENS, length_batches, sequence_scores
 
 TOLERANCE = 1e-4
 
@@ -245,3 +245,27 @@ def test_grouped_scores_takes_the_shared_path_only_where_it_pays(tiny):
     enc_scores, enc_paths = grouped_scores(encoder, enc_groups, enc_tok.pad_token_id)
     assert enc_paths == {"full": 2}
     assert enc_scores == [sequence_scores(encoder, enc_groups[0], enc_tok.pad_token_id)]
+
+
+def test_scoring_batches_hold_at_most_the_cpu_token_budget(tiny):
+    """Both scoring paths cut length-sorted batches by token slots (rows x the batch's longest), not
+    by a count of sequences: on a CPU a batch of long conversations is slower than several small ones
+    (the budget's measurements are at `trainer.CPU_BATCH_TOKENS`)."""
+    costs = [5, 300, 40, 600, 1200, 250, 260]
+    assert length_batches(costs, 1024) == [[0, 2, 5], [6, 1], [3], [4]]  # 1,200 > budget: alone
+    model, tok = tiny
+    t = _token_source(tok, 7)
+    calls = []
+    hook = model.model.register_forward_hook(lambda m, args, out: calls.append(out.last_hidden_state.shape[:2]))
+    try:
+        sequence_scores(model, [t(300) for _ in range(6)], tok.pad_token_id)
+        assert [tuple(s) for s in calls] == [(3, 300), (3, 300)] and CPU_BATCH_TOKENS == 1024
+        calls.clear()
+        sequence_scores(model, [t(300) for _ in range(6)], tok.pad_token_id, batch_size=4)  # an explicit count
+        assert [s[0] for s in calls] == [4, 2]
+        calls.clear()
+        prefix = t(200)
+        packed_prefix_scores(model, [[prefix + t(50), prefix + t(60)] for _ in range(4)], tok.pad_token_id)
+        assert [tuple(s) for s in calls] == [(3, 310), (1, 310)]  # rows of 310 tokens: 3 fit in 1,024
+    finally:
+        hook.remove()

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from music_assets.training.prefix_packing import (
     pair_prefix_length,
     supports_prefix_packing,
 )
+from music_assets.training.prefix_attention import NAME, RowLayout, prefix_shared_attention
 from music_assets.training.rm_data import EncodedPair
 from music_assets.training.train_rm import load_backbone
 from music_assets.training.trainer import TrainConfig, bt_loss, rewards
@@ -91,6 +93,7 @@ def test_a_packed_row_holds_the_prefix_once_and_each_suffix_sees_only_the_prefix
     assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 2]  # the rejected suffix restarts after the prefix
     assert batch.chosen_index.tolist() == [3, 1] and batch.rejected_index.tolist() == [4, 0]  # empty: prefix end
     assert batch.prefix_lengths == [2, 1] and batch.real_tokens == 7
+    assert batch.layout == [RowLayout(2, ((2, 4), (4, 5))), RowLayout(1, ((1, 2),))]  # the kernel's blocks
     mask = batch.attention_mask
     assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.bool
     assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0],
@@ -121,10 +124,37 @@ def test_tiny_llama_packed_loss_and_gradients_equal_unpacked(tiny_sdpa, case):
 
 
 @pytest.mark.slow
-def test_eager_attention_takes_the_additive_mask_and_padding_changes_nothing():
+def test_packed_forward_runs_the_block_kernel_and_puts_the_attention_back(tiny_sdpa):
+    """Every layer attends through `prefix_attention` with the rows' layouts; the configured
+    implementation is back afterwards, also when the forward fails (a layout that does not fit)."""
+    from transformers import AttentionInterface
+
+    model, tok = tiny_sdpa
+    batch, seen = pack_pairs(batch_of(tok, "mixed"), tok.pad_token_id), []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["packed_layout"])
+        return prefix_shared_attention(*args, **kwargs)
+
+    AttentionInterface.register(NAME, spy)
+    try:
+        with torch.no_grad():
+            packed_pair_rewards(model, batch)
+    finally:
+        AttentionInterface.register(NAME, prefix_shared_attention)
+    assert seen == [batch.layout] * model.config.num_hidden_layers
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="needs one RowLayout per row as `packed_layout` \\(got 1 for 5 rows\\)"):
+        packed_pair_rewards(model, replace(batch, layout=batch.layout[:1]))
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.slow
+def test_eager_models_pack_the_same_keep_their_attention_and_padding_changes_nothing():
     model, tok = load_backbone("builtin:tiny-llama", 0, "eager")
     assert model.config._attn_implementation == "eager"
     assert_same_training_signal(model, batch_of(tok, "mixed"), tok.pad_token_id)
+    assert model.config._attn_implementation == "eager"
     # a pair alone and in a batch padded to a longer row: the same rewards
     pairs = batch_of(tok, "mixed")
     with torch.no_grad():
@@ -176,7 +206,7 @@ def test_models_it_cannot_pack_are_refused_with_the_reason(tiny_sdpa):
     assert "no `score` head" in packing_refusal(AutoModelForCausalLM.from_pretrained(folder))
     assert "sliding-window" in packing_refusal(tiny_random("mistral", tok, sliding_window=64))
     flex = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, attn_implementation="flex_attention")
-    assert "takes no dense 4D mask" in packing_refusal(flex)
+    assert "in place of sdpa or eager attention only" in packing_refusal(flex)
     with pytest.raises(ValueError, match="prefix packing is not possible for this model: model type 'bert'"):
         packed_pair_rewards(minilm, pack_pairs(batch_of(tok, "mixed"), 0))
 
