@@ -53,8 +53,24 @@ DENSE_MASK_ATTENTION = frozenset({"sdpa", "eager"})
 _PREFIX, _PAD = 0, -1  # segment ids of a packed row; suffix j (0-based) is segment j + 1
 
 
+class _Rows:
+    """What packed rows of either kind derive from their `segment` ids and `layout`."""
+
+    segment: torch.Tensor
+    layout: list[RowLayout]
+
+    @property
+    def prefix_lengths(self) -> list[int]:
+        return [row.prefix for row in self.layout]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """The bool [B, 1, L, L] mask the layout means (what a dense-mask kernel would be given)."""
+        return _allowed(self.segment)
+
+
 @dataclass
-class PackedBatch:
+class PackedBatch(_Rows):
     """One row per pair. `layout` [B] says where each row's prefix and suffixes lie (what the attention
     kernel reads); `attention_mask` is the bool [B, 1, L, L] mask that layout means, True where a query
     (dim 2) may attend to a key (dim 3); `chosen_index`/`rejected_index` [B] are where each side's
@@ -67,14 +83,6 @@ class PackedBatch:
     rejected_index: torch.Tensor  # [B]
     layout: list[RowLayout]
     real_tokens: int  # tokens that are not padding (packed); the unpacked forward's would be sum(len(c) + len(r))
-
-    @property
-    def prefix_lengths(self) -> list[int]:
-        return [row.prefix for row in self.layout]
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        return _allowed(self.segment)
 
     def to(self, device) -> PackedBatch:
         move = {k: getattr(self, k).to(device) for k in ("input_ids", "segment", "position_ids",
@@ -107,7 +115,7 @@ def pack_pairs(pairs: Sequence, pad_id: int) -> PackedBatch:
 
 
 @dataclass
-class PackedGroups:
+class PackedGroups(_Rows):
     """One row per group of sequences, `[shared prefix | suffix 1 | ... | suffix k]`: a pair is a group
     of two (`pack_pairs`), Best-of-N's candidates a group of N. `reward_index` [B, K] holds where
     sequence j of row b is read (K = the largest group; -1 past a smaller group's end)."""
@@ -118,15 +126,6 @@ class PackedGroups:
     reward_index: torch.Tensor  # [B, K]
     layout: list[RowLayout]
     real_tokens: int
-
-    @property
-    def prefix_lengths(self) -> list[int]:
-        return [row.prefix for row in self.layout]
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        """The bool [B, 1, L, L] mask the layout means (what a dense-mask kernel would be given)."""
-        return _allowed(self.segment)
 
 
 def pack_groups(groups: Sequence[Sequence[Sequence[int]]], pad_id: int) -> PackedGroups:
