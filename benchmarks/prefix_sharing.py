@@ -4,25 +4,28 @@ reward-model training, each with the shared prefix read once against every seque
 Data (all real text, SmolLM2-135M's chat template):
 - seed pairs: the embedded sample (`resources.seed_catalog.EMBEDDED_PATH`) and HH-RLHF multi-turn pairs
   (tests/data/hh-rlhf/harmless-base-test.jsonl.gz), both through `music_assets.seeds.ingest`;
-- MUSIC pairs simulated from contexts of both (vLLM, SmolLM2-135M, T=3 turns, contrast turn drawn from
-  {1, 2}, so some pairs share a whole simulated turn). The simulation runs once; its pairs are kept in
-  `.music/benchmarks/prefix-sharing-music-pairs.json` (gitignored) and a rerun reuses them.
+- MUSIC pairs simulated from contexts of both (vLLM, SmolLM2-135M, the paper's T = 5 turns, contrast
+  turn drawn from 1-4, so pairs share 0-3 whole simulated turns). The simulation runs once (about 12
+  minutes on 2 cores); its pairs are kept in `.music/benchmarks/prefix-sharing-music-pairs.json`
+  (gitignored) and a rerun with the same --contexts and --turns reuses them.
 
 Parts:
 (a) Best-of-8: each context is a real conversation of 3+ turns cut before one of its assistant turns;
     the 8 candidates are that turn's real answer plus 7 real assistant answers drawn from other
-    conversations. `grouped_scores` vs `sequence_scores` over the same sequences.
+    conversations. `grouped_scores` vs `sequence_scores` over the same sequences, and vs one
+    candidate per forward (the evaluation issue's baseline).
 (b) held-out pair scoring, per kind (seed HH, embedded, MUSIC): the mean shared-prefix fraction, then
-    `grouped_scores` (packed rows for SmolLM2) and the KV-cache kernel vs `sequence_scores`.
+    `grouped_scores` (packed rows for SmolLM2) and the KV-cache kernel vs `sequence_scores` and vs one
+    pair per forward; then all kinds together.
 (c) reward-model training (`trainer.train`) on a music-variant-like split (seed + MUSIC pairs):
     samples/s with packed pairs vs unpacked, same seed and batches, and the final held-out accuracy.
 (d) where sharing stops paying: pair scoring at prefix lengths 8-64 tokens (the scoring threshold
     `prefix_scoring.MIN_SHARED_PREFIX_TOKENS`) and packed training at shared fractions 0.1-0.5 (the
     training auto threshold `trainer.AUTO_MIN_SHARED_FRACTION`), on real pairs cut to those shares.
 
-Timing: CPU seconds of this process (`time.process_time`) with 1 torch thread, the figure to trust on
-a machine other jobs share; wall seconds are printed beside them. The output also goes to
-benchmarks/results-prefix-sharing.txt.
+Timing: CPU seconds of this process (`time.process_time`) with 1 torch thread (--threads), the figure
+to trust on a machine other jobs share; wall seconds are printed beside them. Sequences are encoded at
+the paper's max_length 2,048. The output also goes to benchmarks/results-prefix-sharing.txt.
 
     .venv/bin/python benchmarks/prefix_sharing.py [--parts abcd] [--out FILE] [--repeats 2] [--prepare]
 """
@@ -337,12 +340,12 @@ def main() -> None:
     parser.add_argument("--prepare", action="store_true", help="only simulate (or load) the MUSIC pairs")
     parser.add_argument("--parts", default="abcd", help="which parts to run (their sections of the results file are "
                                                        "replaced, the others kept)")
-    parser.add_argument("--contexts", type=int, default=20, help="MUSIC contexts to simulate")
-    parser.add_argument("--turns", type=int, default=3)
-    parser.add_argument("--best-of-n-contexts", type=int, default=4)
-    parser.add_argument("--pairs-per-kind", type=int, default=6, help="held-out seed pairs per kind in (b)")
-    parser.add_argument("--train-steps", type=int, default=3)
-    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--contexts", type=int, default=48, help="MUSIC contexts to simulate")
+    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--best-of-n-contexts", type=int, default=6)
+    parser.add_argument("--pairs-per-kind", type=int, default=10, help="held-out seed pairs per kind in (b)")
+    parser.add_argument("--train-steps", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=TIMING["repeats"], help="scoring timings: best of this many")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU seconds count every thread)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results file (parts run in parallel: one each)")

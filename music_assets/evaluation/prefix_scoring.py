@@ -35,14 +35,14 @@ from music_assets.training.trainer import batch_budget, length_batches, sequence
 
 
 # Below this many shared tokens a group is scored whole. Measured (benchmarks/prefix_sharing.py (d),
-# SmolLM2-135M fp32, real HH pairs with their shared prefix cut to P tokens, CPU seconds, best of 2;
-# the full path timed against itself reads 1.08-1.11x, the order noise): the packed kernel pays at
-# every length tried, 1.34x at 8 tokens, 1.39x at 16, 1.49x at 32 (a packed pair is one row with no
-# padding between sides of unequal length, whereas full scoring pads each side to the batch's
-# longest); the KV-cache kernel, with its second pass and cache copy, breaks even at 8-16 tokens
-# (1.07x, 1.13x), is barely ahead at 32 (1.13x) and ahead at 64 (1.20x; random tokens: 0.94x at 16).
+# SmolLM2-135M fp32, real HH pairs with their shared prefix cut to P tokens, CPU seconds, best of 2):
+# packed rows pay at every length tried, 1.30x at 8 tokens, 1.26x at 16, 1.25x at 32, 1.32x at 64 (a
+# packed pair is one row with no padding between sides of unequal length, whereas full scoring pads
+# each side to the batch's longest); the KV-cache kernel, with its second pass and cache copy, loses
+# below 64 tokens (0.92x at 8, 1.02x at 16, 0.93x at 32) and breaks even at 64 (1.01x; an earlier run
+# with other pairs gave 1.20x there), and pays on long prefixes (seed HH pairs 1.29x, Best-of-8 2.01x).
 MIN_SHARED_PREFIX_TOKENS = 8  # packed rows
-MIN_CACHED_PREFIX_TOKENS = 32  # the KV-cache kernel
+MIN_CACHED_PREFIX_TOKENS = 64  # the KV-cache kernel
 
 
 def supports_prefix_sharing(model) -> bool:
@@ -167,7 +167,7 @@ def grouped_scores(model, groups: list[list[list[int]]], pad_id: int) -> tuple[l
     Why packed first (benchmarks/prefix_sharing.py, SmolLM2-135M on real pairs, CPU seconds): real
     candidates differ in length, and the cache path pads every suffix of a batch to the longest and
     copies the prefix's cache per suffix, while a packed row holds each suffix at its own length;
-    Best-of-8 on real conversations ran 3.19x faster than full-sequence scoring packed, 2.03x cached."""
+    Best-of-8 on real conversations ran 3.38x faster than full-sequence scoring packed, 2.01x cached."""
     kernel, path, _ = _kernel(model)
     paths = group_paths(model, groups)
     shared = [i for i, p in enumerate(paths) if p != "full"]

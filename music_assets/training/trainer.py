@@ -298,10 +298,11 @@ def train(
 
 
 # Below this mean share of a side in the shared prefix, `auto` does not pack. Measured
-# (benchmarks/prefix_sharing.py (d), SmolLM2-135M fp32, forward + backward on real HH pairs cut to a
-# shared fraction, CPU seconds): packed / unpacked 1.28x at 0.1, 1.27x at 0.2, 1.35x at 0.3, 1.51x at
-# 0.5 (unpacked, both sides pad to the longer one; a packed row has no padding between them), so
-# packing pays from the lowest fraction measured; below it, it is unmeasured.
+# (benchmarks/prefix_sharing.py (d), SmolLM2-135M fp32, forward + backward of the BT loss on real HH
+# pairs cut to a shared fraction, block attention, CPU seconds): packed / unpacked 1.18x at 0.1,
+# 1.34x at 0.2, 1.29x at 0.3, 1.46x at 0.5 (unpacked, both sides pad to the longer one; a packed row
+# has no padding between them), so packing pays from the lowest fraction measured; below it, it is
+# unmeasured.
 AUTO_MIN_SHARED_FRACTION = 0.1
 
 
