@@ -158,16 +158,20 @@ def group_paths(model, groups: list[list[list[int]]]) -> list[str]:
 
 def grouped_scores(model, groups: list[list[list[int]]], pad_id: int) -> tuple[list[list[float]], Counter]:
     """Every group's rewards by the fastest exact path, and how many sequences each path scored:
-    'prefix_packed' (`packed_prefix_scores`: the Llama family with SDPA or eager attention), 'prefix_cached' (`shared_prefix_scores`: other decoders with a KV
-    cache), each only for groups whose sequences share at least `MIN_SHARED_PREFIX_TOKENS` or
-    `MIN_CACHED_PREFIX_TOKENS`; else
+    'prefix_packed' (`packed_prefix_scores`: the Llama family with SDPA or eager attention),
+    'prefix_cached' (`shared_prefix_scores`: other decoders with a KV cache), each only for groups
+    whose sequences share at least `MIN_SHARED_PREFIX_TOKENS` or `MIN_CACHED_PREFIX_TOKENS`; else
     'full' (encoders, short prefixes, single sequences). All give the same rewards up to float
     rounding, so the choice is only about speed (`group_paths` says which path each group takes).
 
     Why packed first (benchmarks/prefix_sharing.py, SmolLM2-135M on real pairs, CPU seconds): real
     candidates differ in length, and the cache path pads every suffix of a batch to the longest and
     copies the prefix's cache per suffix, while a packed row holds each suffix at its own length;
-    Best-of-8 on real conversations ran 3.38x faster than full-sequence scoring packed, 2.01x cached."""
+    Best-of-8 on real conversations ran 3.38x faster than full-sequence scoring packed, 2.01x cached,
+    seed pairs 1.38-1.61x packed. Known limit: on a CPU the cost per token grows with the tokens in
+    one forward, and a long packed row (T = 5 MUSIC pairs at max_length 2,048: median 1,344 tokens)
+    ran no faster than its two sides whole (0.99x) where the cache path, in smaller forwards, gave
+    1.14x; choosing by row length is not done yet."""
     kernel, path, _ = _kernel(model)
     paths = group_paths(model, groups)
     shared = [i for i, p in enumerate(paths) if p != "full"]
