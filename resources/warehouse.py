@@ -29,6 +29,7 @@ from typing import Any
 import duckdb
 from dagster import Config, InitResourceContext
 from dagster._core.storage.db_io_manager import DbIOManager
+from dagster._utils.backoff import backoff
 from dagster_duckdb import DuckDBResource
 from dagster_duckdb.io_manager import DuckDbClient
 from dagster_duckdb_polars import DuckDBPolarsIOManager
@@ -181,7 +182,11 @@ class WarehouseIOManager(DuckDBPolarsIOManager):
 
     def create_io_manager(self, context):
         if self.ducklake is None:
-            con = duckdb.connect(self.database)
+            # retried like dagster-duckdb's own connections: a reader (the UI, the lineage audit, a
+            # notebook, a test polling the file) may hold its lock for a moment
+            con = backoff(fn=duckdb.connect, retry_on=(RuntimeError, duckdb.IOException),
+                          kwargs={"database": self.database, "read_only": False, "config": self.connection_config},
+                          max_retries=10)
             try:
                 create_schema(con)
             finally:

@@ -100,3 +100,29 @@ def test_the_lineage_audit_reads_the_warehouse_it_is_configured_with(warehouse, 
         con.close()
     assert {"training_splits", "music_pairs", "simulated_branches"} <= tables
     assert warehouse_name(settings).startswith("DuckLake" if backend else "DuckDB")
+
+
+def test_the_io_manager_waits_for_a_reader_holding_the_file(tmp_path):
+    """A reader in another process (the UI, the lineage audit, a test polling the file) holding the
+    DuckDB file when a step's IO manager starts: the IO manager waits for it, as dagster-duckdb's own
+    connections do, instead of failing the run on the lock."""
+    import subprocess
+    import sys
+
+    import duckdb
+
+    path = tmp_path / "warehouse.duckdb"
+    duckdb.connect(str(path)).close()
+    holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys, time; con = duckdb.connect(sys.argv[1], "
+                               "read_only=True); print('held', flush=True); time.sleep(2)", str(path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(duckdb.IOException, match="lock"):  # what a bare connect meets meanwhile
+            duckdb.connect(str(path)).close()
+        WarehouseIOManager(database=str(path), schema=SCHEMA).create_io_manager(build_init_resource_context())
+    finally:
+        holder.kill()
+        holder.wait()
+    assert ("music", "seed_conversations") in duckdb.connect(str(path), read_only=True).execute(
+        "SELECT schema_name, table_name FROM duckdb_tables()").fetchall()
