@@ -156,13 +156,15 @@ def group_paths(model, groups: list[list[list[int]]]) -> list[str]:
     return [path if kernel and len(g) > 1 and common_prefix_length(g) >= least else "full" for g in groups]
 
 
-def grouped_scores(model, groups: list[list[list[int]]], pad_id: int) -> tuple[list[list[float]], Counter]:
+def grouped_scores(model, groups: list[list[list[int]]], pad_id: int,
+                   paths: list[str] | None = None) -> tuple[list[list[float]], Counter]:
     """Every group's rewards by the fastest exact path, and how many sequences each path scored:
     'prefix_packed' (`packed_prefix_scores`: the Llama family with SDPA or eager attention),
     'prefix_cached' (`shared_prefix_scores`: other decoders with a KV cache), each only for groups
     whose sequences share at least `MIN_SHARED_PREFIX_TOKENS` or `MIN_CACHED_PREFIX_TOKENS`; else
     'full' (encoders, short prefixes, single sequences). All give the same rewards up to float
-    rounding, so the choice is only about speed (`group_paths` says which path each group takes).
+    rounding, so the choice is only about speed (`group_paths` says which path each group takes; a
+    caller that records it passes it in as `paths`).
 
     Why packed first (benchmarks/prefix_sharing.py, SmolLM2-135M on real pairs, CPU seconds): real
     candidates differ in length, and the cache path pads every suffix of a batch to the longest and
@@ -173,7 +175,7 @@ def grouped_scores(model, groups: list[list[list[int]]], pad_id: int) -> tuple[l
     ran no faster than its two sides whole (0.99x) where the cache path, in smaller forwards, gave
     1.14x; choosing by row length is not done yet."""
     kernel, path, _ = _kernel(model)
-    paths = group_paths(model, groups)
+    paths = paths if paths is not None else group_paths(model, groups)
     shared = [i for i, p in enumerate(paths) if p != "full"]
     whole = [i for i, p in enumerate(paths) if p == "full"]
     out: list[list[float]] = [[] for _ in groups]

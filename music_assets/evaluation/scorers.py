@@ -69,10 +69,11 @@ def score_rows(model, tok, encoder: PairEncoder, rows: list[dict]) -> tuple[list
         kept.append(row)
         encoded.append(encoder.encode(row["chosen"], row["rejected"], row["item_id"]))
     groups = [[p.chosen, p.rejected] for p in encoded]
-    scores, paths = grouped_scores(model, groups, tok.pad_token_id)
+    by_group = group_paths(model, groups)
+    scores, paths = grouped_scores(model, groups, tok.pad_token_id, by_group)
     out = [{"eval_set": r["eval_set"], "item_id": r["item_id"], "subset": r.get("subset"),
             "user_turns": r["user_turns"], "r_chosen": c, "r_rejected": j, "scored_by": path}
-           for r, (c, j), path in zip(kept, scores, group_paths(model, groups))]
+           for r, (c, j), path in zip(kept, scores, by_group)]
     return out, skipped, paths
 
 

@@ -97,12 +97,11 @@ def register() -> None:
 
 
 @contextmanager
-def packed_attention(model):
-    """Within the block, `model` (its config; DDP or FSDP2 wrapped is fine: the config is the inner
-    model's) attends through `prefix_shared_attention`; afterwards its implementation is the one it
-    had. Every forward inside must pass `packed_layout=` (and no attention mask)."""
+def packed_attention(config):
+    """Within the block, the model of `config` attends through `prefix_shared_attention`; afterwards
+    its implementation is the one it had. Every forward inside must pass `packed_layout=` (and no
+    attention mask)."""
     register()
-    config = getattr(model, "module", model).config
     before = config._attn_implementation
     config._attn_implementation = NAME
     try:

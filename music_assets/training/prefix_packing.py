@@ -48,7 +48,7 @@ from music_assets.training.prefix_attention import RowLayout, packed_attention
 PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # The configured implementations packing stands in for (flash kernels are left alone: their models
 # run on GPUs where the user chose them on purpose).
-DENSE_MASK_ATTENTION = frozenset({"sdpa", "eager"})
+REPLACEABLE_ATTENTION = frozenset({"sdpa", "eager"})
 
 _PREFIX, _PAD = 0, -1  # segment ids of a packed row; suffix j (0-based) is segment j + 1
 
@@ -193,7 +193,7 @@ def packing_refusal(model) -> str | None:
     if getattr(config, "sliding_window", None) is not None:
         return f"sliding-window attention (window {config.sliding_window}) would be lost in packed rows' block attention"
     attn = getattr(config, "_attn_implementation", None)
-    if attn not in DENSE_MASK_ATTENTION:
+    if attn not in REPLACEABLE_ATTENTION:
         return (f"attention implementation {attn!r}: packed rows attend through their own block kernel in place of "
                 "sdpa or eager attention only (load the model with one of those)")
     return None
@@ -205,13 +205,13 @@ def supports_prefix_packing(model) -> bool:
     return packing_refusal(model) is None
 
 
-def packed_forward(model, rows: PackedGroups | PackedBatch, **kwargs):
+def packed_forward(model, rows: PackedGroups | PackedBatch):
     """`model(...)` (a backbone, a reward model, or either wrapped by DDP/FSDP2) on packed rows already
     on its device: block attention by the rows' layout (`prefix_attention`), positions restarting
     after each prefix, no cache."""
-    with packed_attention(model):
+    with packed_attention(unwrap(model).config):
         return model(input_ids=rows.input_ids, position_ids=rows.position_ids, packed_layout=rows.layout,
-                     use_cache=False, **kwargs)
+                     use_cache=False)
 
 
 def packed_pair_rewards(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,8 +219,8 @@ def packed_pair_rewards(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.
 
     `model` is taken as given: the bare model, its DDP wrapper or an FSDP2-sharded one. The forward goes
     through the model's own `__call__` (`packed_forward`: the backbone with block attention by the rows'
-    layout and their position ids, then `score`), never around it: DDP reduces gradients only for a forward that went through its wrapper
-    (its reducer ignores the backward of any other), and FSDP2 gathers the root's weights (embeddings,
+    layout and their position ids, then `score`), never around it: DDP reduces gradients only for a
+    forward that went through its wrapper (its reducer ignores the backward of any other), and FSDP2 gathers the root's weights (embeddings,
     norm, head) in the root module's forward hooks. The per-token scores are taken from the `score`
     head by a forward hook, and read at the two reward positions of every row; the model's own pooling
     (at its last non-pad token, one per row) is left unused.
