@@ -150,6 +150,26 @@ def test_packed_forward_runs_the_block_kernel_and_puts_the_attention_back(tiny_s
 
 
 @pytest.mark.slow
+def test_the_block_kernel_runs_pytorchs_fused_cpu_attention_forward_and_backward(tiny_sdpa):
+    """On a CPU, SDPA takes its flash kernel only for 4-D inputs; given 3-D slices it falls back to
+    the math kernel, which materialises every score and ran the packed rows 2-4.5x slower (that is
+    how MUSIC pairs once scored no faster packed than whole). No timing here: the profiler says
+    which kernel ran."""
+    from torch.profiler import profile
+
+    model, tok = tiny_sdpa
+    batch = pack_pairs(batch_of(tok, "mixed"), tok.pad_token_id)
+    with profile() as prof:
+        chosen, rejected = packed_pair_rewards(model, batch)
+        (chosen - rejected).sum().backward()
+    model.zero_grad(set_to_none=True)
+    ran = {e.key for e in prof.key_averages()}
+    assert {"aten::_scaled_dot_product_flash_attention_for_cpu",
+            "aten::_scaled_dot_product_flash_attention_for_cpu_backward"} <= ran
+    assert "aten::_scaled_dot_product_attention_math" not in ran
+
+
+@pytest.mark.slow
 def test_eager_models_pack_the_same_keep_their_attention_and_padding_changes_nothing():
     model, tok = load_backbone("builtin:tiny-llama", 0, "eager")
     assert model.config._attn_implementation == "eager"
