@@ -14,9 +14,12 @@ Parts:
     the 8 candidates are that turn's real answer plus 7 real assistant answers drawn from other
     conversations. `grouped_scores` vs `sequence_scores` over the same sequences, and vs one
     candidate per forward (the evaluation issue's baseline).
-(b) held-out pair scoring, per kind (seed HH, embedded, MUSIC): the mean shared-prefix fraction, then
-    `grouped_scores` (packed rows for SmolLM2) and the KV-cache kernel vs `sequence_scores` and vs one
-    pair per forward; then all kinds together.
+(b) held-out pair scoring: random seed pairs per kind (HH, embedded), then held-out conversations as
+    `curation.splits` keeps them in one split (the MUSIC pairs with the seed pairs they were simulated
+    from), then all together: the mean shared-prefix fraction and the token bounds, then
+    `grouped_scores` (SmolLM2: packed rows, pairs that open alike sharing one row), packed rows with
+    one row per pair, and (seed sets) the KV-cache kernel, vs `sequence_scores` and vs one pair per
+    forward.
 (c) reward-model training (`trainer.train`) on a music-variant-like split (seed + MUSIC pairs):
     samples/s with packed pairs vs unpacked, same seed and batches, and the final held-out accuracy.
 (d) where sharing stops paying: pair scoring at prefix lengths 8-64 tokens (the scoring threshold
@@ -176,18 +179,28 @@ def one_at_a_time(model, groups, pad_id, unit: str):
     return [v for g in groups for s in g for v in sequence_scores(model, [s], pad_id)]
 
 
-def compare_scoring(say, model, groups, pad_id, label: str, kernels: str = "cache", one: str | None = None) -> dict:
+def kernel(name: str):
+    """The other ways to score groups, by name: the KV-cache kernel, and packed rows with one row per
+    group (no row shared across groups: each group's own prefix once, as a per-pair method can)."""
+    from music_assets.evaluation.prefix_scoring import packed_prefix_scores, shared_prefix_scores
+
+    return {"KV-cache kernel": shared_prefix_scores,
+            "row per group": lambda *a: packed_prefix_scores(*a, share_across_groups=False)}[name]
+
+
+def compare_scoring(say, model, groups, pad_id, label: str, kernels=("KV-cache kernel",),
+                    one: str | None = None) -> dict:
     """Full-sequence vs prefix-shared scoring of the same groups, by `grouped_scores` (what the
-    product runs; it says which kernel it took), by the KV-cache kernel and (`kernels="both"`) by the
-    packed-row kernel; with `one` ("group" or "sequence"), also against one pair or one candidate per
-    forward. Rewards must agree within 1e-4. The methods take turns, best of `TIMING['repeats']` each.
-    Returns {method: (best CPU s, best wall s)}."""
-    from music_assets.evaluation.prefix_scoring import grouped_scores, packed_prefix_scores, shared_prefix_scores
+    product runs; it says which kernel it took) and by each of `kernels` (see `kernel`); with `one`
+    ("group" or "sequence"), also against one pair or one candidate per forward. Rewards must agree
+    within 1e-4. The methods take turns, best of `TIMING['repeats']` each. Prints the token bounds:
+    tokens of the full sequences over tokens of one packed row per group and of the rows
+    `grouped_scores` shares across groups. Returns {method: (best CPU s, best wall s)}."""
+    from music_assets.evaluation.prefix_scoring import MAX_SHARED_ROW_TOKENS, grouped_scores, shared_rows
+    from music_assets.training.prefix_packing import tree_length
 
     methods = {"full-sequence": lambda *a: flat_scores(*a), "grouped_scores": lambda *a: grouped_scores(*a),
-               "KV-cache kernel": lambda *a: shared_prefix_scores(*a)}
-    if kernels == "both":  # where grouped_scores takes the full path, the packed kernel is timed on its own
-        methods["packed-row kernel"] = lambda *a: packed_prefix_scores(*a)
+               **{name: kernel(name) for name in kernels}}
     if one:
         methods[f"one {'pair' if one == 'group' else 'candidate'} per forward"] = lambda *a: one_at_a_time(*a, one)
     best = {name: (float("inf"), float("inf")) for name in methods}
@@ -200,9 +213,12 @@ def compare_scoring(say, model, groups, pad_id, label: str, kernels: str = "cach
     (cpu_full, wall_full), (_, paths) = best["full-sequence"], results["grouped_scores"]
     results["grouped_scores"] = results["grouped_scores"][0]
     rows = [name for name in methods if name not in ("full-sequence",) and not name.startswith("one ")]
-    say(f"  {label}: {len(groups)} groups, {sum(map(len, groups))} sequences, {sum(len(s) for g in groups for s in g)} "
-        f"tokens, shared-prefix fraction {prefix_fraction(groups):.2f}; full-sequence {cpu_full:.1f} CPU s "
-        f"({wall_full:.1f} wall)")
+    tokens = sum(len(s) for g in groups for s in g)
+    per_group = sum(tree_length(g) for g in groups)
+    shared = sum(tree_length([s for i in row for s in groups[i]]) for row in shared_rows(groups, MAX_SHARED_ROW_TOKENS))
+    say(f"  {label}: {len(groups)} groups, {sum(map(len, groups))} sequences, {tokens} tokens, shared-prefix fraction "
+        f"{prefix_fraction(groups):.2f}; token bounds {tokens / per_group:.2f}x one row per group, "
+        f"{tokens / shared:.2f}x rows shared across groups; full-sequence {cpu_full:.1f} CPU s ({wall_full:.1f} wall)")
     for name in rows:
         (cpu, wall), got = best[name], results[name]
         diff = max(abs(a - b) for a, b in zip([v for g in got for v in g], full))
@@ -247,22 +263,27 @@ def best_of_n(say, model, encoder, seeds, n_contexts: int, n: int = 8) -> None:
     compare_scoring(say, model, groups, encoder.tokenizer.pad_token_id, f"Best-of-{n}", one="sequence")
 
 
-def pair_scoring(say, model, kinds: dict[str, list], pad_id: int) -> None:
-    """(b) Held-out pairs, per kind."""
-    say("(b) held-out pair scoring (a group = a pair's two sides)")
+def pair_scoring(say, model, sets: dict[str, list], pad_id: int) -> None:
+    """(b) Held-out pairs: random seed pairs of each kind, then held-out conversations as the splits
+    keep them (`curation.splits` puts a seed conversation's seed pair and the MUSIC pairs simulated
+    from it in one split), then all sets together."""
+    say("(b) held-out pair scoring (a group = a pair's two sides; grouped_scores packs pairs that open alike into "
+        "one row)")
     total: dict[str, list[float]] = {}
-    for kind, pairs in kinds.items():
-        best = compare_scoring(say, model, [[p.chosen, p.rejected] for p in pairs], pad_id, kind, one="group")
+    for label, pairs in sets.items():
+        kernels = ("row per group",) if len(pairs) > 40 else ("KV-cache kernel", "row per group")
+        best = compare_scoring(say, model, [[p.chosen, p.rejected] for p in pairs], pad_id, label, kernels, one="group")
         for name, (cpu, wall) in best.items():
             total.setdefault(name, [0.0, 0.0])
             total[name][0] += cpu
             total[name][1] += wall
-    groups = [[p.chosen, p.rejected] for pairs in kinds.values() for p in pairs]
+    groups = [[p.chosen, p.rejected] for pairs in sets.values() for p in pairs]
     (full_cpu, full_wall), (cpu, wall) = total["full-sequence"], total["grouped_scores"]
     one_cpu, one_wall = total["one pair per forward"]
-    say(f"  all held-out pairs ({len(groups)}: {', '.join(f'{len(v)} {k}' for k, v in kinds.items())}), mean "
-        f"shared-prefix fraction {prefix_fraction(groups):.2f}: grouped_scores {full_cpu / cpu:.2f}x per CPU s over "
-        f"full-sequence batched ({full_wall / wall:.2f}x wall); {one_cpu / cpu:.2f}x over one pair per forward "
+    counts = ", ".join(f"{len(v)} {k.split(':')[0]}" for k, v in sets.items())
+    say(f"  all held-out pairs ({len(groups)}: {counts}), "
+        f"mean shared-prefix fraction {prefix_fraction(groups):.2f}: grouped_scores {full_cpu / cpu:.2f}x per CPU s "
+        f"over full-sequence batched ({full_wall / wall:.2f}x wall); {one_cpu / cpu:.2f}x over one pair per forward "
         f"({one_wall / wall:.2f}x wall)")
 
 
@@ -311,7 +332,8 @@ def thresholds(say, model, pairs, pad_id: int) -> None:
     scoring = [p for p in pairs if p.shared >= 128][:4]
     for tokens in (8, 16, 32, 64):
         groups = [[q.chosen, q.rejected] for q in (cut_prefix(p, tokens) for p in scoring)]
-        compare_scoring(say, model, groups, pad_id, f"prefix {tokens} tokens", kernels="both")
+        compare_scoring(say, model, groups, pad_id, f"prefix {tokens} tokens",
+                        kernels=("KV-cache kernel", "row per group"))
     say(f"    training at low shared fractions (forward + backward of the BT loss, 2 pairs per micro-batch, "
         f"1 warm-up + "
         f"2 timed steps each; current auto threshold {AUTO_MIN_SHARED_FRACTION})")
@@ -382,8 +404,11 @@ def main() -> None:
         best_of_n(say, model, encoder, seeds, args.best_of_n_contexts)
     if "b" in args.parts:
         say.part = "b"
+        by_id = {p["pair_id"]: p for kind in seeds.values() for p in kind}
+        origins = encode([by_id[m["seed_pair_id"]] for m in music])
         pair_scoring(say, model, {"seed HH": hh[: args.pairs_per_kind], "embedded": embedded[: args.pairs_per_kind],
-                                  "MUSIC": music_encoded}, tok.pad_token_id)
+                                  f"conversations: {len(music)} MUSIC pairs + the seed pairs they were simulated from":
+                                  music_encoded + origins}, tok.pad_token_id)
     if "c" in args.parts:
         say.part = "c"
         k = args.pairs_per_kind

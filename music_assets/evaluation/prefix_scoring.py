@@ -7,8 +7,9 @@ prefix can run through the backbone once, by either of two kernels:
 - packed rows (`packed_prefix_scores`): a group is one row `[prefix | suffix 1 | ... | suffix k]`
   with block attention (each suffix sees the prefix and itself: `training/prefix_attention`) and
   positions restarting after the prefix (the layout of packed training,
-  `training/prefix_packing.pack_groups`), one forward, no cache; for the Llama family (Llama,
-  Mistral, Qwen2, Qwen3) configured with SDPA or eager attention;
+  `training/prefix_packing.pack_groups`), one forward, no cache; groups that open alike share a row
+  as a tree (a seed pair and the MUSIC pair simulated from its conversation read their common
+  opening once); for the Llama family (Llama, Mistral, Qwen2, Qwen3) with SDPA or eager attention;
 - a KV cache (`shared_prefix_scores`): the prefix with `use_cache=True`, then every suffix of its
   group against that cache; for any decoder with a cache (GPT-2, Gemma-2, sliding windows...).
 The reward is read where `AutoModelForSequenceClassification` reads it for the whole sequence, at
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from music_assets.common.sequences import common_prefix_length
-from music_assets.training.prefix_packing import pack_groups, packed_forward, packing_refusal
+from music_assets.training.prefix_packing import pack_groups, packed_forward, packing_refusal, tree_length
 from music_assets.training.trainer import batch_budget, length_batches, sequence_scores
 
 
@@ -43,6 +44,13 @@ from music_assets.training.trainer import batch_budget, length_batches, sequence
 # with other pairs gave 1.20x there), and pays on long prefixes (seed HH pairs 1.29x, Best-of-8 2.01x).
 MIN_SHARED_PREFIX_TOKENS = 8  # packed rows
 MIN_CACHED_PREFIX_TOKENS = 64  # the KV-cache kernel
+# Groups that open alike (a seed pair and the MUSIC pair simulated from its conversation, pairs on one
+# prompt) share one packed row, every token they have in common read once (`shared_rows`), up to this
+# many tokens per row or the device's batch budget where that is larger. A long row costs no more per
+# token than the rows it replaces, because the block kernel computes each segment's attention on its
+# own (SmolLM2-135M fp32, CPU: 2,048 random tokens as one row of 2-8 independent sequences vs one row
+# each, 1.01-1.03x), so the cap is for memory only.
+MAX_SHARED_ROW_TOKENS = 4096
 
 
 def supports_prefix_sharing(model) -> bool:
@@ -110,33 +118,61 @@ def shared_prefix_scores(model, groups: list[list[list[int]]], pad_id: int,
 
 
 @torch.inference_mode()
-def packed_prefix_scores(model, groups: list[list[list[int]]], pad_id: int,
-                         max_batch_tokens: int | None = None) -> list[list[float]]:
-    """The same rewards as `shared_prefix_scores` in one forward per batch and no cache: each group is
-    one row `[prefix | suffix 1 | ... | suffix k]` (`prefix_packing.pack_groups`, the layout packed
-    training uses) whose block attention lets every suffix see the prefix and itself only, with
-    positions restarting after the prefix. Each row's tokens and attention blocks are those of the
-    cache path, without its copy of the prefix's keys and values per suffix. Batches hold rows of
-    similar length up to `max_batch_tokens` slots (rows x the longest row). Only for the models
+def packed_prefix_scores(model, groups: list[list[list[int]]], pad_id: int, max_batch_tokens: int | None = None,
+                         share_across_groups: bool = True) -> list[list[float]]:
+    """The same rewards as `shared_prefix_scores` in one forward per batch and no cache: a row is the
+    radix tree of a group's sequences (`prefix_packing.pack_groups`, the layout packed training uses:
+    for a pair `[prefix | suffix 1 | suffix 2]`) whose block attention lets every segment see its
+    ancestors and itself only, with positions running on from the ancestors. With
+    `share_across_groups`, groups that open alike share a row (`shared_rows`), so what they have in
+    common is read once too (the KV-cache path reads each group's prefix on its own). Batches hold rows
+    of similar length up to `max_batch_tokens` slots (rows x the longest row). Only for the models
     `prefix_packing.packing_refusal` accepts."""
     refusal = packing_refusal(model)
     if refusal:
         raise ValueError(f"{type(model).__name__} cannot score packed rows: {refusal}")
-    parts = [_Group(i, *split_shared_prefix(_checked(g, i))) for i, g in enumerate(groups)]
+    for i, g in enumerate(groups):
+        _checked(g, i)
     base = getattr(model, model.base_model_prefix)
     out: list[list[float]] = [[] for _ in groups]
     with _evaluating(model) as device:
-        for members in length_batches([g.cost for g in parts], batch_budget(device, max_batch_tokens)):
-            batch = [groups[m] for m in members]
-            rows = pack_groups(batch, pad_id)
-            rows.input_ids, rows.position_ids = rows.input_ids.to(device), rows.position_ids.to(device)
-            hidden = packed_forward(base, rows).last_hidden_state
+        budget = batch_budget(device, max_batch_tokens)
+        rows = (shared_rows(groups, max(budget, MAX_SHARED_ROW_TOKENS)) if share_across_groups
+                else [[i] for i in range(len(groups))])
+        row_seqs = [[s for i in row for s in groups[i]] for row in rows]
+        for members in length_batches([tree_length(seqs) for seqs in row_seqs], budget):
+            batch = [row_seqs[m] for m in members]
+            packed = pack_groups(batch, pad_id)
+            packed.input_ids, packed.position_ids = packed.input_ids.to(device), packed.position_ids.to(device)
+            hidden = packed_forward(base, packed).last_hidden_state
             row = torch.tensor([b for b, seqs in enumerate(batch) for _ in seqs], device=device)
             nth = torch.tensor([j for seqs in batch for j in range(len(seqs))], device=device)
-            values = iter(_reward(model, hidden[row, rows.reward_index.to(device)[row, nth]]))
-            for m, seqs in zip(members, batch):
-                out[m] = [next(values) for _ in seqs]
+            values = iter(_reward(model, hidden[row, packed.reward_index.to(device)[row, nth]]))
+            for m in members:
+                for i in rows[m]:
+                    out[i] = [next(values) for _ in groups[i]]
     return out
+
+
+def shared_rows(groups: list[list[list[int]]], max_tokens: int) -> list[list[int]]:
+    """Which groups share a packed row (indices of `groups`, each once). Groups are taken in token
+    order of their first sequence, so groups that open alike are neighbours; a group joins the row
+    before it when it shares at least `MIN_SHARED_PREFIX_TOKENS` leading tokens with that row's last
+    group and the row's tree (`prefix_packing.tree_row`) stays within `max_tokens`. A group longer
+    than that is a row of its own."""
+    rows: list[list[int]] = []
+    tokens: list[list[list[int]]] = []
+    for i in sorted(range(len(groups)), key=lambda i: groups[i][0]):
+        if rows:
+            last = groups[rows[-1][-1]][0]
+            if (common_prefix_length([last, groups[i][0]]) >= MIN_SHARED_PREFIX_TOKENS
+                    and tree_length(tokens[-1] + groups[i]) <= max_tokens):
+                rows[-1].append(i)
+                tokens[-1] = tokens[-1] + groups[i]
+                continue
+        rows.append([i])
+        tokens.append(list(groups[i]))
+    return rows
 
 
 def _kernel(model):

@@ -1,19 +1,21 @@
 """Attention for packed rows that computes only what their block mask allows (no Dagster).
 
-A packed row `[prefix | suffix 1 | ... | suffix k]` (`prefix_packing.pack_groups`) lets the prefix's
-tokens see the prefix (causally) and each suffix's tokens see the prefix and their own suffix. Under a
-dense `[L, L]` mask, SDPA and eager attention still compute every query against every key of the row
-and mask most of it away afterwards: the attention of a packed pair then costs (p + a + b)^2 where the
-two sequences read whole cost (p + a)^2 + (p + b)^2, and at conversation lengths (1,000-2,000 tokens,
-where attention is a third of a small model's FLOPs) packing lost most of what reading the prefix
-once saves.
+A packed row holds a tree of token segments (`prefix_packing.pack_groups`): a pair is
+`[prefix | chosen suffix | rejected suffix]`, a root and two children; sequences that share more than
+one prefix (Best-of-N candidates opening alike, a seed pair and the MUSIC pair simulated from its
+conversation) nest deeper. Each token sees, causally, its own segment and the whole of every ancestor
+segment, nothing else. Under a dense `[L, L]` mask, SDPA and eager attention still compute every query
+against every key of the row and mask most of it away afterwards: the attention of a packed pair then
+costs (p + a + b)^2 where the two sequences read whole cost (p + a)^2 + (p + b)^2, and at conversation
+lengths (1,000-2,000 tokens, where attention is a third of a small model's FLOPs) packing lost most of
+what reading the prefix once saves.
 
-This kernel runs the blocks that the mask allows and no others, with PyTorch's SDPA: the prefix
-against itself (causal), then each suffix's queries against `[prefix keys | its own keys]` under a
-causal mask aligned to the bottom right (a suffix token at offset i sees the whole prefix and its
-suffix up to i). That is what a KV cache of the prefix gives each suffix, without a cache or its copy
-per suffix; the attention FLOPs are p^2 + sum_j n_j (p + n_j), the least any exact method needs.
-Padding after the row's last suffix gets zeros (nothing reads it; no NaN can reach the real tokens).
+This kernel runs the blocks that the tree allows and no others, with PyTorch's SDPA: each segment's
+queries against `[its ancestors' keys | its own keys]` under a causal mask aligned to the bottom right
+(a token at offset i sees every ancestor token and its own segment up to i); a root runs plainly
+causal. That is what a KV cache of the ancestors gives each segment, without a cache or its copy per
+branch; the attention FLOPs are the least any exact method needs. Padding after the row's last segment
+gets zeros (nothing reads it; no NaN can reach the real tokens).
 
 It plugs into transformers through its documented extension point: registered with
 `AttentionInterface` under `NAME` and selected for the duration of one forward by `packed_attention`
@@ -36,15 +38,30 @@ NAME = "music_prefix_shared"
 
 @dataclass(frozen=True)
 class RowLayout:
-    """One packed row: its prefix length and the [start, end) span of each non-empty suffix, in order,
-    right after the prefix and after each other (padding follows the last)."""
+    """One packed row as a tree of segments laid end to end from position 0, in depth-first order:
+    `(start, end, parent)` with `parent` the index of an earlier segment, or -1 for a root. A token
+    sees its own segment causally and every ancestor segment whole. Padding follows the last segment."""
 
-    prefix: int
-    spans: tuple[tuple[int, int], ...]
+    segments: tuple[tuple[int, int, int], ...]
 
     @property
     def end(self) -> int:
-        return self.spans[-1][1] if self.spans else self.prefix
+        return self.segments[-1][1] if self.segments else 0
+
+    @property
+    def prefix(self) -> int:
+        """Tokens every sequence of the row shares: the root's when it is the only root, else 0."""
+        roots = [(start, end) for start, end, parent in self.segments if parent < 0]
+        return roots[0][1] - roots[0][0] if len(roots) == 1 else 0
+
+    def ancestors(self, i: int) -> list[tuple[int, int]]:
+        """The [start, end) spans that segment `i` sees whole, root first."""
+        chain, parent = [], self.segments[i][2]
+        while parent >= 0:
+            start, end, parent_of = self.segments[parent]
+            chain.append((start, end))
+            parent = parent_of
+        return chain[::-1]
 
 
 def _gqa(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -54,6 +71,13 @@ def _gqa(x: torch.Tensor, groups: int) -> torch.Tensor:
         return x
     one, heads, length, dim = x.shape
     return x[:, :, None].expand(one, heads, groups, length, dim).reshape(one, heads * groups, length, dim)
+
+
+def _take(x: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """The tokens of `spans` of x [1, H, L, D], in order (a view for one span, a copy for more)."""
+    if len(spans) == 1:
+        return x[:, :, spans[0][0]: spans[0][1]]
+    return torch.cat([x[:, :, s:e] for s, e in spans], dim=2)
 
 
 def prefix_shared_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
@@ -72,19 +96,15 @@ def prefix_shared_attention(module, query, key, value, attention_mask=None, scal
     for b, layout in enumerate(packed_layout):
         # 4-D slices [1, H, L, D]: PyTorch's CPU SDPA takes its flash kernel only for 4-D inputs and falls
         # back to the math kernel (scores materialised, softmax, masking) for 3-D ones, 2-4.5x slower here.
-        q, k, v, p = query[b: b + 1], key[b: b + 1], value[b: b + 1], layout.prefix
+        q, k, v = query[b: b + 1], key[b: b + 1], value[b: b + 1]
         pieces = []
-        if p:
-            pieces.append(F.scaled_dot_product_attention(q[:, :, :p], _gqa(k[:, :, :p], groups),
-                                                         _gqa(v[:, :, :p], groups),
-                                                         is_causal=True, scale=scaling, dropout_p=dropout))
-        for start, end in layout.spans:
-            n = end - start
-            keys = _gqa(torch.cat([k[:, :, :p], k[:, :, start:end]], dim=2), groups)
-            values = _gqa(torch.cat([v[:, :, :p], v[:, :, start:end]], dim=2), groups)
-            mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(diagonal=p)
+        for i, (start, end, _) in enumerate(layout.segments):
+            spans = [*layout.ancestors(i), (start, end)]
+            seen, n = sum(e - s for s, e in spans[:-1]), end - start
+            keys, values = (_gqa(_take(x, spans), groups) for x in (k, v))
+            mask = torch.ones(n, seen + n, dtype=torch.bool, device=q.device).tril(diagonal=seen) if seen else None
             pieces.append(F.scaled_dot_product_attention(q[:, :, start:end], keys, values, attn_mask=mask,
-                                                         scale=scaling, dropout_p=dropout))
+                                                         is_causal=not seen, scale=scaling, dropout_p=dropout))
         if layout.end < width:
             pieces.append(q.new_zeros(1, q.shape[1], width - layout.end, q.shape[3]))
         rows.append(torch.cat(pieces, dim=2))

@@ -16,9 +16,11 @@ twice. Here a pair is one row, `[shared prefix | chosen suffix | rejected suffix
 
 So r_chosen and r_rejected equal the unpacked ones up to float rounding, and so do the loss and every
 gradient (tests/training/test_prefix_packing.py checks this to 1e-4 in fp32, also under DDP and FSDP2).
-The layout is not limited to two suffixes: `pack_groups` packs any group of sequences as
-`[shared prefix | suffix 1 | ... | suffix k]` under the same rules; a pair is its group of two, and
-prefix-shared scoring (`evaluation/prefix_scoring.packed_prefix_scores`) packs Best-of-N's N candidates.
+The layout is not limited to two suffixes: `pack_groups` packs any group of sequences as the radix
+tree of their tokens (every run of tokens that several sequences share, once), under the same rules
+with ancestors in place of the one prefix; a pair is its group of two, a root and two children, and
+prefix-shared scoring (`evaluation/prefix_scoring.packed_prefix_scores`) packs Best-of-N's N candidates
+and several pairs that open alike.
 
 Why block attention and not the dense mask SDPA could take: SDPA and eager attention compute every
 query against every key of a row and mask afterwards, so a packed pair's attention cost (p + a + b)^2
@@ -50,13 +52,10 @@ PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # run on GPUs where the user chose them on purpose).
 REPLACEABLE_ATTENTION = frozenset({"sdpa", "eager"})
 
-_PREFIX, _PAD = 0, -1  # segment ids of a packed row; suffix j (0-based) is segment j + 1
-
-
 class _Rows:
-    """What packed rows of either kind derive from their `segment` ids and `layout`."""
+    """What packed rows of either kind derive from their `layout`."""
 
-    segment: torch.Tensor
+    input_ids: torch.Tensor
     layout: list[RowLayout]
 
     @property
@@ -66,7 +65,7 @@ class _Rows:
     @property
     def attention_mask(self) -> torch.Tensor:
         """The bool [B, 1, L, L] mask the layout means (what a dense-mask kernel would be given)."""
-        return _allowed(self.segment)
+        return _allowed(self.layout, self.input_ids.shape[1])
 
 
 @dataclass
@@ -77,7 +76,6 @@ class PackedBatch(_Rows):
     reward is read."""
 
     input_ids: torch.Tensor  # [B, L], right-padded with pad_id
-    segment: torch.Tensor  # [B, L]: _PREFIX, suffix j + 1, or _PAD
     position_ids: torch.Tensor  # [B, L]
     chosen_index: torch.Tensor  # [B]
     rejected_index: torch.Tensor  # [B]
@@ -85,8 +83,8 @@ class PackedBatch(_Rows):
     real_tokens: int  # tokens that are not padding (packed); the unpacked forward's would be sum(len(c) + len(r))
 
     def to(self, device) -> PackedBatch:
-        move = {k: getattr(self, k).to(device) for k in ("input_ids", "segment", "position_ids",
-                                                          "chosen_index", "rejected_index")}
+        move = {k: getattr(self, k).to(device) for k in ("input_ids", "position_ids", "chosen_index",
+                                                          "rejected_index")}
         return PackedBatch(**move, layout=self.layout, real_tokens=self.real_tokens)
 
 
@@ -110,18 +108,17 @@ def pack_pairs(pairs: Sequence, pad_id: int) -> PackedBatch:
     if not pairs:
         raise ValueError("pack_pairs needs at least one pair")
     rows = pack_groups([_sides(pair, row) for row, pair in enumerate(pairs)], pad_id)
-    return PackedBatch(rows.input_ids, rows.segment, rows.position_ids, rows.reward_index[:, 0],
+    return PackedBatch(rows.input_ids, rows.position_ids, rows.reward_index[:, 0],
                        rows.reward_index[:, 1], rows.layout, rows.real_tokens)
 
 
 @dataclass
 class PackedGroups(_Rows):
-    """One row per group of sequences, `[shared prefix | suffix 1 | ... | suffix k]`: a pair is a group
-    of two (`pack_pairs`), Best-of-N's candidates a group of N. `reward_index` [B, K] holds where
-    sequence j of row b is read (K = the largest group; -1 past a smaller group's end)."""
+    """One row per group of sequences, the radix tree of their tokens: a pair is a group of two
+    (`pack_pairs`), Best-of-N's candidates a group of N. `reward_index` [B, K] holds where sequence j
+    of row b is read (K = the largest group; -1 past a smaller group's end)."""
 
     input_ids: torch.Tensor  # [B, L], right-padded with pad_id
-    segment: torch.Tensor  # [B, L]: _PREFIX, suffix j + 1, or _PAD
     position_ids: torch.Tensor  # [B, L]
     reward_index: torch.Tensor  # [B, K]
     layout: list[RowLayout]
@@ -129,50 +126,86 @@ class PackedGroups(_Rows):
 
 
 def pack_groups(groups: Sequence[Sequence[Sequence[int]]], pad_id: int) -> PackedGroups:
-    """Packs groups of token sequences (each sequence non-empty) into right-padded rows: each group's
-    longest common prefix once, then every sequence's own suffix, each suffix's positions running on
-    from the prefix's length, and each sequence's reward index at its suffix's last token (at the
-    prefix's last token when the suffix is empty)."""
-    rows, segments, positions, reward_at, layout = [], [], [], [], []
-    for seqs in groups:
-        p = common_prefix_length(seqs)
-        ids, seg, pos, ends, spans = list(seqs[0][:p]), [_PREFIX] * p, list(range(p)), [], []
-        for j, seq in enumerate(seqs):
-            suffix = list(seq[p:])
-            if suffix:
-                spans.append((len(ids), len(ids) + len(suffix)))
-            ids += suffix
-            seg += [j + 1] * len(suffix)
-            pos += range(p, p + len(suffix))
-            ends.append(len(ids) - 1 if suffix else p - 1)
-        rows.append(ids)
-        segments.append(seg)
-        positions.append(pos)
-        reward_at.append(ends)
-        layout.append(RowLayout(p, tuple(spans)))
-    width, most = max(len(ids) for ids in rows), max(len(e) for e in reward_at)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    segment = torch.full((len(rows), width), _PAD, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    reward_index = torch.full((len(rows), most), -1, dtype=torch.long)
-    for i, (ids, seg, pos, ends) in enumerate(zip(rows, segments, positions, reward_at)):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        segment[i, : len(ids)] = torch.tensor(seg)
-        position_ids[i, : len(ids)] = torch.tensor(pos)
-        reward_index[i, : len(ends)] = torch.tensor(ends)
-    return PackedGroups(input_ids, segment, position_ids, reward_index, layout, sum(len(ids) for ids in rows))
+    """Packs groups of token sequences (each sequence non-empty) into right-padded rows, one per group:
+    the radix tree of the group's sequences (`tree_row`), each segment's positions running on from its
+    ancestors' length, each sequence's reward index at its last token."""
+    trees = [tree_row(seqs) for seqs in groups]
+    width, most = max(len(t.ids) for t in trees), max(len(t.ends) for t in trees)
+    input_ids = torch.full((len(trees), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(trees), width), dtype=torch.long)
+    reward_index = torch.full((len(trees), most), -1, dtype=torch.long)
+    for i, t in enumerate(trees):
+        input_ids[i, : len(t.ids)] = torch.tensor(t.ids)
+        position_ids[i, : len(t.ids)] = torch.tensor(t.positions)
+        reward_index[i, : len(t.ends)] = torch.tensor(t.ends)
+    return PackedGroups(input_ids, position_ids, reward_index, [t.layout for t in trees],
+                        sum(len(t.ids) for t in trees))
 
 
-def _allowed(segment: torch.Tensor) -> torch.Tensor:
-    """The bool [B, 1, L, L] mask from segment ids [B, L]: causal, and a key must be in the prefix or
-    in the query's own segment; a padding query sees only itself, and no real query sees padding
-    (padding comes after every real token, and causality hides later keys)."""
-    width = segment.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    q, k = segment[:, :, None], segment[:, None, :]
-    real = causal & ((k == _PREFIX) | (k == q)) & (q != _PAD)
-    own = torch.eye(width, dtype=torch.bool) & (q == _PAD)
-    return (real | own)[:, None]
+@dataclass(frozen=True)
+class TreeRow:
+    """One group's packed row before padding: token ids, their positions, the segment tree, and the
+    index each sequence's reward is read at."""
+
+    ids: list[int]
+    positions: list[int]
+    layout: RowLayout
+    ends: list[int]
+
+
+def tree_row(seqs: Sequence[Sequence[int]]) -> TreeRow:
+    """The radix tree of `seqs` laid out depth first: every run of tokens that a set of sequences
+    shares becomes one segment under the segment they share before it, so each token of the group is
+    encoded once. A pair gives `[common prefix | chosen suffix | rejected suffix]` (no prefix: two
+    roots); a sequence that is a prefix of another is read at the last token of the segment it ends
+    in (causality makes that token's hidden state the sequence's own). Branches keep the order of the
+    sequences that open them."""
+    ids: list[int] = []
+    positions: list[int] = []
+    segments: list[tuple[int, int, int]] = []
+    ends = [-1] * len(seqs)
+
+    def grow(members: list[int], depth: int, parent: int) -> None:
+        n = common_prefix_length([seqs[m][depth:] for m in members])
+        if n:
+            segments.append((len(ids), len(ids) + n, parent))
+            parent = len(segments) - 1
+            ids.extend(seqs[members[0]][depth: depth + n])
+            positions.extend(range(depth, depth + n))
+            depth += n
+        branches: dict[int, list[int]] = {}
+        for m in members:
+            if len(seqs[m]) == depth:
+                ends[m] = segments[parent][1] - 1
+            else:
+                branches.setdefault(seqs[m][depth], []).append(m)
+        for branch in branches.values():
+            grow(branch, depth, parent)
+
+    for j, seq in enumerate(seqs):
+        if len(seq) == 0:
+            raise ValueError(f"sequence {j} has no tokens; there is nothing to read its reward from")
+    grow(list(range(len(seqs))), 0, -1)
+    return TreeRow(ids, positions, RowLayout(tuple(segments)), ends)
+
+
+def tree_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Tokens of the packed row of `seqs` (`tree_row`): what one forward over them encodes."""
+    return len(tree_row(seqs).ids)
+
+
+def _allowed(layout: Sequence[RowLayout], width: int) -> torch.Tensor:
+    """The bool [B, 1, L, L] mask the layouts mean: a token sees its own segment causally and its
+    ancestor segments whole; a padding query sees only itself, and no real query sees padding."""
+    mask = torch.zeros(len(layout), 1, width, width, dtype=torch.bool)
+    for b, row in enumerate(layout):
+        for i, (start, end, _) in enumerate(row.segments):
+            for s, e in row.ancestors(i):
+                mask[b, 0, start:end, s:e] = True
+            mask[b, 0, start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+        for t in range(row.end, width):
+            mask[b, 0, t, t] = True
+    return mask
 
 
 def unwrap(model):

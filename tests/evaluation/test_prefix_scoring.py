@@ -10,7 +10,8 @@ import torch
 
 from music_assets.evaluation.prefix_scoring import (packed_prefix_scores, shared_prefix_scores, split_shared_prefix,
                                                     supports_prefix_sharing)
-from music_assets.training.prefix_packing import pack_groups
+from music_assets.training.prefix_attention import RowLayout
+from music_assets.training.prefix_packing import pack_groups, tree_length, tree_row
 from music_assets.training.rm_data import PairEncoder
 from music_assets.training.train_rm import load_backbone
 from music_assets.training.trainer import CPU_BATCH_TOKENS, length_batches, sequence_scores
@@ -103,6 +104,62 @@ def test_pack_groups_lays_out_k_suffixes_after_one_prefix():
     mask = rows.attention_mask[:, 0].int().tolist()
     assert mask[0][4] == [1, 1, 0, 0, 1]  # the second suffix sees the prefix and itself, not the first suffix
     assert mask[1][3] == [1, 0, 1, 1, 0] and mask[1][4] == [0, 0, 0, 0, 1]  # padding sees only itself
+
+
+def test_a_group_packs_as_the_radix_tree_of_its_sequences():
+    """Every run of tokens that several sequences share is one segment under the one they share before
+    it, depth first; each sequence is read at its last token (a sequence that is a prefix of another
+    at the end of the segment it ends in); positions run on from the ancestors; a token sees its
+    ancestors whole and its own segment causally, never a sibling branch."""
+    seqs = [[1, 2, 3, 4], [1, 2, 3, 5], [1, 6], [1, 2], [1, 2, 3, 4]]
+    row = tree_row(seqs)
+    assert row.ids == [1, 2, 3, 4, 5, 6]
+    assert row.layout == RowLayout(((0, 1, -1), (1, 2, 0), (2, 3, 1), (3, 4, 2), (4, 5, 2), (5, 6, 0)))
+    assert row.positions == [0, 1, 2, 3, 3, 1]
+    assert row.ends == [3, 4, 5, 1, 3]  # [1, 2] ends in segment (1, 2); a repeated sequence reads the same token
+    assert tree_length(seqs) == 6 and tree_length([[7, 8], [9]]) == 3  # nothing shared: two roots
+    assert tree_row([[7, 8], [9]]).layout == RowLayout(((0, 2, -1), (2, 3, -1)))
+    mask = pack_groups([seqs], pad_id=0).attention_mask[0, 0].int().tolist()
+    assert mask[4] == [1, 1, 1, 0, 1, 0]  # 5 sees 1, 2, 3 (ancestors) and itself, not its sibling 4
+    assert mask[5] == [1, 0, 0, 0, 0, 1]  # 6 sees only the root
+    with pytest.raises(ValueError, match="sequence 1 has no tokens"):
+        tree_row([[1], []])
+
+
+def test_groups_that_open_alike_share_a_row_and_score_as_whole_sequences(tiny_attention):
+    """Pairs and a Best-of-4 group that open with the same tokens (to different depths: a nested
+    branch, a shorter shared opening) are packed into one row, each common run encoded once; a group
+    opening differently, or one that would push the row past its cap, gets a row of its own; the
+    rewards are those of full-sequence scoring and of one row per group."""
+    from music_assets.evaluation.prefix_scoring import MIN_SHARED_PREFIX_TOKENS, shared_rows
+
+    model, tok = tiny_attention
+    t = _token_source(tok, 11)
+    context, first, other = t(30), t(5), t(9)
+    groups = [
+        [context + first + t(4), context + t(6)],  # 0: a seed-like pair
+        [context + first + t(7) + t(3), context + first + t(2)],  # 1: a MUSIC-like pair, deeper in the same branch
+        [context[:12] + t(5), context[:12] + t(8)],  # 2: shares the first 12 tokens
+        [context + t(n) for n in (2, 5, 1, 3)],  # 3: Best-of-4 on the same context
+        [other + t(3), other + t(4)],  # 4: opens otherwise
+    ]
+    assert other[0] != context[0] and MIN_SHARED_PREFIX_TOKENS <= 12
+    assert sorted(map(sorted, shared_rows(groups, 10**6))) == [[0, 1, 2, 3], [4]]
+    flat = [s for g in groups[:4] for s in g]
+    assert tree_length(flat) < sum(tree_length(g) for g in groups[:4])  # the common opening once
+    together = _assert_matches_full_scoring(model, groups, tok.pad_token_id, packed_prefix_scores,
+                                            max_batch_tokens=1)
+    seen = []
+    hook = model.model.register_forward_hook(lambda m, args, out: seen.append(out.last_hidden_state.shape[1]))
+    try:
+        packed_prefix_scores(model, groups, tok.pad_token_id, max_batch_tokens=1)
+    finally:
+        hook.remove()
+    assert sorted(seen) == sorted([tree_length(flat), tree_length(groups[4])])  # one row each, no padding
+    apart = packed_prefix_scores(model, groups, tok.pad_token_id, share_across_groups=False)
+    assert max(abs(a - b) for x, y in zip(together, apart) for a, b in zip(x, y)) <= TOLERANCE
+    capped = shared_rows(groups, tree_length(flat) - 1)
+    assert len(capped) > 2 and sorted(i for row in capped for i in row) == [0, 1, 2, 3, 4]
 
 
 def test_packed_rows_match_full_sequence_scoring(tiny_attention):
@@ -264,8 +321,8 @@ def test_scoring_batches_hold_at_most_the_cpu_token_budget(tiny):
         sequence_scores(model, [t(300) for _ in range(6)], tok.pad_token_id, batch_size=4)  # an explicit count
         assert [s[0] for s in calls] == [4, 2]
         calls.clear()
-        prefix = t(200)
-        packed_prefix_scores(model, [[prefix + t(50), prefix + t(60)] for _ in range(4)], tok.pad_token_id)
+        pairs = [[prefix + t(50), prefix + t(60)] for prefix in (t(200) for _ in range(4))]  # opening unlike
+        packed_prefix_scores(model, pairs, tok.pad_token_id)
         assert [tuple(s) for s in calls] == [(3, 310), (1, 310)]  # rows of 310 tokens: 3 fit in 1,024
     finally:
         hook.remove()

@@ -93,7 +93,8 @@ def test_a_packed_row_holds_the_prefix_once_and_each_suffix_sees_only_the_prefix
     assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 2]  # the rejected suffix restarts after the prefix
     assert batch.chosen_index.tolist() == [3, 1] and batch.rejected_index.tolist() == [4, 0]  # empty: prefix end
     assert batch.prefix_lengths == [2, 1] and batch.real_tokens == 7
-    assert batch.layout == [RowLayout(2, ((2, 4), (4, 5))), RowLayout(1, ((1, 2),))]  # the kernel's blocks
+    assert batch.layout == [RowLayout(((0, 2, -1), (2, 4, 0), (4, 5, 0))),  # the kernel's blocks: a root, two
+                            RowLayout(((0, 1, -1), (1, 2, 0)))]  # children; an empty side reads its parent
     mask = batch.attention_mask
     assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.bool
     assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0],
