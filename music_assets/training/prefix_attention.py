@@ -64,6 +64,15 @@ class RowLayout:
         return chain[::-1]
 
 
+# A segment below ancestors runs its queries in blocks of this many, each against the keys up to its own
+# end. With an explicit mask SDPA's CPU flash kernel computes every block of scores, masked or not, so
+# one call would spend half its own n x n block on scores the mask drops; in blocks the waste is
+# n x QUERY_BLOCK / 2. Measured (SmolLM2's 9 heads of 64, 1 thread): n = 600 after 900 ancestor tokens
+# 0.90x the time of one call, 800 after 300 0.77x, 1,500 after 100 0.69x; 250 after 1,200 1.09x, so
+# segments of up to 2 blocks stay one call.
+QUERY_BLOCK = 128
+
+
 def _gqa(x: torch.Tensor, groups: int) -> torch.Tensor:
     """[1, H_kv, L, D] -> [1, H_kv * groups, L, D], each key/value head repeated for its query heads (as
     transformers' `repeat_kv` does)."""
@@ -102,9 +111,17 @@ def prefix_shared_attention(module, query, key, value, attention_mask=None, scal
             spans = [*layout.ancestors(i), (start, end)]
             seen, n = sum(e - s for s, e in spans[:-1]), end - start
             keys, values = (_gqa(_take(x, spans), groups) for x in (k, v))
-            mask = torch.ones(n, seen + n, dtype=torch.bool, device=q.device).tril(diagonal=seen) if seen else None
-            pieces.append(F.scaled_dot_product_attention(q[:, :, start:end], keys, values, attn_mask=mask,
-                                                         is_causal=not seen, scale=scaling, dropout_p=dropout))
+            if not seen:  # a root: plainly causal
+                pieces.append(F.scaled_dot_product_attention(q[:, :, start:end], keys, values, is_causal=True,
+                                                             scale=scaling, dropout_p=dropout))
+                continue
+            block = QUERY_BLOCK if n > 2 * QUERY_BLOCK else n
+            for a in range(0, n, block):  # queries [a, b) see the ancestors and their segment up to b
+                b = min(n, a + block)
+                mask = torch.ones(b - a, seen + b, dtype=torch.bool, device=q.device).tril(diagonal=seen + a)
+                pieces.append(F.scaled_dot_product_attention(q[:, :, start + a: start + b], keys[:, :, : seen + b],
+                                                             values[:, :, : seen + b], attn_mask=mask, scale=scaling,
+                                                             dropout_p=dropout))
         if layout.end < width:
             pieces.append(q.new_zeros(1, q.shape[1], width - layout.end, q.shape[3]))
         rows.append(torch.cat(pieces, dim=2))

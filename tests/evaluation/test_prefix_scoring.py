@@ -172,6 +172,7 @@ def test_packed_rows_match_full_sequence_scoring(tiny_attention):
         [long + t(n) for n in (3, 17, 1, 9, 12, 20, 6)] + [long],  # Best-of-8, one candidate is the prefix
         [short + t(2), short + t(9)],
         [short + t(1), short],  # a one-token and an empty suffix
+        [long + t(300), long + t(290)],  # suffixes run in query blocks
         [short[:1] + t(3), short[:1] + t(1)],  # a one-token prefix
         [[7] + t(4), [8] + t(6)],  # nothing shared
         [long[:20] + t(3) for _ in range(8)],

@@ -2,7 +2,8 @@
 same Bradley-Terry loss and the same gradient of every parameter as encoding both sides in full (the
 trainer's `rewards`), in fp32 to 1e-4: on the tiny Llama (SDPA and eager), SmolLM2-135M, tiny random
 Mistral / Qwen2 / Qwen3, and under DDP on 2 processes (gloo). Edge cases: an empty chosen or rejected
-suffix, one-token suffixes, suffixes of different lengths, no shared prefix, and a batch mixing them."""
+suffix, one-token suffixes, suffixes of different lengths, no shared prefix, suffixes long enough for
+the kernel's query blocks, and a batch mixing them."""
 
 from __future__ import annotations
 
@@ -23,14 +24,15 @@ from music_assets.training.prefix_packing import (
     pair_prefix_length,
     supports_prefix_packing,
 )
-from music_assets.training.prefix_attention import NAME, RowLayout, prefix_shared_attention
+from music_assets.training.prefix_attention import NAME, QUERY_BLOCK, RowLayout, prefix_shared_attention
 from music_assets.training.rm_data import EncodedPair
 from music_assets.training.train_rm import load_backbone
 from music_assets.training.trainer import TrainConfig, bt_loss, rewards
 from tests.helpers import REPO
 
 TOLERANCE = 1e-4
-CASES = ("different lengths", "empty chosen suffix", "empty rejected suffix", "one-token suffixes", "no shared prefix")
+CASES = ("different lengths", "empty chosen suffix", "empty rejected suffix", "one-token suffixes", "no shared prefix",
+         "long suffixes")
 
 
 def edge_pairs(tok) -> dict[str, tuple[list[int], list[int]]]:
@@ -43,12 +45,14 @@ def edge_pairs(tok) -> dict[str, tuple[list[int], list[int]]]:
     long_reply = ids("Sure, I recommend the history of Rome, step by step.<|im_end|>\n")
     short_reply = ids("No.<|im_end|>\n")
     one, other = ids("Yes")[:1], ids("Hmm")[:1]
-    assert long_reply[0] != short_reply[0] and one != other
+    assert long_reply[0] != short_reply[0] and one != other and len(long_reply) * 20 > 2 * QUERY_BLOCK
     return {"different lengths": (prompt + long_reply, prompt + short_reply),
             "empty chosen suffix": (prompt, prompt + long_reply),
             "empty rejected suffix": (prompt + short_reply, prompt),
             "one-token suffixes": (prompt + one, prompt + other),
-            "no shared prefix": (long_reply, short_reply)}
+            "no shared prefix": (long_reply, short_reply),
+            # suffixes of more than 2 x QUERY_BLOCK tokens: the kernel runs their queries in blocks
+            "long suffixes": (prompt + long_reply * 25, prompt + short_reply + long_reply * 20)}
 
 
 def batch_of(tok, case: str) -> list[tuple[list[int], list[int]]]:
@@ -145,7 +149,7 @@ def test_packed_forward_runs_the_block_kernel_and_puts_the_attention_back(tiny_s
         AttentionInterface.register(NAME, prefix_shared_attention)
     assert seen == [batch.layout] * model.config.num_hidden_layers
     assert model.config._attn_implementation == "sdpa"
-    with pytest.raises(ValueError, match="needs one RowLayout per row as `packed_layout` \\(got 1 for 5 rows\\)"):
+    with pytest.raises(ValueError, match="needs one RowLayout per row as `packed_layout` \\(got 1 for 6 rows\\)"):
         packed_pair_rewards(model, replace(batch, layout=batch.layout[:1]))
     assert model.config._attn_implementation == "sdpa"
 
