@@ -37,11 +37,11 @@ from music_assets.training.trainer import batch_budget, length_batches, sequence
 
 # Below this many shared tokens a group is scored whole. Measured (benchmarks/prefix_sharing.py (d),
 # SmolLM2-135M fp32, real HH pairs with their shared prefix cut to P tokens, CPU seconds, best of 2):
-# packed rows pay at every length tried, 1.30x at 8 tokens, 1.26x at 16, 1.25x at 32, 1.32x at 64 (a
-# packed pair is one row with no padding between sides of unequal length, whereas full scoring pads
-# each side to the batch's longest); the KV-cache kernel, with its second pass and cache copy, loses
-# below 64 tokens (0.92x at 8, 1.02x at 16, 0.93x at 32) and breaks even at 64 (1.01x; an earlier run
-# with other pairs gave 1.20x there), and pays on long prefixes (seed HH pairs 1.29x, Best-of-8 2.01x).
+# packed rows pay at every length tried, one row per pair 1.27x at 8 tokens, 1.19x at 16, 1.33x at 32,
+# 1.36x at 64 (a packed pair is one row with no padding between sides of unequal length, whereas full
+# scoring pads each side to the batch's longest); the KV-cache kernel, with its second pass and cache
+# copy, loses below 64 tokens (0.87x at 8, 0.95x at 16, 0.98x at 32), breaks even at 64 (1.01x) and
+# pays on long prefixes (Best-of-8 2.28x).
 MIN_SHARED_PREFIX_TOKENS = 8  # packed rows
 MIN_CACHED_PREFIX_TOKENS = 64  # the KV-cache kernel
 # Groups that open alike (a seed pair and the MUSIC pair simulated from its conversation, pairs on one
@@ -204,12 +204,9 @@ def grouped_scores(model, groups: list[list[list[int]]], pad_id: int,
 
     Why packed first (benchmarks/prefix_sharing.py, SmolLM2-135M on real pairs, CPU seconds): real
     candidates differ in length, and the cache path pads every suffix of a batch to the longest and
-    copies the prefix's cache per suffix, while a packed row holds each suffix at its own length;
-    Best-of-8 on real conversations ran 3.38x faster than full-sequence scoring packed, 2.01x cached,
-    seed pairs 1.38-1.61x packed. Known limit: on a CPU the cost per token grows with the tokens in
-    one forward, and a long packed row (T = 5 MUSIC pairs at max_length 2,048: median 1,344 tokens)
-    ran no faster than its two sides whole (0.99x) where the cache path, in smaller forwards, gave
-    1.14x; choosing by row length is not done yet."""
+    copies the prefix's cache per suffix, while a packed row holds each suffix at its own length and
+    rows can share what groups have in common; Best-of-8 on real conversations ran 3.70x faster than
+    full-sequence scoring packed, 2.28x cached, seed pairs 1.33-1.68x packed, 1.13x cached."""
     kernel, path, _ = _kernel(model)
     paths = paths if paths is not None else group_paths(model, groups)
     shared = [i for i, p in enumerate(paths) if p != "full"]

@@ -110,7 +110,9 @@ def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, cfg: TrainConfig) -> t
 # rows 11.2-12.6 at one row or 1,024 slots, 13.4-14.9 at 2,048, 16.2 at 4,096; the earlier
 # short-pair sweep (HH pairs of ~120 tokens: MiniLM best at 8 sequences, SmolLM2 at 4-8) lands on
 # the same ~1,000 slots. Past that the activations fall out of cache while the GEMMs gain nothing.
-# A GPU wants large batches.
+# (The packed-row figures date from when the block kernel fell back to SDPA's math kernel; with the
+# flash kernel one packed row of 2,048 tokens costs 1.01-1.03x the same tokens in 2-8 rows, so a
+# long row is fine and the budget only bounds padding between rows.) A GPU wants large batches.
 CPU_BATCH_TOKENS, GPU_BATCH_TOKENS = 1024, 32768
 
 
@@ -299,8 +301,8 @@ def train(
 
 # Below this mean share of a side in the shared prefix, `auto` does not pack. Measured
 # (benchmarks/prefix_sharing.py (d), SmolLM2-135M fp32, forward + backward of the BT loss on real HH
-# pairs cut to a shared fraction, block attention, CPU seconds): packed / unpacked 1.18x at 0.1,
-# 1.34x at 0.2, 1.29x at 0.3, 1.46x at 0.5 (unpacked, both sides pad to the longer one; a packed row
+# pairs cut to a shared fraction, block attention, CPU seconds): packed / unpacked 1.26x at 0.1,
+# 1.19x at 0.2, 1.46x at 0.3, 1.50x at 0.5 (unpacked, both sides pad to the longer one; a packed row
 # has no padding between them), so packing pays from the lowest fraction measured; below it, it is
 # unmeasured.
 AUTO_MIN_SHARED_FRACTION = 0.1
