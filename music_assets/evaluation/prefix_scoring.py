@@ -162,13 +162,13 @@ def shared_rows(groups: list[list[list[int]]], max_tokens: int) -> list[list[int
     than that is a row of its own."""
     rows: list[list[int]] = []
     tokens: list[list[list[int]]] = []
-    for i in sorted(range(len(groups)), key=lambda i: groups[i][0]):
+    for i in sorted(range(len(groups)), key=lambda i: list(groups[i][0])):
         if rows:
             last = groups[rows[-1][-1]][0]
             if (common_prefix_length([last, groups[i][0]]) >= MIN_SHARED_PREFIX_TOKENS
-                    and tree_length(tokens[-1] + groups[i]) <= max_tokens):
+                    and tree_length([*tokens[-1], *groups[i]]) <= max_tokens):
                 rows[-1].append(i)
-                tokens[-1] = tokens[-1] + groups[i]
+                tokens[-1] = [*tokens[-1], *groups[i]]
                 continue
         rows.append([i])
         tokens.append(list(groups[i]))

@@ -116,11 +116,11 @@ def prefix_shared_attention(module, query, key, value, attention_mask=None, scal
                                                              scale=scaling, dropout_p=dropout))
                 continue
             block = QUERY_BLOCK if n > 2 * QUERY_BLOCK else n
-            for a in range(0, n, block):  # queries [a, b) see the ancestors and their segment up to b
-                b = min(n, a + block)
-                mask = torch.ones(b - a, seen + b, dtype=torch.bool, device=q.device).tril(diagonal=seen + a)
-                pieces.append(F.scaled_dot_product_attention(q[:, :, start + a: start + b], keys[:, :, : seen + b],
-                                                             values[:, :, : seen + b], attn_mask=mask, scale=scaling,
+            for lo in range(0, n, block):  # queries [lo, hi) see the ancestors and their segment up to hi
+                hi = min(n, lo + block)
+                mask = torch.ones(hi - lo, seen + hi, dtype=torch.bool, device=q.device).tril(diagonal=seen + lo)
+                pieces.append(F.scaled_dot_product_attention(q[:, :, start + lo: start + hi], keys[:, :, : seen + hi],
+                                                             values[:, :, : seen + hi], attn_mask=mask, scale=scaling,
                                                              dropout_p=dropout))
         if layout.end < width:
             pieces.append(q.new_zeros(1, q.shape[1], width - layout.end, q.shape[3]))

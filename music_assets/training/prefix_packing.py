@@ -52,6 +52,7 @@ PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # run on GPUs where the user chose them on purpose).
 REPLACEABLE_ATTENTION = frozenset({"sdpa", "eager"})
 
+
 class _Rows:
     """What packed rows of either kind derive from their `layout`."""
 

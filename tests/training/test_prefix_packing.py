@@ -193,7 +193,10 @@ def test_eager_models_pack_the_same_keep_their_attention_and_padding_changes_not
 def test_smollm2_packed_loss_and_gradients_equal_unpacked():
     model, tok = load_backbone("builtin:smollm2", 0)
     assert model.config.model_type == "llama" and next(model.parameters()).dtype == torch.float32
-    worst = assert_same_training_signal(model, batch_of(tok, "mixed"), tok.pad_token_id)
+    # the long-suffix case (the kernel's query blocks) runs on the tiny models; at SmolLM2's size it would
+    # add most of a minute to the suite
+    short = [pair for case, pair in edge_pairs(tok).items() if case != "long suffixes"]
+    worst = assert_same_training_signal(model, short, tok.pad_token_id)
     print(f"SmolLM2-135M, mixed edge-case batch: largest loss/gradient difference {worst:.2e}")
 
 
