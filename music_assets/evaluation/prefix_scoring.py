@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from music_assets.common.sequences import common_prefix_length
-from music_assets.training.prefix_packing import pack_groups, packed_forward, packing_refusal, tree_length
+from music_assets.training.prefix_packing import (add_to_tree, pack_groups, packed_forward, packing_refusal,
+                                                    tree_length)
 from music_assets.training.trainer import batch_budget, length_batches, sequence_scores
 
 
@@ -161,17 +162,20 @@ def shared_rows(groups: list[list[list[int]]], max_tokens: int) -> list[list[int
     group and the row's tree (`prefix_packing.tree_row`) stays within `max_tokens`. A group longer
     than that is a row of its own."""
     rows: list[list[int]] = []
-    tokens: list[list[list[int]]] = []
+    members: list[list[list[int]]] = []  # each row's sequences in token order, for `add_to_tree`
+    sizes: list[int] = []  # each row's tree tokens
     for i in sorted(range(len(groups)), key=lambda i: list(groups[i][0])):
-        if rows:
-            last = groups[rows[-1][-1]][0]
-            if (common_prefix_length([last, groups[i][0]]) >= MIN_SHARED_PREFIX_TOKENS
-                    and tree_length([*tokens[-1], *groups[i]]) <= max_tokens):
+        if rows and common_prefix_length([groups[rows[-1][-1]][0], groups[i][0]]) >= MIN_SHARED_PREFIX_TOKENS:
+            ordered = list(members[-1])
+            size = sizes[-1] + sum(add_to_tree(ordered, seq) for seq in groups[i])
+            if size <= max_tokens:
                 rows[-1].append(i)
-                tokens[-1] = [*tokens[-1], *groups[i]]
+                members[-1], sizes[-1] = ordered, size
                 continue
+        ordered = []
         rows.append([i])
-        tokens.append(list(groups[i]))
+        sizes.append(sum(add_to_tree(ordered, seq) for seq in groups[i]))
+        members.append(ordered)
     return rows
 
 

@@ -35,6 +35,7 @@ each packed forward); others are refused with the reason.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -167,7 +168,7 @@ def tree_row(seqs: Sequence[Sequence[int]]) -> TreeRow:
     ends = [-1] * len(seqs)
 
     def grow(members: list[int], depth: int, parent: int) -> None:
-        n = common_prefix_length([seqs[m][depth:] for m in members])
+        n = common_prefix_length([seqs[m] for m in members], start=depth)
         if n:
             segments.append((len(ids), len(ids) + n, parent))
             parent = len(segments) - 1
@@ -191,8 +192,29 @@ def tree_row(seqs: Sequence[Sequence[int]]) -> TreeRow:
 
 
 def tree_length(seqs: Sequence[Sequence[int]]) -> int:
-    """Tokens of the packed row of `seqs` (`tree_row`): what one forward over them encodes."""
-    return len(tree_row(seqs).ids)
+    """Tokens of the packed row of `seqs` (`tree_row`): what one forward over them encodes. Counted
+    without building the tree (`add_to_tree`), so sizing rows costs one pass over the tokens."""
+    ordered: list[list[int]] = []
+    return sum(add_to_tree(ordered, seq) for seq in seqs)
+
+
+def add_to_tree(ordered: list[list[int]], seq: Sequence[int]) -> int:
+    """Inserts `seq` into `ordered` (token lists in sorted order, the members of one packed row) and
+    returns how many tokens that adds to the row's tree. A radix tree holds each distinct prefix once,
+    so its size is the members' lengths less what each shares with the one before it in sorted order;
+    inserting between neighbours a and b adds len(seq) - lcp(a, seq) - lcp(seq, b) + lcp(a, b)."""
+    seq = list(seq)
+    at = bisect.bisect(ordered, seq)
+    before, after = ordered[at - 1] if at else None, ordered[at] if at < len(ordered) else None
+    added = len(seq)
+    if before is not None:
+        added -= common_prefix_length([before, seq])
+    if after is not None:
+        added -= common_prefix_length([seq, after])
+    if before is not None and after is not None:
+        added += common_prefix_length([before, after])
+    ordered.insert(at, seq)
+    return added
 
 
 def _allowed(layout: Sequence[RowLayout], width: int) -> torch.Tensor:

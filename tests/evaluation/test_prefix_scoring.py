@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from music_assets.common.sequences import common_prefix_length
 from music_assets.evaluation.prefix_scoring import (packed_prefix_scores, shared_prefix_scores, split_shared_prefix,
                                                     supports_prefix_sharing)
 from music_assets.training.prefix_attention import RowLayout
@@ -124,6 +125,13 @@ def test_a_group_packs_as_the_radix_tree_of_its_sequences():
     assert mask[5] == [1, 0, 0, 0, 0, 1]  # 6 sees only the root
     with pytest.raises(ValueError, match="sequence 1 has no tokens"):
         tree_row([[1], []])
+    # tree_length counts without building the tree (sorted neighbours' shared prefixes): the same count
+    rng = random.Random(5)
+    for _ in range(200):
+        group = [[rng.randint(1, 3) for _ in range(rng.randint(1, 8))] for _ in range(rng.randint(1, 6))]
+        assert tree_length(group) == len(tree_row(group).ids), group
+    assert common_prefix_length([[1, 2, 3, 4], [9, 2, 3, 5]], start=1) == 2
+    assert common_prefix_length([[1, 2], [1, 2, 3]], start=5) == 0
 
 
 def test_groups_that_open_alike_share_a_row_and_score_as_whole_sequences(tiny_attention):
