@@ -20,7 +20,15 @@ logged losses below that of the first), that the parameters (DTensors under FSDP
 are on the device, that FSDP really sharded (and DDP did not), that the memory plan counts the model's
 parameters exactly, and (GPU) that the held-out accuracy reaches `--min-accuracy`. It prints samples/s and the
 peak allocated memory next to the plan of `music_assets.training.memory_plan` for the same setup, then a
-summary table. Exit status: 0 when every check passed, 1 otherwise.
+summary table.
+
+Then (unless `--no-prefix`) prefix sharing on the device (`run_prefix_check`, a fresh `small` model; `tiny` with
+`--cpu`): packed pairs (`training/prefix_packing`, which attends through FlexAttention on CUDA and through the
+blocks kernel on a CPU) against each side encoded whole, in fp32 without TF32: one micro-batch's BT loss and every
+gradient, and the held-out rewards of `packed_prefix_scores`, within 1e-4; then a training step and held-out
+scoring timed both ways (bf16 autocast on the GPU), ratios printed. The DDP and FSDP runs above already train
+packed (`prefix_sharing: auto`; these pairs share ~97% of their tokens). Exit status: 0 when every check passed,
+1 otherwise.
 """
 
 from __future__ import annotations
@@ -251,6 +259,114 @@ def run_strategy(strategy: str, args, tok, train_pairs, heldout, device) -> Outc
     return out
 
 
+# --- prefix sharing ----------------------------------------------------------------------------------------
+
+
+PREFIX_TOLERANCE = 1e-4  # fp32, as tests/training/test_prefix_packing.py holds the CPU kernel to
+
+
+def timed(fn, repeats: int, device) -> float:
+    """Seconds per call of `fn` after one warm-up call (which compiles FlexAttention's kernels)."""
+    import torch
+
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def run_prefix_check(args, tok, train_pairs, heldout, device) -> Outcome:
+    """Packed pairs against unpacked ones on the device (`prefix_packing`: FlexAttention on CUDA, the
+    blocks kernel on a CPU): in fp32 with TF32 off, the BT loss and every parameter's gradient of one
+    micro-batch must agree within PREFIX_TOLERANCE, and held-out rewards scored packed
+    (`packed_prefix_scores`) must equal full-sequence ones; then the training step (forward and
+    backward, bf16 autocast on the GPU) and held-out scoring are timed both ways and the ratios printed
+    (not checked: they are measurements)."""
+    import torch
+
+    from music_assets.evaluation.prefix_scoring import packed_prefix_scores
+    from music_assets.training.config import TrainConfig
+    from music_assets.training.prefix_attention import kernel_for
+    from music_assets.training.prefix_packing import pack_pairs, packed_pair_rewards, pair_prefix_length
+    from music_assets.training.trainer import bt_loss, rewards, sequence_scores
+
+    out = Outcome("prefix")
+    cuda = device.type == "cuda"
+    recipe = RECIPES["cpu" if args.cpu else "gpu"]
+    size = "tiny" if args.cpu else "small"
+    model = build_model(size, tok, recipe["max_length"], device, args.seed)
+    kernel = kernel_for(device, model.config, training=True)
+    micro = train_pairs[: recipe["micro_batch_size"]]
+    fraction = sum(pair_prefix_length(p.chosen, p.rejected) / p.length for p in micro) / len(micro)
+    print(f"[prefix] {size} Llama, {kernel} kernel, micro-batch of {len(micro)} pairs, shared fraction {fraction:.2f}",
+          flush=True)
+    cfg = TrainConfig(backbone="gpu-check", chat_template=None, max_length=recipe["max_length"])
+    pad = tok.pad_token_id
+
+    def loss_and_grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = {n: q.grad.detach().clone() for n, q in model.named_parameters() if q.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return loss.item(), grads
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        model.train()
+        loss_u, grads_u = loss_and_grads(bt_loss(*rewards(model, micro, pad), cfg))
+        loss_p, grads_p = loss_and_grads(bt_loss(*packed_pair_rewards(model, pack_pairs(micro, pad)), cfg))
+        worst = max((grads_u[n] - grads_p[n]).abs().max().item() for n in grads_u)
+        print(f"[prefix] fp32 loss unpacked {loss_u:.6f} packed {loss_p:.6f}; largest gradient difference {worst:.2e} "
+              f"(largest gradient {max(g.abs().max().item() for g in grads_u.values()):.2e})", flush=True)
+        if grads_u.keys() != grads_p.keys():
+            out.failures.append(f"packed training left {len(grads_u.keys() ^ grads_p.keys())} parameters without a gradient")
+        if abs(loss_u - loss_p) > PREFIX_TOLERANCE or worst > PREFIX_TOLERANCE:
+            out.failures.append(f"packed vs unpacked: loss difference {abs(loss_u - loss_p):.2e}, gradient {worst:.2e} "
+                                f"(tolerance {PREFIX_TOLERANCE})")
+        del grads_u, grads_p
+        seqs = [[p.chosen, p.rejected] for p in heldout]
+        whole = sequence_scores(model, [s for group in seqs for s in group], pad)
+        packed = [r for group in packed_prefix_scores(model, seqs, pad) for r in group]
+        scoring_worst = max(abs(a - b) for a, b in zip(whole, packed))
+        print(f"[prefix] fp32 held-out rewards packed vs whole: largest difference {scoring_worst:.2e}", flush=True)
+        if scoring_worst > PREFIX_TOLERANCE:
+            out.failures.append(f"packed scoring differs from whole sequences by {scoring_worst:.2e}")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    repeats = 3 if args.cpu else 10
+    batch = pack_pairs(micro, pad)
+
+    def step(packed: bool):
+        with autocast:
+            pair = packed_pair_rewards(model, batch) if packed else rewards(model, micro, pad)
+            loss = bt_loss(*pair, cfg)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    train_s = {name: timed(lambda packed=packed: step(packed), repeats, device)
+               for name, packed in (("unpacked", False), ("packed", True))}
+    model.eval()
+    with torch.no_grad(), autocast:
+        score_s = {"full": timed(lambda: sequence_scores(model, [s for group in seqs for s in group], pad), repeats,
+                                 device),
+                   "packed": timed(lambda: packed_prefix_scores(model, seqs, pad), repeats, device)}
+    out.samples_per_second = len(micro) / train_s["packed"]
+    print(f"[prefix] training step: unpacked {train_s['unpacked'] * 1e3:.1f} ms, packed {train_s['packed'] * 1e3:.1f} ms "
+          f"-> packed {train_s['unpacked'] / train_s['packed']:.2f}x; held-out scoring ({len(seqs)} pairs): "
+          f"full {score_s['full'] * 1e3:.1f} ms, packed {score_s['packed'] * 1e3:.1f} ms "
+          f"-> {score_s['full'] / score_s['packed']:.2f}x", flush=True)
+    out.device = str(next(model.parameters()).device)
+    return out
+
+
 # --- the whole check -------------------------------------------------------------------------------------
 
 
@@ -266,6 +382,7 @@ def parse_args(argv=None):
     p.add_argument("--train-pairs", type=int, help="distinct training pairs, cycled (default: 1024, 64 with --cpu)")
     p.add_argument("--heldout-pairs", type=int, help="pairs scored after training (default: 128, 32 with --cpu)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-prefix", action="store_true", help="skip the prefix-sharing check (packed vs unpacked)")
     p.add_argument("--forbid-imports", default="",
                    help=f"comma-separated modules to make unimportable first (e.g. {','.join(NOT_NEEDED)})")
     args = p.parse_args(argv)
@@ -293,12 +410,12 @@ def init_single_process(cuda: bool) -> None:
 
 
 def guarded(strategy: str, *args) -> Outcome:
-    """`run_strategy`, but an exception (an OOM, a collective that fails) becomes that strategy's failure, so
+    """`run_strategy` (or `run_prefix_check` for `prefix`), but an exception (an OOM, a collective that fails) becomes that strategy's failure, so
     that the next strategy still runs and the summary still prints: device time is scarce."""
     import torch
 
     try:
-        return run_strategy(strategy, *args)
+        return run_prefix_check(*args) if strategy == "prefix" else run_strategy(strategy, *args)
     except Exception as exc:  # reported, and the exit status says it failed
         traceback.print_exc()
         return Outcome(strategy, failures=[f"raised {type(exc).__name__}: {str(exc)[:300]}"])
@@ -362,8 +479,8 @@ def main(argv=None) -> int:
         full = sum(p.length == max_length for p in train_pairs) / len(train_pairs)
         print(f"data: {len(train_pairs)} training and {len(heldout)} held-out pairs, {full:.0%} of them "
               f"{max_length} tokens long ({time.perf_counter() - started:.0f} s since start)", flush=True)
-        outcomes = [guarded(s.strip(), args, tok, train_pairs, heldout, device)
-                    for s in args.strategies.split(",") if s.strip()]
+        checks = [s.strip() for s in args.strategies.split(",") if s.strip()] + ([] if args.no_prefix else ["prefix"])
+        outcomes = [guarded(check, args, tok, train_pairs, heldout, device) for check in checks]
     finally:
         torch.distributed.destroy_process_group()
 

@@ -9,7 +9,7 @@ prefix can run through the backbone once, by either of two kernels:
   positions restarting after the prefix (the layout of packed training,
   `training/prefix_packing.pack_groups`), one forward, no cache; groups that open alike share a row
   as a tree (a seed pair and the MUSIC pair simulated from its conversation read their common
-  opening once); for the Llama family (Llama, Mistral, Qwen2, Qwen3) with SDPA or eager attention;
+  opening once); for the Llama family (Llama, Mistral, Qwen2, Qwen3) with SDPA, eager or FlexAttention;
 - a KV cache (`shared_prefix_scores`): the prefix with `use_cache=True`, then every suffix of its
   group against that cache; for any decoder with a cache (GPT-2, Gemma-2, sliding windows...).
 The reward is read where `AutoModelForSequenceClassification` reads it for the whole sequence, at
@@ -199,7 +199,7 @@ def group_paths(model, groups: list[list[list[int]]]) -> list[str]:
 def grouped_scores(model, groups: list[list[list[int]]], pad_id: int,
                    paths: list[str] | None = None) -> tuple[list[list[float]], Counter]:
     """Every group's rewards by the fastest exact path, and how many sequences each path scored:
-    'prefix_packed' (`packed_prefix_scores`: the Llama family with SDPA or eager attention),
+    'prefix_packed' (`packed_prefix_scores`: the Llama family with SDPA, eager or FlexAttention),
     'prefix_cached' (`shared_prefix_scores`: other decoders with a KV cache), each only for groups
     whose sequences share at least `MIN_SHARED_PREFIX_TOKENS` or `MIN_CACHED_PREFIX_TOKENS`; else
     'full' (encoders, short prefixes, single sequences). All give the same rewards up to float

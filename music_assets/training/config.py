@@ -46,7 +46,7 @@ class TrainConfig:
         False, help="recompute activations in backward: less memory, ~30% slower")
     prefix_sharing: str = setting(
         "auto", help="on: a pair is one packed row [shared prefix | chosen | rejected] (the prefix's forward and "
-                     "backward run once; decoders of the Llama family with sdpa/eager attention) | off: each side in "
+                     "backward run once; decoders of the Llama family with sdpa, eager or flex attention) | off: each side in "
                      "full | auto: on where the model allows it and the pairs share enough of their tokens")
     eval_every: int = setting(50, help="steps between validation passes (0: only at the end)")
     select: str = setting(

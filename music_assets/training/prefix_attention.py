@@ -22,6 +22,19 @@ It plugs into transformers through its documented extension point: registered wi
 (the row layouts travel to every layer as the `packed_layout` keyword, the way flash-attention's
 varlen offsets do). The attention implementation that was set before is put back afterwards.
 Gradients flow through SDPA and `torch.cat`, so packed training uses it too.
+
+That kernel is the CPU form: a Python loop with one SDPA call per segment (and per query block) in
+every layer, which costs nothing next to a CPU's matmuls (measured: a 2,048-token row of 2-8 sequences
+runs at 1.01-1.03x the time of the same tokens one sequence a row) but would be thousands of small
+kernel launches per forward on a GPU, where a 135M model's whole forward over 32k tokens takes
+milliseconds. On CUDA the same rule runs as one fused FlexAttention call per layer instead
+(`kernel_for`): the rule becomes a `mask_mod` over two small tables (each token's segment; which
+segments each segment sees), `create_block_mask` turns it into a block-sparse mask once per forward,
+and transformers' own `flex_attention` implementation (compiled by transformers, GQA included) takes
+it as the attention mask; blocks the tree rules out are skipped, not computed and masked. PyTorch's
+FlexAttention has no backward on CPUs, so there its forward is tested (scoring equals full-sequence
+scoring) and the blocks kernel stays the CPU's; `scripts/gpu_check.py` compares packed and unpacked
+loss and gradients, and times both, on the GPU.
 """
 
 from __future__ import annotations
@@ -34,6 +47,10 @@ import torch
 import torch.nn.functional as F
 
 NAME = "music_prefix_shared"
+# transformers' FlexAttention implementation: given a `BlockMask` as the attention mask it passes it
+# to `flex_attention` unchanged (masking_utils takes a 4-D mask as final).
+FLEX = "flex_attention"
+KERNELS = ("blocks", "flex")
 
 
 @dataclass(frozen=True)
@@ -136,14 +153,61 @@ def register() -> None:
         AttentionInterface.register(NAME, prefix_shared_attention)
 
 
+def kernel_for(device: torch.device, config, training: bool) -> str:
+    """Which kernel packed rows on `device` attend with: `flex` on CUDA (one fused call per layer;
+    FlexAttention has no dropout, so not while training with attention dropout), `blocks` elsewhere
+    (the CPU form, measured in benchmarks/prefix_sharing.py)."""
+    dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0) if training else 0.0
+    return "flex" if device.type == "cuda" and not dropout else "blocks"
+
+
+def layout_mask_mod(layout: Sequence[RowLayout], width: int, device: torch.device | str = "cpu"):
+    """The layouts' rule as FlexAttention's `mask_mod(b, h, q, kv)`: key kv is visible to query q when
+    kv <= q and kv's segment is q's own or one of its ancestors (all of which precede it, depth first).
+    Two tables carry the rule: `segment` [B, L], each token's segment index, padding the extra last one;
+    `sees` [B, S + 1, S + 1], True where segment i may read segment j (itself and its ancestors: a
+    segment's row is its parent's plus itself). Padding sees only padding up to itself (so no query
+    is empty) and no real token sees padding: the `_allowed` dense mask's rule, except that a padding
+    query also sees the padding before it, which nothing reads."""
+    most = max((len(row.segments) for row in layout), default=0) + 1  # + 1: the padding segment
+    segment = torch.full((len(layout), width), most - 1, dtype=torch.long)
+    sees = torch.zeros(len(layout), most, most, dtype=torch.bool)
+    for b, row in enumerate(layout):
+        for i, (start, end, parent) in enumerate(row.segments):
+            segment[b, start:end] = i
+            if parent >= 0:
+                sees[b, i] = sees[b, parent]
+            sees[b, i, i] = True
+        sees[b, most - 1, most - 1] = True
+    segment, sees = segment.to(device), sees.to(device)
+
+    def mask_mod(b, h, q, kv):
+        return (kv <= q) & sees[b, segment[b, q], segment[b, kv]]
+
+    return mask_mod
+
+
+def flex_block_mask(layout: Sequence[RowLayout], width: int, device: torch.device):
+    """The block-sparse `BlockMask` of rows `layout` padded to `width`, built once per forward and
+    shared by every layer. On CUDA its construction is compiled (`_compile`, as transformers builds
+    its own block masks), so it never materialises a dense [B, L, L] mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(layout_mask_mod(layout, width, device), len(layout), None, width, width,
+                             device=device, _compile=torch.device(device).type == "cuda")
+
+
 @contextmanager
-def packed_attention(config):
-    """Within the block, the model of `config` attends through `prefix_shared_attention`; afterwards
-    its implementation is the one it had. Every forward inside must pass `packed_layout=` (and no
-    attention mask)."""
+def packed_attention(config, kernel: str = "blocks"):
+    """Within the block, the model of `config` attends through `prefix_shared_attention` (kernel
+    `blocks`; every forward inside passes `packed_layout=` and no attention mask) or transformers'
+    FlexAttention (`flex`; every forward passes `flex_block_mask` as its attention mask); afterwards
+    its implementation is the one it had."""
+    if kernel not in KERNELS:
+        raise ValueError(f"packed attention kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     register()
     before = config._attn_implementation
-    config._attn_implementation = NAME
+    config._attn_implementation = NAME if kernel == "blocks" else FLEX
     try:
         yield
     finally:

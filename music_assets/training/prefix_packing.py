@@ -25,12 +25,14 @@ and several pairs that open alike.
 Why block attention and not the dense mask SDPA could take: SDPA and eager attention compute every
 query against every key of a row and mask afterwards, so a packed pair's attention cost (p + a + b)^2
 instead of (p + a)^2 + (p + b)^2; at conversation lengths that ate most of what packing saved
-(benchmarks/prefix_sharing.py). The row layouts reach every layer as the `packed_layout` keyword of
-the forward; transformers builds no mask for an attention implementation without a mask function.
-Which models: the Llama code path of transformers 5.x (Llama, Mistral, Qwen2, Qwen3), whose attention
-goes through `AttentionInterface` and applies RoPE from `position_ids`, with full attention (a
-sliding window would be lost) and an SDPA or eager implementation configured (the one put back after
-each packed forward); others are refused with the reason.
+(benchmarks/prefix_sharing.py). On a CPU the row layouts reach every layer as the `packed_layout`
+keyword of the forward (transformers builds no mask for an attention implementation without a mask
+function); on CUDA they become one FlexAttention block mask passed as the attention mask
+(`prefix_attention.kernel_for`). Which models: the Llama code path of transformers 5.x (Llama,
+Mistral, Qwen2, Qwen3), whose attention goes through `AttentionInterface` and applies RoPE from
+`position_ids`, with full attention (a sliding window would be lost) and an SDPA, eager or
+FlexAttention implementation configured (the one put back after each packed forward); others are
+refused with the reason.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from music_assets.common.sequences import common_prefix_length
-from music_assets.training.prefix_attention import RowLayout, packed_attention
+from music_assets.training.prefix_attention import RowLayout, flex_block_mask, kernel_for, packed_attention
 
 # Model types whose transformers 5.x code calls the configured `AttentionInterface` function with the
 # forward's keywords and applies RoPE from `position_ids` (the Llama code path; Mistral, Qwen2 and
@@ -51,7 +53,7 @@ from music_assets.training.prefix_attention import RowLayout, packed_attention
 PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # The configured implementations packing stands in for (flash kernels are left alone: their models
 # run on GPUs where the user chose them on purpose).
-REPLACEABLE_ATTENTION = frozenset({"sdpa", "eager"})
+REPLACEABLE_ATTENTION = frozenset({"sdpa", "eager", "flex_attention"})
 
 
 class _Rows:
@@ -251,26 +253,33 @@ def packing_refusal(model) -> str | None:
     attn = getattr(config, "_attn_implementation", None)
     if attn not in REPLACEABLE_ATTENTION:
         return (f"attention implementation {attn!r}: packed rows attend through their own block kernel in place of "
-                "sdpa or eager attention only (load the model with one of those)")
+                "sdpa, eager or flex_attention only (load the model with one of those)")
     return None
 
 
 def supports_prefix_packing(model) -> bool:
     """Whether `model` (bare or DDP-wrapped) is a decoder reward model that packed pairs give the same
-    rewards as unpacked ones: a Llama-family type with a `score` head, full attention, SDPA or eager."""
+    rewards as unpacked ones: a Llama-family type with a `score` head, full attention, SDPA, eager or FlexAttention."""
     return packing_refusal(model) is None
 
 
-def packed_forward(model, rows: PackedGroups | PackedBatch):
+def packed_forward(model, rows: PackedGroups | PackedBatch, kernel: str | None = None):
     """`model(...)` (a backbone, a reward model, or either wrapped by DDP/FSDP2) on packed rows already
-    on its device: block attention by the rows' layout (`prefix_attention`), positions restarting
-    after each prefix, no cache."""
-    with packed_attention(unwrap(model).config):
-        return model(input_ids=rows.input_ids, position_ids=rows.position_ids, packed_layout=rows.layout,
-                     use_cache=False)
+    on its device: block attention by the rows' layout (`prefix_attention`; `kernel` None picks it
+    for the device: FlexAttention on CUDA, the blocks kernel elsewhere), positions restarting after
+    each prefix, no cache."""
+    inner = unwrap(model)
+    device = rows.input_ids.device
+    kernel = kernel or kernel_for(device, inner.config, inner.training)
+    if kernel == "flex":
+        attend = {"attention_mask": flex_block_mask(rows.layout, rows.input_ids.shape[1], device)}
+    else:
+        attend = {"packed_layout": rows.layout}
+    with packed_attention(inner.config, kernel):
+        return model(input_ids=rows.input_ids, position_ids=rows.position_ids, use_cache=False, **attend)
 
 
-def packed_pair_rewards(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_pair_rewards(model, batch: PackedBatch, kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen, r_rejected) [B], fp32, for a packed batch in one forward pass.
 
     `model` is taken as given: the bare model, its DDP wrapper or an FSDP2-sharded one. The forward goes
@@ -290,7 +299,7 @@ def packed_pair_rewards(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.
     captured = []
     handle = inner.score.register_forward_hook(lambda module, args, output: captured.append(output))
     try:
-        packed_forward(model, batch)
+        packed_forward(model, batch, kernel)
     finally:
         handle.remove()
     scores = captured[-1][..., 0].float()  # [B, L]

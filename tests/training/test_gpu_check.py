@@ -16,13 +16,17 @@ NOT_ON_THE_GPU_MACHINE = "dagster,duckdb,polars,vllm,pydantic"
 
 @pytest.mark.slow
 def test_cpu_dry_run_passes_without_the_pipeline_packages():
-    """11-40 s on 2 cores (bf16 on a CPU, and the load): both strategies train 4 steps; exit 0: every check passed."""
+    """11-40 s on 2 cores (bf16 on a CPU, and the load): both strategies train 4 steps, and packed pairs give
+    unpacked training's loss and gradients and whole-sequence rewards (the blocks kernel here, FlexAttention on
+    the GPU); exit 0: every check passed."""
     proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--steps", "4", "--forbid-imports",
                            NOT_ON_THE_GPU_MACHINE], cwd=REPO, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.startswith(("ddp ", "fsdp "))}
-    assert set(rows) == {"ddp", "fsdp"} and all(row[1] == "4" and row[-1] == "ok" for row in rows.values()), out
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.startswith(("ddp ", "fsdp ", "prefix "))}
+    assert set(rows) == {"ddp", "fsdp", "prefix"} and all(row[-1] == "ok" for row in rows.values()), out
+    assert rows["ddp"][1] == rows["fsdp"][1] == "4", out
+    assert "[prefix] tiny Llama, blocks kernel" in out and "largest gradient difference" in out, out
     guard = next(line for line in proc.stdout.splitlines() if line.startswith("import guard"))
     imports = [entry for entry in guard.split(": ", 1)[1].split("; ") if "probed (allowed)" not in entry]
     assert imports in ([], ["none attempted"]), guard  # nothing even tried to import them (and failed quietly)

@@ -18,16 +18,27 @@ import pytest
 import torch
 
 from music_assets.training.prefix_packing import (
+    _allowed,
+    pack_groups,
     pack_pairs,
+    packed_forward,
     packed_pair_rewards,
     packing_refusal,
     pair_prefix_length,
     supports_prefix_packing,
 )
-from music_assets.training.prefix_attention import NAME, QUERY_BLOCK, RowLayout, prefix_shared_attention
+from music_assets.training.prefix_attention import (
+    NAME,
+    QUERY_BLOCK,
+    RowLayout,
+    kernel_for,
+    layout_mask_mod,
+    packed_attention,
+    prefix_shared_attention,
+)
 from music_assets.training.rm_data import EncodedPair
 from music_assets.training.train_rm import load_backbone
-from music_assets.training.trainer import TrainConfig, bt_loss, rewards
+from music_assets.training.trainer import TrainConfig, bt_loss, rewards, sequence_scores
 from tests.helpers import REPO
 
 TOLERANCE = 1e-4
@@ -174,6 +185,72 @@ def test_the_block_kernel_runs_pytorchs_fused_cpu_attention_forward_and_backward
     assert "aten::_scaled_dot_product_attention_math" not in ran
 
 
+def test_on_cuda_packed_rows_attend_through_flexattention_under_the_same_rule():
+    """The GPU form's rule (`layout_mask_mod`, evaluated densely by FlexAttention's own `create_mask`)
+    is the layout's: every real query sees what the dense `_allowed` mask lets it see and nothing
+    else, padding included, for pairs (empty and one-token sides, no shared prefix) and for radix
+    trees three levels deep. CUDA picks it; CPUs, and training with attention dropout, keep the
+    blocks kernel."""
+    from torch.nn.attention.flex_attention import create_mask
+    from transformers import LlamaConfig
+
+    pairs = pack_pairs([([5, 6, 7, 8], [5, 6, 9]), ([3, 4], [3]), ([1], [2]), ([4, 4, 4], [4, 4, 4, 4])], 0)
+    trees = pack_groups([[[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 6], [1, 2, 6, 7, 8], [9]], [[1, 2], [1, 3]]], 0)
+    for rows in (pairs, trees):
+        width = rows.input_ids.shape[1]
+        dense = create_mask(layout_mask_mod(rows.layout, width), len(rows.layout), None, width, width, device="cpu")
+        allowed = _allowed(rows.layout, width)
+        for b, row in enumerate(rows.layout):
+            real = row.end
+            assert torch.equal(dense[b, 0, :real], allowed[b, 0, :real]), (b, row)
+            assert not dense[b, 0, :real, real:].any() and dense[b, 0, real:, real:].diagonal().all()
+    assert trees.layout[0].segments == ((0, 2, -1), (2, 3, 0), (3, 4, 1), (4, 5, 1), (5, 6, 0), (6, 8, 4),
+                                        (8, 9, -1))
+    config = LlamaConfig(attention_dropout=0.1)
+    assert kernel_for(torch.device("cuda", 0), config, training=False) == "flex"
+    assert kernel_for(torch.device("cuda", 0), config, training=True) == "blocks"  # FlexAttention has no dropout
+    assert kernel_for(torch.device("cuda", 0), LlamaConfig(), training=True) == "flex"
+    assert kernel_for(torch.device("cpu"), LlamaConfig(), training=False) == "blocks"
+    with pytest.raises(ValueError, match="kernel must be one of blocks, flex, got 'dense'"):
+        with packed_attention(config, "dense"):
+            pass
+
+
+@pytest.mark.slow
+def test_flexattention_scores_packed_rows_as_the_blocks_kernel_and_whole_sequences_do(tiny_sdpa, monkeypatch):
+    """The CUDA kernel's forward, here on the CPU: pairs (every edge case) and Best-of-N trees in one
+    packed batch give, at every real token, the blocks kernel's hidden states, and at each sequence's
+    last token the reward of the sequence scored whole. Transformers' FlexAttention implementation
+    runs with PyTorch's eager `flex_attention` in place of its `torch.compile`d one (the compiled
+    kernel is Triton's on a GPU; compiling the CPU one takes 20-40 s and a C++ toolchain, and its
+    recompile for a second shape fails in this PyTorch), so this checks what the GPU computes: the
+    block mask from the layouts, through transformers' code. The backward, which PyTorch's
+    FlexAttention has only on GPUs, is compared with unpacked training by scripts/gpu_check.py on the
+    device."""
+    from torch.nn.attention.flex_attention import flex_attention
+    from transformers.integrations import flex_attention as transformers_flex
+
+    monkeypatch.setattr(transformers_flex, "compile_friendly_flex_attention",
+                        lambda query, key, value, training=False, **kwargs: flex_attention(query, key, value, **kwargs))
+    model, tok = tiny_sdpa
+    pairs = batch_of(tok, "mixed")
+    prompt, (long_chosen, _), (one, other) = pairs[0][0][:20], pairs[-1], pairs[3]
+    groups = [list(pair) for pair in pairs] + [
+        [prompt + one, prompt + other, one + prompt, prompt + other[:-1] + one],
+        [long_chosen, long_chosen[:300], long_chosen[:300] + one]]
+    rows = pack_groups(groups, tok.pad_token_id)
+    with torch.no_grad():
+        hidden = {k: packed_forward(model.model, rows, k).last_hidden_state for k in ("blocks", "flex")}
+        assert model.config._attn_implementation == "sdpa"
+        whole = sequence_scores(model, [seq for group in groups for seq in group], tok.pad_token_id)
+        packed = model.score(hidden["flex"]).squeeze(-1)
+    for b, row in enumerate(rows.layout):
+        difference = (hidden["blocks"][b, : row.end] - hidden["flex"][b, : row.end]).abs().max().item()
+        assert difference < TOLERANCE, (b, difference)
+    got = [packed[b, i].item() for b, group in enumerate(groups) for i in rows.reward_index[b, : len(group)]]
+    assert max(abs(g - w) for g, w in zip(got, whole)) < TOLERANCE
+
+
 @pytest.mark.slow
 def test_eager_models_pack_the_same_keep_their_attention_and_padding_changes_nothing():
     model, tok = load_backbone("builtin:tiny-llama", 0, "eager")
@@ -234,7 +311,10 @@ def test_models_it_cannot_pack_are_refused_with_the_reason(tiny_sdpa):
     assert "no `score` head" in packing_refusal(AutoModelForCausalLM.from_pretrained(folder))
     assert "sliding-window" in packing_refusal(tiny_random("mistral", tok, sliding_window=64))
     flex = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, attn_implementation="flex_attention")
-    assert "in place of sdpa or eager attention only" in packing_refusal(flex)
+    assert packing_refusal(flex) is None  # FlexAttention is what packed rows run on CUDA
+    flash = tiny_random("llama", tok)
+    flash.config._attn_implementation = "flash_attention_2"  # the user's choice on a GPU: left alone
+    assert "in place of sdpa, eager or flex_attention only" in packing_refusal(flash)
     with pytest.raises(ValueError, match="prefix packing is not possible for this model: model type 'bert'"):
         packed_pair_rewards(minilm, pack_pairs(batch_of(tok, "mixed"), 0))
 
