@@ -217,7 +217,9 @@ def test_on_cuda_packed_rows_attend_through_flexattention_under_the_same_rule():
 
 
 @pytest.mark.slow
-def test_flexattention_scores_packed_rows_as_the_blocks_kernel_and_whole_sequences_do(tiny_sdpa, monkeypatch):
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_flexattention_scores_packed_rows_as_the_blocks_kernel_and_whole_sequences_do(tiny_sdpa, monkeypatch,
+                                                                                     model_type):
     """The CUDA kernel's forward, here on the CPU: pairs (every edge case) and Best-of-N trees in one
     packed batch give, at every real token, the blocks kernel's hidden states, and at each sequence's
     last token the reward of the sequence scored whole. Transformers' FlexAttention implementation
@@ -233,6 +235,8 @@ def test_flexattention_scores_packed_rows_as_the_blocks_kernel_and_whole_sequenc
     monkeypatch.setattr(transformers_flex, "compile_friendly_flex_attention",
                         lambda query, key, value, training=False, **kwargs: flex_attention(query, key, value, **kwargs))
     model, tok = tiny_sdpa
+    if model_type != "llama":  # the other packable types, tiny and random (GQA: 4 query heads on 2 key heads)
+        model = tiny_random(model_type, tok).eval()
     pairs = batch_of(tok, "mixed")
     prompt, (long_chosen, _), (one, other) = pairs[0][0][:20], pairs[-1], pairs[3]
     groups = [list(pair) for pair in pairs] + [
