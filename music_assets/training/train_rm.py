@@ -124,7 +124,8 @@ def run(job: dict, report=None) -> dict:
         "test_pairs": len(test_scores), "test_ties": sum(c == r for c, r in test_scores),
         "train_pairs": len(data.get("train", [])), "validation_pairs": len(data.get("validation", [])),
         "truncation": encoder.stats.as_dict(), "processes": int(os.environ.get("WORLD_SIZE", "1")),
-        "prefix_sharing": result.prefix_sharing, "shared_prefix_fraction": round(result.shared_fraction, 3),
+        "prefix_sharing": result.prefix_sharing, "prefix_attention": result.prefix_attention,
+        "shared_prefix_fraction": round(result.shared_fraction, 3),
         "precision": cfg.precision, "strategy": strategy, "device": str(device), "select": cfg.select,
         # the final weights on the held-out pairs both variants are validated on, by origin
         **{f"validation_accuracy_{origin}": acc for origin, acc in validation.items()},

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from music_assets.training.config import TrainConfig
-from music_assets.training.prefix_packing import packed_rewards, packing_refusal, pair_prefix_length
+from music_assets.training.prefix_attention import kernel_for
+from music_assets.training.prefix_packing import packed_rewards, packing_refusal, pair_prefix_length, unwrap
 from music_assets.training.rm_data import DataError, EncodedPair
 
 
@@ -52,6 +53,7 @@ class TrainResult:
     stopped_early: bool = False
     resumed_from_step: int = 0
     prefix_sharing: str = "off"  # how pairs were encoded: 'packed' (shared prefix once) or 'off'
+    prefix_attention: str | None = None  # packed rows' attention kernel: 'flex' (CUDA) or 'blocks'; None unpacked
     shared_fraction: float = 0.0  # mean share of a pair's tokens in the prefix its sides share
     history: list = field(default_factory=list)  # {"step", "loss", "train_accuracy", "lr", "validation_accuracy"?}
 
@@ -263,6 +265,9 @@ def train(
     parts = _setup(model, cfg, total, dist, strategy)
     result, best, window = TrainResult(), _Best(), _Window()
     parts.rewards, result.prefix_sharing, result.shared_fraction = _pair_rewards_fn(model, train_pairs, cfg)
+    if result.prefix_sharing == "packed":
+        inner = unwrap(model)
+        result.prefix_attention = kernel_for(next(inner.parameters()).device, inner.config, training=True)
     state_file = state_dir / "training_state.pt" if state_dir else None
     scratch = Path(tempfile.mkdtemp(prefix="rm-best-")) if cfg.select == "best" and not state_dir else None
     best_file = (state_dir or scratch) / "best_weights.pt" if cfg.select == "best" else None

@@ -74,6 +74,7 @@ def test_fsdp_on_two_processes_matches_one_process(splits, tmp_path):
     kinds = {name: json.loads((tmp_path / name / "music_metadata.json").read_text())["metrics"]
              for name in ("single", "fsdp", "unpacked")}
     assert [kinds[n]["prefix_sharing"] for n in ("single", "fsdp", "unpacked")] == ["packed", "packed", "off"]
+    assert [kinds[n]["prefix_attention"] for n in ("single", "fsdp", "unpacked")] == ["blocks", "blocks", None]
     assert kinds["single"]["shared_prefix_fraction"] > 0
     meta = json.loads((tmp_path / "fsdp" / "music_metadata.json").read_text())
     assert meta["metrics"]["strategy"] == "fsdp" and meta["metrics"]["processes"] == 2
