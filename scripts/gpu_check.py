@@ -1,6 +1,6 @@
 """A device check of reward-model training on one GPU: DDP and FSDP, bf16, a ~0.8B random Llama.
 
-Run from the repository root on the GPU machine (`bash scripts/gpu_check.sh`, about 2-3 minutes on an
+Run from the repository root on the GPU machine (`bash scripts/gpu_check.sh`, about 3-5 minutes on an
 H200 with the defaults), or `python3 scripts/gpu_check.py --cpu` here for a dry run of the same code path
 on a tiny model with gloo (20-40 s on 2 busy cores; bf16 on a CPU is slow). Nothing is downloaded and nothing outside torch, transformers and
 tokenizers is needed (`--forbid-imports` proves it): the model is a random `LlamaForSequenceClassification`
