@@ -115,7 +115,10 @@ def run(job: dict, report=None) -> dict:
     result = train(model, data.get("train", []), data.get("validation", []), cfg, tok.pad_token_id,
                    state_dir=state_dir, log=log, stop_after_steps=job.get("stop_after_steps"), strategy=strategy)
     test_scores = pairwise_scores(model, data.get("test", []), tok.pad_token_id)
-    validation = by_origin(rows.get("validation", []), pairwise_scores(model, data.get("validation", []), tok.pad_token_id))
+    validation_scores = result.final_validation_scores  # the last (or best) validation pass's, when it scored these weights
+    if validation_scores is None:
+        validation_scores = pairwise_scores(model, data.get("validation", []), tok.pad_token_id)
+    validation = by_origin(rows.get("validation", []), validation_scores)
     metrics = {
         "steps": result.steps, "stopped_early": result.stopped_early, "resumed_from_step": result.resumed_from_step,
         "samples_per_second": round(result.samples_per_second, 2), "train_seconds": round(result.seconds, 1),

@@ -54,6 +54,9 @@ class TrainResult:
     resumed_from_step: int = 0
     prefix_sharing: str = "off"  # how pairs were encoded: 'packed' (shared prefix once) or 'off'
     prefix_attention: str | None = None  # packed rows' attention kernel: 'flex' (CUDA) or 'blocks'; None unpacked
+    # (r_chosen, r_rejected) of every validation pair under the weights `train` returns, when a validation
+    # pass in this process scored exactly those weights (None otherwise: the caller scores them itself)
+    final_validation_scores: list[tuple[float, float]] | None = None
     shared_fraction: float = 0.0  # mean share of a pair's tokens in the prefix its sides share
     history: list = field(default_factory=list)  # {"step", "loss", "train_accuracy", "lr", "validation_accuracy"?}
 
@@ -233,6 +236,10 @@ class _Best:
 
     path: Path | None = None
     evals_without_gain: int = 0
+    # not saved with the state: the scores of the last pass and of the best one, each with its step, when
+    # they ran in this process (after a resume the best pass may lie in an earlier one)
+    last: tuple[int, list] | None = None
+    best: tuple[int, list] | None = None
 
     def patience_ran_out(self, cfg: TrainConfig) -> bool:
         """Whether `early_stopping_patience` validation passes in a row failed to beat the best (never if None)."""
@@ -285,7 +292,7 @@ def train(
         if step % cfg.log_every == 0 or step == total:
             record = window.flush(step, parts.scheduler.get_last_lr()[0], result.samples_seen, started)
         if validation_pairs and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
-            acc = _evaluate(parts, validation_pairs, cfg, pad_id, result, best, best_file, rank)
+            acc = _evaluate(parts, validation_pairs, cfg, pad_id, result, best, best_file, rank, step)
             record = {**(record or {"step": step}), "validation_accuracy": acc}
         if record:
             result.history.append(record)
@@ -297,8 +304,12 @@ def train(
             break
 
     result.steps, result.seconds = step, time.perf_counter() - started
-    if best.path is not None and (result.stopped_early or step >= total):
+    finished = result.stopped_early or step >= total
+    if best.path is not None and finished:
         load_full_state_dict(parts, best.path, rank)  # select: best, the best validation weights, not the last
+        result.final_validation_scores = best.best[1] if best.best else None
+    elif best.last and best.last[0] == step:  # the weights returned are the ones the last pass scored
+        result.final_validation_scores = best.last[1]
     if scratch:
         shutil.rmtree(scratch, ignore_errors=True)
     return result
@@ -490,13 +501,15 @@ def _optimizer_step(parts: _Parts, pairs: list[EncodedPair], cfg: TrainConfig, p
 
 
 def _evaluate(parts: _Parts, validation_pairs: list[EncodedPair], cfg: TrainConfig, pad_id: int,
-              result: TrainResult, best: _Best, best_file: Path | None, rank: int) -> float:
+              result: TrainResult, best: _Best, best_file: Path | None, rank: int, step: int) -> float:
     """Validation accuracy (every rank scores the same pairs: under FSDP each forward is collective),
     counting passes that did not beat the best, for early stopping; with `select: best`, the winning
-    pass's full weights go to `best_file` (rank 0 writes, temp file then rename)."""
-    acc = accuracy(pairwise_scores(parts.model, validation_pairs, pad_id, cfg.micro_batch_size * 2))
+    pass's full weights go to `best_file` (rank 0 writes, temp file then rename). The scores are kept
+    (`best.last`, `best.best`) so that the caller need not score the returned weights once more."""
+    scores = pairwise_scores(parts.model, validation_pairs, pad_id, cfg.micro_batch_size * 2)
+    acc, best.last = accuracy(scores), (step, scores)
     if result.best_validation_accuracy is None or acc > result.best_validation_accuracy:
-        result.best_validation_accuracy, best.evals_without_gain = acc, 0
+        result.best_validation_accuracy, best.evals_without_gain, best.best = acc, 0, (step, scores)
         if best_file is not None:
             state = full_state_dict(parts.model)
             if rank == 0:

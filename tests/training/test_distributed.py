@@ -122,10 +122,23 @@ def test_select_best_ends_on_the_best_weights_kept_on_disk_and_last_on_the_final
     assert all(torch.equal(on_disk[k], v) for k, v in model_best.state_dict().items())
     assert accuracy(pairwise_scores(model_best, val, tok.pad_token_id)) == best.best_validation_accuracy
 
+    def same_scores(kept, model):
+        """The validation scores `train` hands back (so that train_rm does not score the returned weights
+        again) are those of the weights it returned."""
+        fresh = pairwise_scores(model, val, tok.pad_token_id)
+        assert kept is not None and len(kept) == len(fresh) == len(val)
+        assert max(abs(a - b) for k, f in zip(kept, fresh) for a, b in zip(k, f)) < 1e-5
+
+    same_scores(best.final_validation_scores, model_best)
     model_last, _, _ = _pairs(splits)
     last = train(model_last, pairs, val, TrainConfig(**config), tok.pad_token_id)  # select: last, the default
+    same_scores(last.final_validation_scores, model_last)
     model_plain, _, _ = _pairs(splits)
-    train(model_plain, pairs, [], TrainConfig(**config), tok.pad_token_id)  # no validation at all
+    plain = train(model_plain, pairs, [], TrainConfig(**config), tok.pad_token_id)  # no validation at all
+    assert plain.final_validation_scores is None
+    model_cut, _, _ = _pairs(splits)  # stopped at step 4, last scored at 3: nothing to hand back
+    cut = train(model_cut, pairs, val, TrainConfig(**{**config, "eval_every": 3}), tok.pad_token_id, stop_after_steps=4)
+    assert cut.steps == 4 and cut.final_validation_scores is None
     assert all(torch.equal(a, b) for a, b in zip(model_last.state_dict().values(), model_plain.state_dict().values()))
     passes = [h["validation_accuracy"] for h in last.history if "validation_accuracy" in h]
     assert last.best_validation_accuracy == max(passes) == best.best_validation_accuracy
