@@ -292,8 +292,8 @@ def run_prefix_check(args, tok, train_pairs, heldout, device) -> Outcome:
     from music_assets.evaluation.prefix_scoring import packed_prefix_scores
     from music_assets.training.config import TrainConfig
     from music_assets.training.prefix_attention import kernel_for
-    from music_assets.training.prefix_packing import pack_pairs, packed_pair_rewards, pair_prefix_length
-    from music_assets.training.trainer import bt_loss, rewards, sequence_scores
+    from music_assets.training.prefix_packing import pack_pairs, packed_pair_rewards
+    from music_assets.training.trainer import bt_loss, rewards, sequence_scores, shared_fraction
 
     out = Outcome("prefix")
     cuda = device.type == "cuda"
@@ -302,11 +302,12 @@ def run_prefix_check(args, tok, train_pairs, heldout, device) -> Outcome:
     model = build_model(size, tok, recipe["max_length"], device, args.seed)
     kernel = kernel_for(device, model.config, training=True)
     micro = train_pairs[: recipe["micro_batch_size"]]
-    fraction = sum(pair_prefix_length(p.chosen, p.rejected) / p.length for p in micro) / len(micro)
-    print(f"[prefix] {size} Llama, {kernel} kernel, micro-batch of {len(micro)} pairs, shared fraction {fraction:.2f}",
+    print(f"[prefix] {size} Llama, {kernel} kernel, micro-batch of {len(micro)} pairs, shared fraction "
+          f"{shared_fraction(micro):.2f}",
           flush=True)
     cfg = TrainConfig(backbone="gpu-check", chat_template=None, max_length=recipe["max_length"])
     pad = tok.pad_token_id
+    batch = pack_pairs(micro, pad)
 
     def loss_and_grads(loss):
         model.zero_grad(set_to_none=True)
@@ -320,7 +321,7 @@ def run_prefix_check(args, tok, train_pairs, heldout, device) -> Outcome:
     try:
         model.train()
         loss_u, grads_u = loss_and_grads(bt_loss(*rewards(model, micro, pad), cfg))
-        loss_p, grads_p = loss_and_grads(bt_loss(*packed_pair_rewards(model, pack_pairs(micro, pad)), cfg))
+        loss_p, grads_p = loss_and_grads(bt_loss(*packed_pair_rewards(model, batch), cfg))
         worst = max((grads_u[n] - grads_p[n]).abs().max().item() for n in grads_u)
         print(f"[prefix] fp32 loss unpacked {loss_u:.6f} packed {loss_p:.6f}; largest gradient difference {worst:.2e} "
               f"(largest gradient {max(g.abs().max().item() for g in grads_u.values()):.2e})", flush=True)
@@ -342,7 +343,6 @@ def run_prefix_check(args, tok, train_pairs, heldout, device) -> Outcome:
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     repeats = 3 if args.cpu else 10
-    batch = pack_pairs(micro, pad)
 
     def step(packed: bool):
         with autocast:

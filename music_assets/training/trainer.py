@@ -236,10 +236,10 @@ class _Best:
 
     path: Path | None = None
     evals_without_gain: int = 0
-    # not saved with the state: the scores of the last pass and of the best one, each with its step, when
-    # they ran in this process (after a resume the best pass may lie in an earlier one)
-    last: tuple[int, list] | None = None
-    best: tuple[int, list] | None = None
+    # not saved with the state: the last pass's (step, scores) and the best pass's scores, when they ran in
+    # this process (after a resume the best pass may lie in an earlier one)
+    last_pass: tuple[int, list] | None = None
+    best_scores: list | None = None
 
     def patience_ran_out(self, cfg: TrainConfig) -> bool:
         """Whether `early_stopping_patience` validation passes in a row failed to beat the best (never if None)."""
@@ -307,9 +307,9 @@ def train(
     finished = result.stopped_early or step >= total
     if best.path is not None and finished:
         load_full_state_dict(parts, best.path, rank)  # select: best, the best validation weights, not the last
-        result.final_validation_scores = best.best[1] if best.best else None
-    elif best.last and best.last[0] == step:  # the weights returned are the ones the last pass scored
-        result.final_validation_scores = best.last[1]
+        result.final_validation_scores = best.best_scores
+    elif best.last_pass and best.last_pass[0] == step:  # the weights returned are the ones the last pass scored
+        result.final_validation_scores = best.last_pass[1]
     if scratch:
         shutil.rmtree(scratch, ignore_errors=True)
     return result
@@ -505,11 +505,11 @@ def _evaluate(parts: _Parts, validation_pairs: list[EncodedPair], cfg: TrainConf
     """Validation accuracy (every rank scores the same pairs: under FSDP each forward is collective),
     counting passes that did not beat the best, for early stopping; with `select: best`, the winning
     pass's full weights go to `best_file` (rank 0 writes, temp file then rename). The scores are kept
-    (`best.last`, `best.best`) so that the caller need not score the returned weights once more."""
+    (`best.last_pass`, `best.best_scores`) so that the caller need not score the returned weights once more."""
     scores = pairwise_scores(parts.model, validation_pairs, pad_id, cfg.micro_batch_size * 2)
-    acc, best.last = accuracy(scores), (step, scores)
+    acc, best.last_pass = accuracy(scores), (step, scores)
     if result.best_validation_accuracy is None or acc > result.best_validation_accuracy:
-        result.best_validation_accuracy, best.evals_without_gain, best.best = acc, 0, (step, scores)
+        result.best_validation_accuracy, best.evals_without_gain, best.best_scores = acc, 0, scores
         if best_file is not None:
             state = full_state_dict(parts.model)
             if rank == 0:
