@@ -42,6 +42,10 @@ class TrainConfig:
         "auto", help="fp32 | bf16 (mixed: fp32 weights and optimizer state, bf16 compute) | bf16-pure (bf16 weights, "
                      "gradients and optimizer state: half the memory) | auto (bf16 where the hardware has it natively)")
     group_by_length: bool = setting(True, help="batches of similar length: less padding")
+    group_by_conversation: bool = setting(
+        False, help="a seed conversation's pairs (its seed pair and the MUSIC pairs simulated from it) share a "
+                    "micro-batch where they fit, so packed training reads their common opening once; batches "
+                    "then hold fewer, related conversations (InstructGPT batches one prompt's comparisons alike)")
     gradient_checkpointing: bool = setting(
         False, help="recompute activations in backward: less memory, ~30% slower")
     prefix_sharing: str = setting(

@@ -2,7 +2,7 @@
 
 Chosen and rejected usually share a long context (the conversation so far) and differ only in the
 last reply. The usual forward encodes each side in full, so the context's forward and backward run
-twice. Here a pair is one row, `[shared prefix | chosen suffix | rejected suffix]`, with
+twice. Here a pair is packed as `[shared prefix | chosen suffix | rejected suffix]`, with
 
 - block attention: every token attends causally to the prefix and to the earlier tokens of its own
   segment; the rejected suffix never sees the chosen suffix (`attention_mask` is that rule as a dense
@@ -10,7 +10,7 @@ twice. Here a pair is one row, `[shared prefix | chosen suffix | rejected suffix
 - position ids that restart after the prefix: both suffixes run from `prefix_length`, so each
   suffix token has exactly the position (and, with RoPE, the attention scores) it would have in its
   side encoded alone;
-- the two reward positions per row: the last token of each suffix, or the prefix's last token
+- the two reward positions per pair: the last token of each suffix, or the prefix's last token
   when a suffix is empty (that side *is* the prefix, and causality makes the prefix's last hidden
   state that side's last hidden state).
 
@@ -21,6 +21,14 @@ tree of their tokens (every run of tokens that several sequences share, once), u
 with ancestors in place of the one prefix; a pair is its group of two, a root and two children, and
 prefix-shared scoring (`evaluation/prefix_scoring.packed_prefix_scores`) packs Best-of-N's N candidates
 and several pairs that open alike.
+
+Training packs a whole micro-batch as one row, the tree of all its sides (`pack_pairs(one_row=True)`):
+nothing is padded (per-pair rows pad to the micro-batch's longest pair), and pairs that open alike read
+their common opening once: a seed pair and the MUSIC pairs simulated from its conversation, when the
+sampler puts them in one micro-batch (`training.group_by_conversation`), and every conversation's
+template head (a default system prompt). A long row costs no more per token than several short ones,
+because the kernels compute each segment's attention on its own (benchmarks/README.md, "Prefix
+sharing").
 
 Why block attention and not the dense mask SDPA could take: SDPA and eager attention compute every
 query against every key of a row and mask afterwards, so a packed pair's attention cost (p + a + b)^2
@@ -74,20 +82,21 @@ class _Rows:
 
 @dataclass
 class PackedBatch(_Rows):
-    """One row per pair. `layout` [B] says where each row's prefix and suffixes lie (what the attention
-    kernel reads); `attention_mask` is the bool [B, 1, L, L] mask that layout means, True where a query
-    (dim 2) may attend to a key (dim 3); `chosen_index`/`rejected_index` [B] are where each side's
-    reward is read."""
+    """Pairs packed into rows (`pack_pairs`). `layout` [B] says where each row's segments lie (what the
+    attention kernel reads); `attention_mask` is the bool [B, 1, L, L] mask that layout means, True where
+    a query (dim 2) may attend to a key (dim 3); `row`, `chosen_index` and `rejected_index` [P] say, per
+    pair, which row it lies in and where each side's reward is read."""
 
     input_ids: torch.Tensor  # [B, L], right-padded with pad_id
     position_ids: torch.Tensor  # [B, L]
-    chosen_index: torch.Tensor  # [B]
-    rejected_index: torch.Tensor  # [B]
+    row: torch.Tensor  # [P]
+    chosen_index: torch.Tensor  # [P]
+    rejected_index: torch.Tensor  # [P]
     layout: list[RowLayout]
     real_tokens: int  # tokens that are not padding (packed); the unpacked forward's would be sum(len(c) + len(r))
 
     def to(self, device) -> PackedBatch:
-        move = {k: getattr(self, k).to(device) for k in ("input_ids", "position_ids", "chosen_index",
+        move = {k: getattr(self, k).to(device) for k in ("input_ids", "position_ids", "row", "chosen_index",
                                                           "rejected_index")}
         return PackedBatch(**move, layout=self.layout, real_tokens=self.real_tokens)
 
@@ -106,13 +115,23 @@ def _sides(pair, row: int) -> tuple[list[int], list[int]]:
     return list(chosen), list(rejected)
 
 
-def pack_pairs(pairs: Sequence, pad_id: int) -> PackedBatch:
-    """Packs pairs (`EncodedPair`s or (chosen_ids, rejected_ids) tuples) into right-padded rows
-    `[prefix | chosen suffix | rejected suffix]` with the mask, positions and reward indices above."""
+def pack_pairs(pairs: Sequence, pad_id: int, one_row: bool = True) -> PackedBatch:
+    """Packs pairs (`EncodedPair`s or (chosen_ids, rejected_ids) tuples) with the mask, positions and
+    reward indices above. `one_row` (what training runs): the whole micro-batch is one row, the radix
+    tree of all its sides, so nothing is padded and pairs that open alike (a seed pair and the MUSIC
+    pair simulated from its conversation; any two conversations under one system prompt) read their
+    common opening once too; else one row `[prefix | chosen suffix | rejected suffix]` per pair,
+    right-padded to the longest. Both give the same rewards: a token sees exactly the tokens before
+    it in its own sequence either way."""
     if not pairs:
         raise ValueError("pack_pairs needs at least one pair")
-    rows = pack_groups([_sides(pair, row) for row, pair in enumerate(pairs)], pad_id)
-    return PackedBatch(rows.input_ids, rows.position_ids, rows.reward_index[:, 0],
+    sides = [_sides(pair, row) for row, pair in enumerate(pairs)]
+    if one_row:
+        rows = pack_groups([[ids for pair in sides for ids in pair]], pad_id)
+        return PackedBatch(rows.input_ids, rows.position_ids, torch.zeros(len(sides), dtype=torch.long),
+                           rows.reward_index[0, 0::2], rows.reward_index[0, 1::2], rows.layout, rows.real_tokens)
+    rows = pack_groups(sides, pad_id)
+    return PackedBatch(rows.input_ids, rows.position_ids, torch.arange(len(sides)), rows.reward_index[:, 0],
                        rows.reward_index[:, 1], rows.layout, rows.real_tokens)
 
 
@@ -280,15 +299,15 @@ def packed_forward(model, rows: PackedGroups | PackedBatch, kernel: str | None =
 
 
 def packed_pair_rewards(model, batch: PackedBatch, kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_chosen, r_rejected) [B], fp32, for a packed batch in one forward pass.
+    """(r_chosen, r_rejected) [P], fp32, for a packed batch of P pairs in one forward pass.
 
     `model` is taken as given: the bare model, its DDP wrapper or an FSDP2-sharded one. The forward goes
     through the model's own `__call__` (`packed_forward`: the backbone with block attention by the rows'
     layout and their position ids, then `score`), never around it: DDP reduces gradients only for a
     forward that went through its wrapper (its reducer ignores the backward of any other), and FSDP2 gathers the root's weights (embeddings,
     norm, head) in the root module's forward hooks. The per-token scores are taken from the `score`
-    head by a forward hook, and read at the two reward positions of every row; the model's own pooling
-    (at its last non-pad token, one per row) is left unused.
+    head by a forward hook, and read at each pair's two reward positions; the model's own pooling (at
+    its last non-pad token, one per row) is left unused.
     """
     inner = unwrap(model)
     refusal = packing_refusal(inner)
@@ -303,8 +322,7 @@ def packed_pair_rewards(model, batch: PackedBatch, kernel: str | None = None) ->
     finally:
         handle.remove()
     scores = captured[-1][..., 0].float()  # [B, L]
-    rows = torch.arange(scores.shape[0], device=device)
-    return scores[rows, batch.chosen_index], scores[rows, batch.rejected_index]
+    return scores[batch.row, batch.chosen_index], scores[batch.row, batch.rejected_index]
 
 
 def packed_rewards(model, pairs: Sequence, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

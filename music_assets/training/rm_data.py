@@ -54,6 +54,9 @@ class EncodedPair:
     chosen: list[int]
     rejected: list[int]
     pair_id: str = ""
+    # the seed conversation the pair comes from (curation's group_id: a seed pair and the MUSIC pairs simulated
+    # from it); "" when unknown. `group_by_conversation` batches a group's pairs together.
+    group: str = ""
     # leading tokens chosen and rejected have in common (after truncation): what prefix sharing can reuse
     shared: int = field(init=False)
 
@@ -134,7 +137,7 @@ class PairEncoder:
             ids = self._truncate(messages, text, [ids], len(messages) - 1, budget)[0]
         return head + ids + tail
 
-    def encode(self, chosen: list[dict], rejected: list[dict], pair_id: str = "") -> EncodedPair:
+    def encode(self, chosen: list[dict], rejected: list[dict], pair_id: str = "", group: str = "") -> EncodedPair:
         """Both sides, cut alike (see the module docstring) so they keep a common prefix; every pair
         is encoded, the ones whose difference alone was too long are counted in `stats`."""
         for side, msgs in (("chosen", chosen), ("rejected", rejected)):
@@ -149,7 +152,7 @@ class PairEncoder:
         if max(len(c), len(r)) > budget:
             differ = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
             c, r = self._truncate(chosen, text, [c, r], differ, budget)
-        return EncodedPair(head + c + tail, head + r + tail, pair_id)
+        return EncodedPair(head + c + tail, head + r + tail, pair_id, group)
 
     # --- truncation -------------------------------------------------------------------------------------
 

@@ -110,7 +110,8 @@ def run(job: dict, report=None) -> dict:
     model.to(device)
     encoder = PairEncoder(tok, cfg.max_length, cfg.chat_template)
     rows = {s: read_pairs(Path(job["data"][s])) for s in ("train", "validation", "test") if job["data"].get(s)}
-    data = {s: [encoder.encode(p["chosen"], p["rejected"], p["pair_id"]) for p in r] for s, r in rows.items()}
+    data = {s: [encoder.encode(p["chosen"], p["rejected"], p["pair_id"], p.get("group_id") or "") for p in r]
+            for s, r in rows.items()}
     state_dir = Path(job["state_dir"]) if job.get("state_dir") else None
     result = train(model, data.get("train", []), data.get("validation", []), cfg, tok.pad_token_id,
                    state_dir=state_dir, log=log, stop_after_steps=job.get("stop_after_steps"), strategy=strategy)

@@ -68,19 +68,71 @@ class TrainResult:
 # --- batching ------------------------------------------------------------------------------------
 
 
-def step_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+def step_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool,
+                 groups: list[str] | None = None, micro_batch_size: int = 1) -> list[list[int]]:
     """One epoch of optimizer-step batches (lists of pair indices), deterministic in (seed, epoch).
-    With length grouping, shuffled indices are sorted by length inside windows of 50 batches, cut
-    into batches, and the batches shuffled: similar lengths share a batch, order stays random."""
+
+    The pairs are shuffled in units: one pair each, or with `groups` (a key per pair, "" for none) the
+    pairs of one group (a seed conversation: its seed pair and the MUSIC pairs simulated from it), which
+    are then laid out so that a unit shares one micro-batch where it fits in one (`fill_micro_batches`),
+    and packed training reads what its pairs have in common once. With length grouping, shuffled units
+    are sorted by length inside windows of 50 batches, cut into batches, and the batches shuffled:
+    similar lengths share a batch, order stays random. Units of one pair give exactly the order of a
+    plain per-pair shuffle."""
     rng = random.Random(seed * 1_000_003 + epoch)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
+    units = conversation_units(groups) if groups is not None else [[i] for i in range(len(lengths))]
+    rng.shuffle(units)
     if group_by_length:
-        window = batch_size * 50
-        order = [i for s in range(0, len(order), window) for i in sorted(order[s : s + window], key=lambda i: -lengths[i])]
+        longest = {id(u): max(lengths[i] for i in u) for u in units}
+        windows, window = [], []
+        for unit in units:
+            window.append(unit)
+            if sum(map(len, window)) >= batch_size * 50:
+                windows.append(window)
+                window = []
+        units = [u for w in windows + [window] for u in sorted(w, key=lambda u: -longest[id(u)])]
+    order = fill_micro_batches(units, micro_batch_size)
     batches = [order[s : s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def conversation_units(groups: list[str]) -> list[list[int]]:
+    """Pair indices grouped by key, in order of first appearance; a pair whose key is "" is a unit alone."""
+    units: dict[str, list[int]] = {}
+    for i, key in enumerate(groups):
+        units.setdefault(key or f"\0{i}", []).append(i)
+    return list(units.values())
+
+
+# How many not-yet-full micro-batches `fill_micro_batches` offers each unit (first fit among the latest
+# ones): bounds its work at O(pairs x this) when units leave gaps no later unit fits.
+OPEN_MICRO_BATCHES = 64
+
+
+def fill_micro_batches(units: list[list[int]], size: int) -> list[int]:
+    """The units' pairs in an order whose consecutive runs of `size` (the micro-batches, as `_optimizer_step`
+    and `_batch_share` cut them) keep each unit whole where it fits: a unit goes into the first of the
+    latest open micro-batches with room for it (first fit), else starts one; a unit larger than `size`
+    fills whole micro-batches and its rest is placed like a unit. Full micro-batches come first, in the
+    order they were started; the few left part-full follow, run together. Units of one pair keep their order."""
+    bins: list[list[int]] = []
+    open_bins: list[int] = []
+    for unit in units:
+        whole = len(unit) - len(unit) % size
+        bins.extend(unit[s : s + size] for s in range(0, whole, size))
+        rest = unit[whole:]
+        if not rest:
+            continue
+        target = next((b for b in open_bins if len(bins[b]) + len(rest) <= size), None)
+        if target is None:
+            bins.append(list(rest))
+            open_bins.append(len(bins) - 1)
+            open_bins = open_bins[-OPEN_MICRO_BATCHES:]
+        else:
+            bins[target].extend(rest)
+        open_bins = [b for b in open_bins if len(bins[b]) < size]
+    return [i for b in bins if len(b) == size for i in b] + [i for b in bins if len(b) < size for i in b]
 
 
 def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,7 +317,7 @@ def train(
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
     _check_inputs(train_pairs, cfg, world)
     torch.manual_seed(cfg.seed)
-    lengths = [p.length for p in train_pairs]
+    epochs: dict[int, list[list[int]]] = {}  # the current epoch's batches (`_batch_share`)
     per_epoch = len(train_pairs) // cfg.batch_size
     total = cfg.max_steps or max(1, int(per_epoch * cfg.epochs))
 
@@ -283,7 +335,7 @@ def train(
     started = time.perf_counter()
 
     while step < total:
-        mine = _batch_share(lengths, step, per_epoch, cfg, rank, world)
+        mine = _batch_share(train_pairs, step, per_epoch, cfg, rank, world, epochs)
         _optimizer_step(parts, [train_pairs[i] for i in mine], cfg, pad_id, window, step)
         step += 1
         result.samples_seen += cfg.batch_size
@@ -467,11 +519,18 @@ def _resume(state_file: Path | None, cfg: TrainConfig, parts: _Parts, result: Tr
     return state["step"]
 
 
-def _batch_share(lengths: list[int], step: int, per_epoch: int, cfg: TrainConfig, rank: int, world: int) -> list[int]:
+def _batch_share(train_pairs: list[EncodedPair], step: int, per_epoch: int, cfg: TrainConfig, rank: int, world: int,
+                 epochs: dict[int, list[list[int]]]) -> list[int]:
     """This process's slice of step `step`'s batch. The batch depends only on (seed, step), so a resumed
-    run trains on the same pairs as an uninterrupted one, and N processes on the same pairs as one."""
+    run trains on the same pairs as an uninterrupted one, and N processes on the same pairs as one.
+    `epochs` keeps the current epoch's batches (computed once per epoch, not per step)."""
     epoch, index = divmod(step, per_epoch)
-    batch = step_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)[index]
+    if epoch not in epochs:
+        epochs.clear()
+        groups = [p.group for p in train_pairs] if cfg.group_by_conversation else None
+        epochs[epoch] = step_batches([p.length for p in train_pairs], cfg.batch_size, cfg.seed, epoch,
+                                     cfg.group_by_length, groups, cfg.micro_batch_size)
+    batch = epochs[epoch][index]
     return batch[rank * (cfg.batch_size // world) : (rank + 1) * (cfg.batch_size // world)]
 
 

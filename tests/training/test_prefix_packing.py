@@ -102,10 +102,11 @@ def assert_same_training_signal(model, pairs, pad_id) -> float:
 
 def test_a_packed_row_holds_the_prefix_once_and_each_suffix_sees_only_the_prefix_and_itself():
     pad = 0
-    batch = pack_pairs([([5, 6, 7, 8], [5, 6, 9]), ([3, 4], [3])], pad)
+    batch = pack_pairs([([5, 6, 7, 8], [5, 6, 9]), ([3, 4], [3])], pad, one_row=False)
     assert pair_prefix_length([5, 6, 7, 8], [5, 6, 9]) == 2 and pair_prefix_length([1], [2]) == 0
     assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [3, 4, pad, pad, pad]]
     assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 2]  # the rejected suffix restarts after the prefix
+    assert batch.row.tolist() == [0, 1]
     assert batch.chosen_index.tolist() == [3, 1] and batch.rejected_index.tolist() == [4, 0]  # empty: prefix end
     assert batch.prefix_lengths == [2, 1] and batch.real_tokens == 7
     assert batch.layout == [RowLayout(((0, 2, -1), (2, 4, 0), (4, 5, 0))),  # the kernel's blocks: a root, two
@@ -124,6 +125,28 @@ def test_a_packed_row_holds_the_prefix_once_and_each_suffix_sees_only_the_prefix
                                          [0, 0, 0, 0, 1]]
     with pytest.raises(ValueError, match="pair 1: the rejected side has no tokens"):
         pack_pairs([([1], [2]), ([1], [])], pad)
+
+
+def test_training_packs_a_micro_batch_as_one_row_reading_what_its_pairs_share_once():
+    """The default (training's) layout: every side of the micro-batch in one row, the radix tree of
+    them all, so there is no padding, and two pairs that open alike (a seed pair and the MUSIC pair
+    simulated from its conversation) read their common opening once; pairs that share nothing are
+    separate roots of the same row."""
+    seed_pair = ([1, 2, 3, 4, 5], [1, 2, 3, 4, 6])
+    music_pair = ([1, 2, 3, 7, 8], [1, 2, 3, 7, 9, 9])
+    other = ([5, 5], [5, 6])
+    batch = pack_pairs([seed_pair, music_pair, other], 0)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 5, 5, 6]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 4, 3, 4, 4, 5, 0, 1, 1]]
+    assert batch.real_tokens == 13 < sum(len(s) for pair in (seed_pair, music_pair, other) for s in pair)  # 25
+    assert batch.layout == [RowLayout(((0, 3, -1), (3, 4, 0), (4, 5, 1), (5, 6, 1), (6, 7, 0), (7, 8, 4),
+                                       (8, 10, 4), (10, 11, -1), (11, 12, 7), (12, 13, 7)))]
+    assert batch.row.tolist() == [0, 0, 0]
+    assert batch.chosen_index.tolist() == [4, 7, 11] and batch.rejected_index.tolist() == [5, 9, 12]
+    mask = batch.attention_mask[0, 0]
+    # the MUSIC pair's rejected suffix reads the shared opening and its own branch, never the seed pair's
+    assert mask[9].int().tolist() == [1, 1, 1, 0, 0, 0, 1, 0, 1, 1, 0, 0, 0]
+    assert mask[12].int().tolist() == [0] * 10 + [1, 0, 1]  # another conversation: nothing of the others
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +183,9 @@ def test_packed_forward_runs_the_block_kernel_and_puts_the_attention_back(tiny_s
         AttentionInterface.register(NAME, prefix_shared_attention)
     assert seen == [batch.layout] * model.config.num_hidden_layers
     assert model.config._attn_implementation == "sdpa"
+    rows = pack_pairs(batch_of(tok, "mixed"), tok.pad_token_id, one_row=False)
     with pytest.raises(ValueError, match="needs one RowLayout per row as `packed_layout` \\(got 1 for 6 rows\\)"):
-        packed_pair_rewards(model, replace(batch, layout=batch.layout[:1]))
+        packed_pair_rewards(model, replace(rows, layout=rows.layout[:1]))
     assert model.config._attn_implementation == "sdpa"
 
 
@@ -261,13 +285,14 @@ def test_eager_models_pack_the_same_keep_their_attention_and_padding_changes_not
     assert model.config._attn_implementation == "eager"
     assert_same_training_signal(model, batch_of(tok, "mixed"), tok.pad_token_id)
     assert model.config._attn_implementation == "eager"
-    # a pair alone and in a batch padded to a longer row: the same rewards
+    # a pair alone, in a batch padded to a longer row, and in one row with the others: the same rewards
     pairs = batch_of(tok, "mixed")
     with torch.no_grad():
-        together = torch.stack(packed_pair_rewards(model, pack_pairs(pairs, tok.pad_token_id)), 1)
         alone = torch.cat([torch.stack(packed_pair_rewards(model, pack_pairs([p], tok.pad_token_id)), 1)
                            for p in pairs])
-    assert (together - alone).abs().max().item() < 1e-5
+        for one_row in (False, True):
+            together = torch.stack(packed_pair_rewards(model, pack_pairs(pairs, tok.pad_token_id, one_row)), 1)
+            assert (together - alone).abs().max().item() < 1e-5, one_row
 
 
 @pytest.mark.slow
