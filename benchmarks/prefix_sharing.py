@@ -290,29 +290,68 @@ def pair_scoring(say, model, sets: dict[str, list], pad_id: int) -> None:
 
 
 def training(say, train_pairs, held_out, pad_id: int, steps: int, max_length: int) -> None:
-    """(c) `trainer.train` twice from the same initial weights on the same batches: packed, unpacked."""
+    """(c) `trainer.train` from the same initial weights: unpacked vs packed (one row per micro-batch), with
+    per-pair batches and with `group_by_conversation` (same batches within each pair of runs, so the same
+    losses); then the same micro-batches packed as one row vs a row per pair (forward + backward)."""
     from music_assets.training.train_rm import load_backbone
     from music_assets.training.trainer import TrainConfig, accuracy, pairwise_scores, shared_fraction, train
 
-    say(f"(c) training: {len(train_pairs)} train pairs (seed + MUSIC), {len(held_out)} held out, {steps} steps of "
-        f"4 pairs (micro-batches of 2), max_length {max_length}, fp32; mean shared fraction "
-        f"{shared_fraction(train_pairs):.2f}")
-    speed = {}
-    for mode in ("off", "on"):
-        model, _ = load_backbone("builtin:smollm2", 0)
-        cfg = TrainConfig(max_length=max_length, batch_size=4, micro_batch_size=2, learning_rate=5e-5, max_steps=steps,
-                          eval_every=0, log_every=steps, precision="fp32", prefix_sharing=mode, seed=0)
-        result, cpu, wall = timed(train, model, train_pairs, [], cfg, pad_id)
-        acc = accuracy(pairwise_scores(model, held_out, pad_id))
-        speed[mode] = (result.samples_seen / cpu, result.samples_seen / wall, acc, result.history[-1]["loss"])
-        say(f"  {'packed' if mode == 'on' else 'unpacked'} ({result.prefix_sharing}): {result.samples_seen / cpu:.3f} "
-            f"samples per CPU s ({result.samples_seen / wall:.3f} per wall s), last loss "
-            f"{result.history[-1]['loss']:.4f}, "
-            f"held-out accuracy {acc:.3f}")
-        del model
-    (u_cpu, u_wall, u_acc, _), (p_cpu, p_wall, p_acc, _) = speed["off"], speed["on"]
-    say(f"  packed / unpacked: {p_cpu / u_cpu:.2f}x per CPU s ({p_wall / u_wall:.2f}x wall); held-out accuracy "
-        f"difference {100 * (p_acc - u_acc):+.1f} points")
+    groups = len({p.group for p in train_pairs})
+    say(f"(c) training: {len(train_pairs)} train pairs in {groups} conversations (seed pairs, MUSIC pairs and the seed "
+        f"pairs they were simulated from), {len(held_out)} held out, {steps} steps of 4 pairs (micro-batches of 2), "
+        f"max_length {max_length}, fp32; mean shared fraction {shared_fraction(train_pairs):.2f}")
+    speed, configs = {}, {}
+    for grouped in (False, True):
+        for mode in ("off", "on"):
+            model, _ = load_backbone("builtin:smollm2", 0)
+            cfg = TrainConfig(max_length=max_length, batch_size=4, micro_batch_size=2, learning_rate=5e-5,
+                              max_steps=steps, eval_every=0, log_every=steps, precision="fp32", prefix_sharing=mode,
+                              seed=0, group_by_conversation=grouped)
+            result, cpu, wall = timed(train, model, train_pairs, [], cfg, pad_id)
+            acc = accuracy(pairwise_scores(model, held_out, pad_id))
+            speed[grouped, mode] = (result.samples_seen / cpu, result.samples_seen / wall, acc)
+            say(f"  {'packed' if mode == 'on' else 'unpacked'} ({result.prefix_sharing}){', grouped by conversation' * grouped}: "
+                f"{result.samples_seen / cpu:.3f} samples per CPU s ({result.samples_seen / wall:.3f} per wall s), "
+                f"last loss {result.history[-1]['loss']:.4f}, held-out accuracy {acc:.3f}")
+            configs[grouped, mode] = cfg
+            del model
+    for grouped in (False, True):
+        (u_cpu, u_wall, u_acc), (p_cpu, p_wall, p_acc) = speed[grouped, "off"], speed[grouped, "on"]
+        say(f"  packed / unpacked{' (both grouped by conversation)' * grouped}: {p_cpu / u_cpu:.2f}x per CPU s "
+            f"({p_wall / u_wall:.2f}x wall); held-out accuracy difference {100 * (p_acc - u_acc):+.1f} points")
+    (u_cpu, u_wall, u_acc), (p_cpu, p_wall, p_acc) = speed[False, "off"], speed[True, "on"]
+    say(f"  packed and grouped / unpacked per-pair batches: {p_cpu / u_cpu:.2f}x per CPU s ({p_wall / u_wall:.2f}x "
+        f"wall); held-out accuracy difference {100 * (p_acc - u_acc):+.1f} points (other batches: not the same run)")
+    row_layouts(say, train_pairs, pad_id, configs[True, "on"], steps)
+
+
+def row_layouts(say, train_pairs, pad_id: int, cfg, steps: int) -> None:
+    """The micro-batches of (c)'s grouped run, forward + backward of the BT loss, packed as one row (what
+    training runs) and as a row per pair padded to the longest; the tokens each computes."""
+    from music_assets.training.prefix_packing import pack_pairs, packed_pair_rewards
+    from music_assets.training.train_rm import load_backbone
+    from music_assets.training.trainer import bt_loss, step_batches
+
+    model, _ = load_backbone("builtin:smollm2", 0)
+    model.train()
+    batches = step_batches([p.length for p in train_pairs], cfg.batch_size, cfg.seed, 0, cfg.group_by_length,
+                           [p.group for p in train_pairs], cfg.micro_batch_size)[:steps]
+    micro = [[train_pairs[i] for i in b[s: s + cfg.micro_batch_size]] for b in batches
+             for s in range(0, len(b), cfg.micro_batch_size)]
+    cpu, slots = {}, {}
+    for one_row in (True, False):
+        packed = [pack_pairs(m, pad_id, one_row) for m in micro]
+        slots[one_row] = (sum(p.real_tokens for p in packed), sum(p.input_ids.numel() for p in packed))
+        started = time.process_time()
+        for batch in packed:
+            bt_loss(*packed_pair_rewards(model, batch), cfg).backward()
+            model.zero_grad(set_to_none=True)
+        cpu[one_row] = time.process_time() - started
+    unpacked = sum(2 * p.length for m in micro for p in m)
+    say(f"  the grouped run's {len(micro)} micro-batches (forward + backward): one row {cpu[True]:.1f} CPU s "
+        f"({slots[True][0]} tokens, no padding), a row per pair {cpu[False]:.1f} CPU s ({slots[False][0]} tokens + "
+        f"{slots[False][1] - slots[False][0]} padding): one row {cpu[False] / cpu[True]:.2f}x; unpacked would compute "
+        f"{unpacked} token slots")
 
 
 def cut_prefix(pair, prefix_tokens: int):
@@ -414,7 +453,13 @@ def main() -> None:
     if "c" in args.parts:
         say.part = "c"
         k = args.pairs_per_kind
-        train_pairs = hh[k: 2 * k] + embedded[k:] + music_encoded[:half]
+        # a music-variant split keeps a conversation whole (curation.splits): the MUSIC pairs train with the seed
+        # pairs they were simulated from; every pair's group is its seed conversation
+        by_id = {p["pair_id"]: p for kind in seeds.values() for p in kind}
+        origins = list({m["seed_pair_id"]: by_id[m["seed_pair_id"]] for m in music[:half]}.values())
+        seeds_alone = [p for p in hh[k: 2 * k] + embedded[k:] if p.pair_id not in {o["pair_id"] for o in origins}]
+        train_pairs = ([replace(p, group=p.pair_id) for p in seeds_alone + encode(origins)]
+                       + [replace(p, group=m["seed_pair_id"]) for p, m in zip(music_encoded[:half], music[:half])])
         held_out = hh[2 * args.pairs_per_kind:] + music_encoded[half:]
         training(say, train_pairs, held_out, tok.pad_token_id, args.train_steps, args.max_length)
     if "d" in args.parts:
