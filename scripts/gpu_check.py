@@ -263,6 +263,14 @@ def run_strategy(strategy: str, args, tok, train_pairs, heldout, device) -> Outc
 
 
 PREFIX_TOLERANCE = 1e-4  # fp32, as tests/training/test_prefix_packing.py holds the CPU kernel to
+PREFIX_TIMED_MICRO_BATCHES = 6  # micro-batches of different shapes per timed training pass
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (FlexAttention's kernels and block masks)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def timed(fn, repeats: int, device) -> float:
@@ -342,27 +350,41 @@ def run_prefix_check(args, tok, train_pairs, heldout, device) -> Outcome:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    repeats = 3 if args.cpu else 10
+    repeats = 2 if args.cpu else 5
+    # several micro-batches, each its own row length, as training meets them: a kernel that recompiles
+    # for every new shape shows up here (and in the count of graphs compiled while timing), not on one batch
+    m = recipe["micro_batch_size"]
+    micros = [train_pairs[s: s + m] for s in range(0, min(len(train_pairs), PREFIX_TIMED_MICRO_BATCHES * m), m)]
+    packed_micros = [pack_pairs(mb, pad) for mb in micros]
 
-    def step(packed: bool):
-        with autocast:
-            pair = packed_pair_rewards(model, batch) if packed else rewards(model, micro, pad)
-            loss = bt_loss(*pair, cfg)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+    def steps(packed: bool):
+        for mb, rows in zip(micros, packed_micros):
+            with autocast:
+                pair = packed_pair_rewards(model, rows) if packed else rewards(model, mb, pad)
+                loss = bt_loss(*pair, cfg)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
 
-    train_s = {name: timed(lambda packed=packed: step(packed), repeats, device)
+    def score(packed: bool):
+        with torch.no_grad(), autocast:
+            return (packed_prefix_scores(model, seqs, pad) if packed
+                    else sequence_scores(model, [s for group in seqs for s in group], pad))
+
+    steps(False), steps(True), score(False), score(True)  # every shape seen once: what compiles, compiles here
+    graphs = compiled_graphs()
+    train_s = {name: timed(lambda packed=packed: steps(packed), repeats, device) / len(micros)
                for name, packed in (("unpacked", False), ("packed", True))}
     model.eval()
-    with torch.no_grad(), autocast:
-        score_s = {"full": timed(lambda: sequence_scores(model, [s for group in seqs for s in group], pad), repeats,
-                                 device),
-                   "packed": timed(lambda: packed_prefix_scores(model, seqs, pad), repeats, device)}
-    out.samples_per_second = len(micro) / train_s["packed"]
-    print(f"[prefix] training step: unpacked {train_s['unpacked'] * 1e3:.1f} ms, packed {train_s['packed'] * 1e3:.1f} ms "
-          f"-> packed {train_s['unpacked'] / train_s['packed']:.2f}x; held-out scoring ({len(seqs)} pairs): "
+    score_s = {name: timed(lambda packed=packed: score(packed), repeats, device)
+               for name, packed in (("full", False), ("packed", True))}
+    out.samples_per_second = m / train_s["packed"]
+    widths = sorted(rows.input_ids.shape[1] for rows in packed_micros)
+    print(f"[prefix] training step ({len(micros)} micro-batches of {m} pairs, packed rows of {widths[0]}-{widths[-1]} "
+          f"tokens): unpacked {train_s['unpacked'] * 1e3:.1f} ms, packed {train_s['packed'] * 1e3:.1f} ms per "
+          f"micro-batch -> packed {train_s['unpacked'] / train_s['packed']:.2f}x; held-out scoring ({len(seqs)} pairs): "
           f"full {score_s['full'] * 1e3:.1f} ms, packed {score_s['packed'] * 1e3:.1f} ms "
-          f"-> {score_s['full'] / score_s['packed']:.2f}x", flush=True)
+          f"-> {score_s['full'] / score_s['packed']:.2f}x; graphs compiled after the warm-up passes: "
+          f"{compiled_graphs() - graphs}", flush=True)
     out.device = str(next(model.parameters()).device)
     return out
 
