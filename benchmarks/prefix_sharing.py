@@ -292,7 +292,11 @@ def pair_scoring(say, model, sets: dict[str, list], pad_id: int) -> None:
 def training(say, train_pairs, held_out, pad_id: int, steps: int, max_length: int) -> None:
     """(c) `trainer.train` from the same initial weights: unpacked vs packed (one row per micro-batch), with
     per-pair batches and with `group_by_conversation` (same batches within each pair of runs, so the same
-    losses); then the same micro-batches packed as one row vs a row per pair (forward + backward)."""
+    losses); then the same micro-batches packed as one row vs a row per pair (forward + backward).
+    Grouped and per-pair batches draw other pairs into the same number of steps, so beside samples/s each
+    run prints the tokens of the sides it trained on and the token slots it computed (unpacked: both
+    sides padded to the micro-batch's longest; packed: the rows' tree tokens); side tokens per CPU s
+    compares runs over different pairs."""
     from music_assets.training.train_rm import load_backbone
     from music_assets.training.trainer import TrainConfig, accuracy, pairwise_scores, shared_fraction, train
 
@@ -309,20 +313,48 @@ def training(say, train_pairs, held_out, pad_id: int, steps: int, max_length: in
                               seed=0, group_by_conversation=grouped)
             result, cpu, wall = timed(train, model, train_pairs, [], cfg, pad_id)
             acc = accuracy(pairwise_scores(model, held_out, pad_id))
-            speed[grouped, mode] = (result.samples_seen / cpu, result.samples_seen / wall, acc)
+            sides, slots = token_counts(micro_batches(train_pairs, cfg, steps), packed=mode == "on")
+            speed[grouped, mode] = (result.samples_seen / cpu, result.samples_seen / wall, acc, sides / cpu)
             say(f"  {'packed' if mode == 'on' else 'unpacked'} ({result.prefix_sharing}){', grouped by conversation' * grouped}: "
                 f"{result.samples_seen / cpu:.3f} samples per CPU s ({result.samples_seen / wall:.3f} per wall s), "
+                f"{sides} side tokens trained, {slots} token slots computed, {sides / cpu:.1f} side tokens per CPU s; "
                 f"last loss {result.history[-1]['loss']:.4f}, held-out accuracy {acc:.3f}")
             configs[grouped, mode] = cfg
             del model
-    for grouped in (False, True):
-        (u_cpu, u_wall, u_acc), (p_cpu, p_wall, p_acc) = speed[grouped, "off"], speed[grouped, "on"]
-        say(f"  packed / unpacked{' (both grouped by conversation)' * grouped}: {p_cpu / u_cpu:.2f}x per CPU s "
-            f"({p_wall / u_wall:.2f}x wall); held-out accuracy difference {100 * (p_acc - u_acc):+.1f} points")
-    (u_cpu, u_wall, u_acc), (p_cpu, p_wall, p_acc) = speed[False, "off"], speed[True, "on"]
-    say(f"  packed and grouped / unpacked per-pair batches: {p_cpu / u_cpu:.2f}x per CPU s ({p_wall / u_wall:.2f}x "
-        f"wall); held-out accuracy difference {100 * (p_acc - u_acc):+.1f} points (other batches: not the same run)")
+
+    def ratio(a, b, note=""):
+        (a_cpu, a_wall, a_acc, a_tok), (b_cpu, b_wall, b_acc, b_tok) = speed[a], speed[b]
+        return (f"{a_cpu / b_cpu:.2f}x samples per CPU s ({a_wall / b_wall:.2f}x wall), {a_tok / b_tok:.2f}x side tokens "
+                f"per CPU s; held-out accuracy difference {100 * (a_acc - b_acc):+.1f} points{note}")
+
+    say(f"  packed / unpacked: {ratio((False, 'on'), (False, 'off'))}")
+    say(f"  packed / unpacked, both grouped by conversation: {ratio((True, 'on'), (True, 'off'))}")
+    other = " (other batches, other pairs: not the same run)"
+    say(f"  packed grouped / packed per-pair batches: {ratio((True, 'on'), (False, 'on'), other)}")
+    say(f"  packed grouped / unpacked per-pair batches: {ratio((True, 'on'), (False, 'off'), other)}")
     row_layouts(say, train_pairs, pad_id, configs[True, "on"], steps)
+
+
+def micro_batches(train_pairs, cfg, steps: int) -> list[list]:
+    """The micro-batches (lists of pairs) that `trainer.train` runs in its first `steps` steps under `cfg`."""
+    from music_assets.training.trainer import step_batches
+
+    groups = [p.group for p in train_pairs] if cfg.group_by_conversation else None
+    batches = step_batches([p.length for p in train_pairs], cfg.batch_size, cfg.seed, 0, cfg.group_by_length, groups,
+                           cfg.micro_batch_size)[:steps]
+    return [[train_pairs[i] for i in b[s: s + cfg.micro_batch_size]] for b in batches
+            for s in range(0, len(b), cfg.micro_batch_size)]
+
+
+def token_counts(micro: list[list], packed: bool) -> tuple[int, int]:
+    """(tokens of the sides trained on, token slots the forward computes): unpacked, both sides of a micro-
+    batch padded to its longest; packed, one row per micro-batch holding the tree of its sides."""
+    from music_assets.training.prefix_packing import tree_length
+
+    sides = sum(len(p.chosen) + len(p.rejected) for m in micro for p in m)
+    if packed:
+        return sides, sum(tree_length([s for p in m for s in (p.chosen, p.rejected)]) for m in micro)
+    return sides, sum(2 * len(m) * max(p.length for p in m) for m in micro)
 
 
 def row_layouts(say, train_pairs, pad_id: int, cfg, steps: int) -> None:
@@ -330,14 +362,11 @@ def row_layouts(say, train_pairs, pad_id: int, cfg, steps: int) -> None:
     training runs) and as a row per pair padded to the longest; the tokens each computes."""
     from music_assets.training.prefix_packing import pack_pairs, packed_pair_rewards
     from music_assets.training.train_rm import load_backbone
-    from music_assets.training.trainer import bt_loss, step_batches
+    from music_assets.training.trainer import bt_loss
 
     model, _ = load_backbone("builtin:smollm2", 0)
     model.train()
-    batches = step_batches([p.length for p in train_pairs], cfg.batch_size, cfg.seed, 0, cfg.group_by_length,
-                           [p.group for p in train_pairs], cfg.micro_batch_size)[:steps]
-    micro = [[train_pairs[i] for i in b[s: s + cfg.micro_batch_size]] for b in batches
-             for s in range(0, len(b), cfg.micro_batch_size)]
+    micro = micro_batches(train_pairs, cfg, steps)
     cpu, slots = {}, {}
     for one_row in (True, False):
         packed = [pack_pairs(m, pad_id, one_row) for m in micro]
@@ -347,11 +376,9 @@ def row_layouts(say, train_pairs, pad_id: int, cfg, steps: int) -> None:
             bt_loss(*packed_pair_rewards(model, batch), cfg).backward()
             model.zero_grad(set_to_none=True)
         cpu[one_row] = time.process_time() - started
-    unpacked = sum(2 * p.length for m in micro for p in m)
     say(f"  the grouped run's {len(micro)} micro-batches (forward + backward): one row {cpu[True]:.1f} CPU s "
         f"({slots[True][0]} tokens, no padding), a row per pair {cpu[False]:.1f} CPU s ({slots[False][0]} tokens + "
-        f"{slots[False][1] - slots[False][0]} padding): one row {cpu[False] / cpu[True]:.2f}x; unpacked would compute "
-        f"{unpacked} token slots")
+        f"{slots[False][1] - slots[False][0]} padding): one row {cpu[False] / cpu[True]:.2f}x")
 
 
 def cut_prefix(pair, prefix_tokens: int):

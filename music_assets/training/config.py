@@ -45,7 +45,8 @@ class TrainConfig:
     group_by_conversation: bool = setting(
         False, help="a seed conversation's pairs (its seed pair and the MUSIC pairs simulated from it) share a "
                     "micro-batch where they fit, so packed training reads their common opening once; batches "
-                    "then hold fewer, related conversations (InstructGPT batches one prompt's comparisons alike)")
+                    "then hold fewer, related conversations (InstructGPT batches one prompt's comparisons alike); "
+                    "pays only with prefix_sharing: unpacked, mixed lengths cost padding")
     gradient_checkpointing: bool = setting(
         False, help="recompute activations in backward: less memory, ~30% slower")
     prefix_sharing: str = setting(
