@@ -1,9 +1,10 @@
-"""Prefix-shared pair packing: one row `[prefix | chosen suffix | rejected suffix]` per pair gives the
-same Bradley-Terry loss and the same gradient of every parameter as encoding both sides in full (the
+"""Prefix-shared pair packing: a micro-batch packed as one row (the radix tree of all its sides; for
+one pair `[prefix | chosen suffix | rejected suffix]`), or one row per pair, gives the same
+Bradley-Terry loss and the same gradient of every parameter as encoding both sides in full (the
 trainer's `rewards`), in fp32 to 1e-4: on the tiny Llama (SDPA and eager), SmolLM2-135M, tiny random
 Mistral / Qwen2 / Qwen3, and under DDP on 2 processes (gloo). Edge cases: an empty chosen or rejected
 suffix, one-token suffixes, suffixes of different lengths, no shared prefix, suffixes long enough for
-the kernel's query blocks, and a batch mixing them."""
+the kernel's query blocks, and a batch mixing them (whose pairs share their prompt across pairs)."""
 
 from __future__ import annotations
 
