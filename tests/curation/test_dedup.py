@@ -172,6 +172,11 @@ def test_splits_are_grouped_and_exported(built):
             expected = rows.filter((pl.col("variant") == variant) & (pl.col("split") == split)).height
             assert len(jsonl) == parquet.height == expected
             assert all(set(m) == {"role", "content"} for r in jsonl[:20] for m in r["chosen"] + r["rejected"])
+            # each pair's seed conversation travels with it (training.group_by_conversation batches by it)
+            assert dict(parquet.select("pair_id", "group_id").iter_rows()) == dict(
+                kept.filter(pl.col("pair_id").is_in(parquet["pair_id"].implode())).select("pair_id", "group_id").iter_rows())
+    group_of = dict(kept.select("pair_id", "group_id").iter_rows())
+    assert group_of["music/a"] == group_of["uf/3"]
     meta = result.asset_materializations_for_node("training_splits")[0].metadata
     comp = meta["composition"].value
     assert sum(comp["music"]["per_split"]["train"].values()) == music.filter(pl.col("split") == "train").height
