@@ -35,7 +35,7 @@ from resources.seed_catalog import validate_source_name
 
 EVAL_VERSION = "eval-items-v3"  # v3: one prompt per item in prompt-only sets (repeats dropped)
 DEDUP_VERSION = "dedup-v1"
-SPLITS_VERSION = "splits-v1"
+SPLITS_VERSION = "splits-v2"  # v2: exports carry group_id
 
 
 @asset(code_version=EVAL_VERSION, group_name="curation", pool="duckdb_writers")

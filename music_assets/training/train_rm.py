@@ -87,7 +87,7 @@ def run(job: dict, report=None) -> dict:
     """Trains, evaluates and (rank 0) writes the HF folder; returns the metrics."""
     import torch
 
-    from music_assets.training.rm_data import PairEncoder
+    from music_assets.training.rm_data import DataError, PairEncoder
     from music_assets.training.trainer import TrainConfig, accuracy, full_state_dict, pairwise_scores, train
 
     cfg = TrainConfig(**job["config"])
@@ -106,10 +106,13 @@ def run(job: dict, report=None) -> dict:
             line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
             (report.log.info if report else print)(f"train {line}")
 
+    rows = {s: read_pairs(Path(job["data"][s])) for s in ("train", "validation", "test") if job["data"].get(s)}
+    if cfg.group_by_conversation and rows.get("train") and "group_id" not in rows["train"][0]:
+        raise DataError(f"training.options.group_by_conversation needs a group_id column in {job['data']['train']} "
+                        "(training_splits exports it since splits-v2: rematerialize it)")
     model, tok = load_backbone(cfg.backbone, cfg.seed, compute.get("attn_implementation"))
     model.to(device)
     encoder = PairEncoder(tok, cfg.max_length, cfg.chat_template)
-    rows = {s: read_pairs(Path(job["data"][s])) for s in ("train", "validation", "test") if job["data"].get(s)}
     data = {s: [encoder.encode(p["chosen"], p["rejected"], p["pair_id"], p.get("group_id") or "") for p in r]
             for s, r in rows.items()}
     state_dir = Path(job["state_dir"]) if job.get("state_dir") else None

@@ -147,6 +147,11 @@ def test_bad_training_input_is_reported_clearly(hh_splits):
         train(model, pairs, [], TrainConfig(**{**SMALL, "learning_rate": 1e30, "max_steps": 5}), tok.pad_token_id)
     with pytest.raises(ValueError, match="lr_scheduler"):
         TrainConfig(lr_scheduler="triangle")
+    # batching by conversation on a split exported before group_id was: refused before any model work
+    from music_assets.training.train_rm import run
+
+    with pytest.raises(DataError, match="group_by_conversation needs a group_id column in .*train.parquet"):
+        run(_job(hh_splits, "/nonexistent", **SMALL, group_by_conversation=True))
 
 
 @pytest.mark.slow
