@@ -84,12 +84,13 @@ def step_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gro
     rng.shuffle(units)
     if group_by_length:
         longest = {id(u): max(lengths[i] for i in u) for u in units}
-        windows, window = [], []
+        windows, window, pairs = [], [], 0
         for unit in units:
             window.append(unit)
-            if sum(map(len, window)) >= batch_size * 50:
+            pairs += len(unit)
+            if pairs >= batch_size * 50:
                 windows.append(window)
-                window = []
+                window, pairs = [], 0
         units = [u for w in windows + [window] for u in sorted(w, key=lambda u: -longest[id(u)])]
     order = fill_micro_batches(units, micro_batch_size)
     batches = [order[s : s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)]
