@@ -20,8 +20,11 @@ Parts:
     `grouped_scores` (SmolLM2: packed rows, pairs that open alike sharing one row), packed rows with
     one row per pair, and (seed sets) the KV-cache kernel, vs `sequence_scores` and vs one pair per
     forward.
-(c) reward-model training (`trainer.train`) on a music-variant-like split (seed + MUSIC pairs):
-    samples/s with packed pairs vs unpacked, same seed and batches, and the final held-out accuracy.
+(c) reward-model training (`trainer.train`) on a music-variant-like split (seed pairs, MUSIC pairs and
+    the seed pairs they were simulated from, kept together as `curation.splits` keeps them): samples/s
+    and side tokens/s packed (a micro-batch as one row) vs unpacked, same seed and batches, with per-pair
+    batches and with `group_by_conversation`, and the final held-out accuracy; then the grouped run's
+    micro-batches packed as one row vs a row per pair.
 (d) where sharing stops paying: pair scoring at prefix lengths 8-64 tokens (the scoring threshold
     `prefix_scoring.MIN_SHARED_PREFIX_TOKENS`) and packed training at shared fractions 0.1-0.5 (the
     training auto threshold `trainer.AUTO_MIN_SHARED_FRACTION`), on real pairs cut to those shares.
