@@ -370,10 +370,10 @@ def train(
 
 # Below this mean share of a side in the shared prefix, `auto` does not pack. Measured
 # (benchmarks/prefix_sharing.py (d), SmolLM2-135M fp32, forward + backward of the BT loss on real HH
-# pairs cut to a shared fraction, block attention, CPU seconds): packed / unpacked 1.26x at 0.1,
-# 1.19x at 0.2, 1.46x at 0.3, 1.50x at 0.5 (unpacked, both sides pad to the longer one; a packed row
-# has no padding between them), so packing pays from the lowest fraction measured; below it, it is
-# unmeasured.
+# pairs cut to a shared fraction, a micro-batch of 2 as one packed row, block attention, CPU seconds):
+# packed / unpacked 2.04x at 0.1, 1.99x at 0.2, 2.12x at 0.3, 2.39x at 0.5 (unpacked, all four sides
+# pad to the longest; one row pads nothing; with a row per pair, 1.26x-1.50x), so packing pays from
+# the lowest fraction measured; below it, it is unmeasured.
 AUTO_MIN_SHARED_FRACTION = 0.1
 
 
