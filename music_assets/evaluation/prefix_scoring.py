@@ -52,6 +52,11 @@ MIN_CACHED_PREFIX_TOKENS = 64  # the KV-cache kernel
 # own (SmolLM2-135M fp32, CPU: 2,048 random tokens as one row of 2-8 independent sequences vs one row
 # each, 1.01-1.03x), so the cap is for memory only.
 MAX_SHARED_ROW_TOKENS = 4096
+# On a CPU, the MLPs of a packed row run this many tokens at a time (`prefix_packing.chunked_mlps`):
+# past about a thousand tokens their activations fall out of cache and a long row costs 1.11-1.14x
+# per token what short ones do; in chunks of 256, 512 and 1,024 tokens it cost 0.98-1.00x, so the
+# middle one. A GPU wants its long rows whole.
+CPU_MLP_CHUNK_TOKENS = 512
 
 
 def supports_prefix_sharing(model) -> bool:
@@ -127,8 +132,8 @@ def packed_prefix_scores(model, groups: list[list[list[int]]], pad_id: int, max_
     ancestors and itself only, with positions running on from the ancestors. With
     `share_across_groups`, groups that open alike share a row (`shared_rows`), so what they have in
     common is read once too (the KV-cache path reads each group's prefix on its own). Batches hold rows
-    of similar length up to `max_batch_tokens` slots (rows x the longest row). Only for the models
-    `prefix_packing.packing_refusal` accepts."""
+    of similar length up to `max_batch_tokens` slots (rows x the longest row); on a CPU the MLPs run
+    `CPU_MLP_CHUNK_TOKENS` at a time. Only for the models `prefix_packing.packing_refusal` accepts."""
     refusal = packing_refusal(model)
     if refusal:
         raise ValueError(f"{type(model).__name__} cannot score packed rows: {refusal}")
@@ -138,6 +143,7 @@ def packed_prefix_scores(model, groups: list[list[list[int]]], pad_id: int, max_
     out: list[list[float]] = [[] for _ in groups]
     with _evaluating(model) as device:
         budget = batch_budget(device, max_batch_tokens)
+        chunk = CPU_MLP_CHUNK_TOKENS if device.type == "cpu" else None
         rows = (shared_rows(groups, max(budget, MAX_SHARED_ROW_TOKENS)) if share_across_groups
                 else [[i] for i in range(len(groups))])
         row_seqs = [[s for i in row for s in groups[i]] for row in rows]
@@ -145,7 +151,7 @@ def packed_prefix_scores(model, groups: list[list[list[int]]], pad_id: int, max_
             batch = [row_seqs[m] for m in members]
             packed = pack_groups(batch, pad_id)
             packed.input_ids, packed.position_ids = packed.input_ids.to(device), packed.position_ids.to(device)
-            hidden = packed_forward(base, packed).last_hidden_state
+            hidden = packed_forward(base, packed, mlp_chunk=chunk).last_hidden_state
             row = torch.tensor([b for b, seqs in enumerate(batch) for _ in seqs], device=device)
             nth = torch.tensor([j for seqs in batch for j in range(len(seqs))], device=device)
             values = iter(_reward(model, hidden[row, packed.reward_index.to(device)[row, nth]]))

@@ -335,3 +335,34 @@ def test_scoring_batches_hold_at_most_the_cpu_token_budget(tiny):
         assert [tuple(s) for s in calls] == [(3, 310), (1, 310)]  # rows of 310 tokens: 3 fit in 1,024
     finally:
         hook.remove()
+
+
+def test_packed_rows_run_their_mlps_in_chunks_on_a_cpu(tiny, monkeypatch):
+    """On a CPU every layer's MLP takes a long packed row `CPU_MLP_CHUNK_TOKENS` tokens at a time
+    (rows x positions, so also when several rows share a forward), the rewards stay those of
+    full-sequence scoring, and the MLPs' own forward is back afterwards, also after a failure."""
+    from music_assets.evaluation import prefix_scoring
+    from music_assets.training.prefix_packing import chunked_mlps
+
+    model, tok = tiny
+    t = _token_source(tok, 9)
+    mlps = [layer.mlp for layer in model.model.layers]
+    pieces = []
+    hook = mlps[0].gate_proj.register_forward_hook(lambda m, args, out: pieces.append(tuple(args[0].shape[:2])))
+    try:
+        long = t(600)
+        _assert_matches_full_scoring(model, [[long + t(40), long + t(3)]], tok.pad_token_id, packed_prefix_scores)
+        assert pieces == [(1, 512), (1, 131), (1, 603), (1, 640)]  # one row of 643 tokens; full scoring unchunked
+        pieces.clear()
+        monkeypatch.setattr(prefix_scoring, "CPU_MLP_CHUNK_TOKENS", 7)
+        groups = [[p + t(5), p + t(9), p + t(1)] for p in (t(20), t(21))]  # two rows of 35 and 36 tokens
+        _assert_matches_full_scoring(model, groups, tok.pad_token_id, packed_prefix_scores, max_batch_tokens=10**6)
+        # 2 rows x 36 positions in 12 pieces of 3 positions (6 tokens); then the 6 sequences whole
+        assert pieces == [(2, 3)] * 12 + [(6, 30)]
+    finally:
+        hook.remove()
+    assert not any("forward" in vars(mlp) for mlp in mlps)
+    with pytest.raises(RuntimeError, match="boom"), chunked_mlps(model, 4):
+        assert all("forward" in vars(mlp) for mlp in mlps)
+        raise RuntimeError("boom")
+    assert not any("forward" in vars(mlp) for mlp in mlps)
