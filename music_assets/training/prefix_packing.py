@@ -315,7 +315,9 @@ def chunked_mlps(model, tokens: int | None):
     sequences one per forward, and the gate/up products and their product were where (1.5x and 30x
     their per-token time at 512 tokens, profiled); with the MLP in chunks of 256-1,024 tokens the row
     ran at 0.98-1.00x. Attention and the other projections gain nothing from chunking (they were as
-    fast or faster per token on the long row). transformers' `apply_chunking_to_forward` needs the
+    fast or faster per token on the long row), and neither did training's forward and backward (a
+    2,900-token row: 34.2-36.9 CPU s chunked, 34.8-35.3 whole), so only scoring chunks (on CPUs:
+    `prefix_scoring.CPU_MLP_CHUNK_TOKENS`). transformers' `apply_chunking_to_forward` needs the
     length to be a multiple of the chunk, which packed rows never are, hence this."""
     mlps = [layer.mlp for layer in _decoder_layers(model)] if tokens else []
     for mlp in mlps:
