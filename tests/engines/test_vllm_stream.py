@@ -47,16 +47,24 @@ def test_stream_gives_the_same_generations_as_chat(engine):
 
 
 def test_a_request_submitted_midway_does_not_wait_for_the_long_ones(engine):
+    """Three long requests (up to the context: seconds of decoding, several hundred times the short
+    ones' two tokens) run while a short one and then a follow-up come back. Three, not one, so that a
+    long one that happens to sample its end-of-sequence token early (the tiny Llama is random) cannot
+    make the check pass or fail by itself: the check is that the short answers come back while long
+    ones are still running."""
     stream = engine.stream()
-    stream.submit("long", conv(1), Sampling(max_tokens=300), 1)
+    longs = {f"long {i}" for i in range(3)}
+    for i, key in enumerate(sorted(longs)):
+        stream.submit(key, conv(10 + i), Sampling(max_tokens=MAX_LEN - 64), 10 + i)
     stream.submit("short", conv(2), Sampling(max_tokens=2), 2)
     first = dict(stream.wait())
-    assert set(first) == {"short"}  # returned as soon as it finished, the long one still running
+    assert "short" in first and set(first) - {"short"} < longs and stream.pending >= 1  # long ones still running
     stream.submit("follow-up", conv(3), Sampling(max_tokens=2), 3)  # joins the running batch
     second = dict(stream.wait())
-    assert set(second) == {"follow-up"} and stream.pending == 1
-    rest = drain(stream)
-    assert set(rest) == {"long"} and rest["long"].completion_tokens > 2
+    assert "follow-up" in second and set(second) - {"follow-up"} < longs and stream.pending >= 1
+    running = stream.pending
+    stream.close()  # aborts the long ones rather than decoding to the end
+    assert running >= 1 and stream.pending == 0
 
 
 def test_an_overlong_prompt_is_refused_alone(engine):
