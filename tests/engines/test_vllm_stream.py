@@ -62,9 +62,8 @@ def test_a_request_submitted_midway_does_not_wait_for_the_long_ones(engine):
     stream.submit("follow-up", conv(3), Sampling(max_tokens=2), 3)  # joins the running batch
     second = dict(stream.wait())
     assert "follow-up" in second and set(second) - {"follow-up"} < longs and stream.pending >= 1
-    running = stream.pending
     stream.close()  # aborts the long ones rather than decoding to the end
-    assert running >= 1 and stream.pending == 0
+    assert stream.pending == 0
 
 
 def test_an_overlong_prompt_is_refused_alone(engine):
